@@ -1,1 +1,68 @@
+"""Recipes: Python functions that return a full `RunConfig` (`llmopt train RECIPE --set key=value`)."""
 
+from __future__ import annotations
+
+from typing import Callable
+
+from llmopt.models.config import ModelConfig
+from llmopt.train.config import DataConfig, OptimConfig, RunConfig, TrainConfig
+
+RECIPES: dict[str, Callable[[], RunConfig]] = {}
+
+
+def recipe(fn: Callable[[], RunConfig]) -> Callable[[], RunConfig]:
+    RECIPES[fn.__name__] = fn
+    return fn
+
+
+def get_recipe(name: str) -> RunConfig:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of: {', '.join(sorted(RECIPES))}")
+    return RECIPES[name]()
+
+
+@recipe
+def tiny() -> RunConfig:
+    """The `tiny` model on 200 KB of the bundled corpus: seconds on a CPU; tests and CI use it."""
+    return RunConfig(
+        recipe="tiny",
+        model=ModelConfig.from_name("tiny"),
+        data=DataConfig(max_chars=200_000),
+        train=TrainConfig(steps=30, batch_size=8, seq_len=64, eval_every=15, eval_batches=4, log_every=5,
+                          progress=False),
+        optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=5),
+    )
+
+
+@recipe
+def demo() -> RunConfig:
+    """The `demo` model (~5.5M parameters) on the whole bundled Shakespeare: about 8 minutes on 2 CPU cores."""
+    return RunConfig(
+        recipe="demo",
+        model=ModelConfig.from_name("demo"),
+        data=DataConfig(),
+        train=TrainConfig(steps=600, batch_size=16, seq_len=128, eval_every=100, eval_batches=16, log_every=10),
+        optim=OptimConfig(lr=2e-3, min_lr=2e-4, warmup_steps=30),
+    )
+
+
+@recipe
+def demo_quick() -> RunConfig:
+    """`llmopt demo --quick`: a smaller demo model on 500 KB for about a minute (CI uses it)."""
+    return RunConfig(
+        recipe="demo_quick",
+        model=ModelConfig.from_name("demo", n_layer=2, dim=128, n_head=4, n_kv_head=2, intermediate_size=352,
+                                    vocab_size=1024),
+        data=DataConfig(max_chars=500_000),
+        train=TrainConfig(steps=60, batch_size=8, seq_len=128, eval_every=30, eval_batches=4, log_every=10),
+        optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=10),
+    )
+
+
+@recipe
+def draft() -> RunConfig:
+    """The `draft` model (about 1/8 of `demo`) on the bundled corpus, for speculative decoding."""
+    run = demo()
+    run.recipe = "draft"
+    run.model = ModelConfig.from_name("draft")
+    return run

@@ -1,0 +1,235 @@
+"""The `llmopt` command.
+
+    llmopt train RECIPE [--data PATH] [--out DIR] [--set key=value ...] [--technique NAME:opt=val ...] [--resume]
+    llmopt eval MODEL --data PATH [--window N] [--stride N] [--json]
+    llmopt generate MODEL --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+    llmopt demo [--quick] [--out DIR]
+
+Bad input (a missing file, an unknown key, a corrupt checkpoint) prints one line starting with
+`error:` and exits with status 2; set LLMOPT_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class UsageError(ValueError):
+    """Bad command-line input; printed as one line, exit status 2."""
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+# ---- train ------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from llmopt.recipes import get_recipe
+    from llmopt.train import apply_overrides, fit
+
+    run = get_recipe(args.recipe)
+    overrides = list(args.set or [])
+    if args.data:
+        overrides.append(f"data.path={args.data}")
+    run = apply_overrides(run, overrides)
+    run.techniques = list(run.techniques) + list(args.technique or [])
+    if args.data and not Path(args.data).exists():
+        raise UsageError(f"--data {args.data}: no such file or directory")
+    out = Path(args.out or f"runs/{run.recipe}")
+    console = _console()
+    console.print(f"[bold]llmopt train[/] {run.recipe} -> {out}  ({run.model.name}, {run.train.steps} steps, "
+                  f"batch {run.train.batch_size}x{run.train.seq_len}, {run.train.precision})")
+    result = fit(run, out, resume=args.resume)
+    val = f"{result.final_val_loss:.4f} (ppl {math.exp(result.final_val_loss):.2f})" if result.final_val_loss else "-"
+    console.print(f"done: {result.steps} steps, train loss {result.final_train_loss:.4f}, val loss {val}, "
+                  f"{result.tokens_seen / result.seconds:.0f} tok/s; weights in {out / 'model.safetensors'}")
+    return 0
+
+
+# ---- eval -------------------------------------------------------------------------------------
+def cmd_eval(args) -> int:
+    import torch
+
+    from llmopt.data import load_text
+    from llmopt.measure import perplexity
+    from llmopt.models import load_pretrained
+
+    text = load_text(args.data)
+    model, tokenizer = load_pretrained(args.model)
+    model.eval()
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    if args.max_tokens:
+        ids = ids[:args.max_tokens]
+    window = args.window or min(model.config.max_seq_len, 1024)
+    stride = args.stride or window // 2
+    if stride > window or stride <= 0:
+        raise UsageError(f"--stride {stride} must be in 1..--window {window}")
+    result = perplexity(model, ids, window=window, stride=stride)
+    result = {"model": args.model, "data": args.data, **result}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _console().print(f"perplexity {result['ppl']:.3f} (nll {result['nll']:.4f}) over {result['tokens']} tokens, "
+                         f"window {window}, stride {stride}")
+    return 0
+
+
+# ---- generate ---------------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    from llmopt.inference import generate
+    from llmopt.models import load_pretrained
+
+    model, tokenizer = load_pretrained(args.model)
+    model.eval()
+    prompt_ids = tokenizer.encode(args.prompt)
+    if not prompt_ids:
+        raise UsageError("--prompt is empty; give some text to continue")
+    stop = [tokenizer.eos_id] if tokenizer.eos_id is not None and not args.no_stop else None
+    result = generate(model, [prompt_ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, seed=args.seed, stop_ids=stop)
+    new = result.tokens[0, len(prompt_ids):].tolist()
+    print(args.prompt + tokenizer.decode(new))
+    if args.stats:
+        print(json.dumps({"prefill_tokens_per_s": result.prefill_tokens_per_s,
+                          "decode_tokens_per_s": result.decode_tokens_per_s}), file=sys.stderr)
+    return 0
+
+
+# ---- demo -------------------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    import torch
+
+    from llmopt.inference import generate
+    from llmopt.measure import perplexity
+    from llmopt.models import load_pretrained
+    from llmopt.recipes import get_recipe
+    from llmopt.train import apply_overrides, fit
+    from llmopt.train.loop import prepare_run
+
+    console = _console()
+    run = get_recipe("demo_quick" if args.quick else "demo")
+    run = apply_overrides(run, list(args.set or []))
+    out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
+    done = (out / "model.safetensors").exists() and (out / "config.json").exists()
+    if done and not args.retrain:
+        console.print(f"[bold]llmopt demo[/]: reusing the trained model in {out} (pass --retrain to train again)")
+    else:
+        resume = (out / "checkpoints" / "latest").exists() and not done
+        console.print(f"[bold]llmopt demo[/]: training the {run.model.name} model ({run.recipe}) on the bundled "
+                      f"Shakespeare corpus -> {out}")
+        if done and args.retrain:
+            import shutil
+
+            shutil.rmtree(out)
+        fit(run, out, resume=resume)
+
+    model, tokenizer = load_pretrained(out)
+    model.eval()
+    _, _, _, val_ids, _ = prepare_run(run, out)
+    window = run.train.seq_len
+    ppl = perplexity(model, val_ids[:20_000], window=window, stride=window // 2)
+    prompt = "ROMEO:\n"
+    result = generate(model, [tokenizer.encode(prompt)], 120, temperature=0.8, top_k=50, seed=0)
+    sample = prompt + tokenizer.decode(result.tokens[0, len(tokenizer.encode(prompt)):].tolist())
+    (out / "sample.txt").write_text(sample + "\n")
+    summary = {"run": str(out), "held_out_perplexity": ppl, "parameters": model.num_parameters(),
+               "decode_tokens_per_s": result.decode_tokens_per_s}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    console.print(f"held-out perplexity {ppl['ppl']:.2f} over {ppl['tokens']} tokens (window {window}, "
+                  f"stride {window // 2}); {model.num_parameters() / 1e6:.2f}M parameters")
+    console.rule("sample (temperature 0.8, top-k 50)")
+    console.print(sample, markup=False, highlight=False)
+    console.rule()
+    console.print(f"everything is in {out}/: config.json, tokenizer.json, model.safetensors, metrics.jsonl, "
+                  "checkpoints/, sample.txt, summary.json")
+    del torch
+    return 0
+
+
+# ---- parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmopt", description="LLM optimization techniques, applied in one line and "
+                                "measured against a baseline in the same run.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a recipe (tiny, demo, ...) on the bundled corpus or --data")
+    t.add_argument("recipe", help="recipe name: tiny, demo, demo_quick, draft")
+    t.add_argument("--data", help="a text file or a directory of .txt files (default: bundled Shakespeare)")
+    t.add_argument("--out", help="run directory (default runs/RECIPE)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.steps=200")
+    t.add_argument("--technique", action="append", metavar="NAME:OPT=VAL", help="apply a technique, e.g. lora:r=8")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="perplexity of a model on a text file")
+    e.add_argument("model", help="run directory, smollm2-135m, a GGUF file or a Hugging Face directory")
+    e.add_argument("--data", required=True, help="text file or directory of .txt files")
+    e.add_argument("--window", type=int, help="tokens per window (default min(max_seq_len, 1024))")
+    e.add_argument("--stride", type=int, help="tokens the window advances (default window/2)")
+    e.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("generate", help="continue a prompt")
+    g.add_argument("model", help="run directory, smollm2-135m, a GGUF file or a Hugging Face directory")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
+    g.add_argument("--stats", action="store_true", help="print prefill/decode tokens/s to stderr as JSON")
+    g.set_defaults(fn=cmd_generate)
+
+    d = sub.add_parser("demo", help="train the demo model on the bundled corpus, report perplexity and a sample")
+    d.add_argument("--quick", action="store_true", help="a smaller run of about a minute (what CI runs)")
+    d.add_argument("--out", help="run directory (default runs/demo, or runs/demo-quick with --quick)")
+    d.add_argument("--retrain", action="store_true", help="train again even if the run directory holds a model")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    from llmopt.train import CheckpointError, ConfigError
+
+    errors: list[type[BaseException]] = [UsageError, ConfigError, CheckpointError, FileNotFoundError]
+    try:
+        from llmopt.data import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    errors.append(ValueError)  # our validation errors are ValueErrors with one-line messages
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if os.environ.get("LLMOPT_DEBUG"):
+        return args.fn(args)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except _bad_input_errors() as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

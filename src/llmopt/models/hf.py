@@ -147,23 +147,31 @@ def state_dict_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     return {key if key == _LM_HEAD else _HF_PREFIX + key: value for key, value in state_dict.items()}
 
 
-def load_state_dict_(model: Transformer, state_dict: Mapping[str, torch.Tensor], *, source: str = "state dict",
+def load_state_dict_(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str = "state dict",
                      dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
     """Load llmopt-named weights into `model` (built on `meta` or not) strictly, by assignment.
 
-    Tied embeddings: a tied model needs only `embed_tokens.weight`; a `lm_head.weight` that is also
-    given must equal it. Floating tensors are cast to `dtype` and moved to `device`; the rotary tables
-    (not weights) are rebuilt on `device`. Mismatched keys or shapes raise one line naming `source`.
+    Tied (shared) parameters need only one of their names in `state_dict` (checkpoints store them
+    once); when several are given they must be equal. Floating tensors are cast to `dtype` and moved to
+    `device`; the rotary tables (not weights) are rebuilt on `device`. Mismatched keys or shapes raise
+    one line naming `source`.
     """
-    tied = model.lm_head.weight is model.embed_tokens.weight if hasattr(model.lm_head, "weight") else False
+    expected = model.state_dict(keep_vars=True)
+    aliases: dict[int, list[str]] = {}  # id of a shared tensor -> every state-dict name it has
+    for key, value in expected.items():
+        aliases.setdefault(id(value), []).append(key)
     sd = dict(state_dict)
-    if tied and "embed_tokens.weight" in sd:
-        head = sd.get(_LM_HEAD)
-        if head is not None and head is not sd["embed_tokens.weight"] and not torch.equal(head, sd["embed_tokens.weight"]):
-            raise ValueError(f"{source}: lm_head.weight differs from embed_tokens.weight but the model ties them "
-                             "(tie_word_embeddings=True)")
-        sd[_LM_HEAD] = sd["embed_tokens.weight"]
-    expected = model.state_dict()
+    for names in aliases.values():
+        given = [n for n in names if n in sd]
+        if len(names) < 2 or not given:
+            continue
+        first = sd[given[0]]
+        for other in given[1:]:
+            if sd[other] is not first and not torch.equal(sd[other], first):
+                raise ValueError(f"{source}: {other} differs from {given[0]} but the model ties them "
+                                 "(tie_word_embeddings=True)")
+        for name in names:
+            sd[name] = first
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
@@ -181,10 +189,15 @@ def load_state_dict_(model: Transformer, state_dict: Mapping[str, torch.Tensor],
         return converted[id(t)]
 
     model.load_state_dict({k: convert(v) for k, v in sd.items()}, strict=True, assign=True)
-    if tied:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.rope_cos = torch.empty(0, device=device)  # reset_rope builds on the device of this buffer
-    model.reset_rope()
+    for names in aliases.values():  # assign=True gave each name its own Parameter: tie them again
+        if len(names) > 1:
+            shared = model.get_parameter(names[0])
+            for name in names[1:]:
+                owner, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(owner), attr, shared)
+    if isinstance(model, Transformer):
+        model.rope_cos = torch.empty(0, device=device)  # reset_rope builds on the device of this buffer
+        model.reset_rope()
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"{source}: tensors left uninitialized on meta after loading: {_short(left)}")

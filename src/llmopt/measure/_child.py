@@ -3,16 +3,41 @@
 IN holds {"fn": "module:function", "kwargs": {...}, "sys_path": [...]}. The child calls the function
 with the kwargs, then writes {"ok", "result", "fn_wall_s", "peak_rss_bytes"} (or {"ok": false, "error",
 "traceback"}) to OUT. The result goes through a file, not stdout, so whatever the function prints
-cannot corrupt it. Peak RSS is read at the very end, after the function returned.
+cannot corrupt it. Peak RSS is read at the very end, after the function returned. This module imports
+no torch: `llmopt` and `llmopt.measure` import lazily, so the child's peak is the function's own.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import resource
 import sys
 import time
 import traceback
+
+
+def _vm_hwm_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # the kernel writes kB
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """High-water resident memory of this process in bytes (VmHWM on Linux, else ru_maxrss).
+
+    Lives here, free of torch, so the child measures only what the called function imports.
+    """
+    hwm = _vm_hwm_bytes()
+    if hwm is not None:
+        return hwm
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024  # bytes on macOS, KiB on Linux
 
 
 def _main(in_path: str, out_path: str) -> int:
@@ -21,8 +46,6 @@ def _main(in_path: str, out_path: str) -> int:
     for entry in reversed(spec.get("sys_path", [])):
         if entry not in sys.path:
             sys.path.insert(0, entry)
-    from llmopt.measure.memory import peak_rss_bytes
-
     out: dict = {"ok": False}
     code = 1
     try:

@@ -8,7 +8,10 @@ registers it with the same formulas as the GPU kernels; without that, CPU counts
 
 `estimate_train_flops` is the analytic cross-check (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022,
 appendix B): per token, 6 N for the matmul weights N (2 forward + 4 backward) plus 12 L H Q T for
-attention (L layers, H query heads of width Q, sequence length T).
+attention (L layers, H query heads of width Q, sequence length T). These are *model* FLOPs, the MFU
+convention. The counter reports *executed* FLOPs: the flash-attention backward recomputes Q K^T, which
+the counter adds (14 L H Q T instead of 12), and activation checkpointing adds its recomputed forward.
+For the llmopt Llama on CPU, count = estimate + 2 L H Q T tokens exactly.
 
 `measure_peak_flops` times a square matmul to estimate what this machine actually achieves (not the
 datasheet peak); `mfu` divides achieved FLOP/s by it. On a shared CPU both move with the noise, so

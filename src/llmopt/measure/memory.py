@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,28 +31,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from llmopt.measure._child import peak_rss_bytes  # noqa: F401  (public here; defined torch-free there)
+
 
 # ---- measured ----------------------------------------------------------------------------
-
-def _vm_hwm_bytes() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # the kernel writes kB
-    except OSError:
-        return None
-    return None
-
-
-def peak_rss_bytes() -> int:
-    """High-water resident memory of this process in bytes (VmHWM on Linux, else ru_maxrss)."""
-    hwm = _vm_hwm_bytes()
-    if hwm is not None:
-        return hwm
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024  # bytes on macOS, KiB on Linux
-
 
 def cuda_peak_bytes(device: int | torch.device | None = None) -> int | None:
     """`torch.cuda.max_memory_allocated(device)`, or None when CUDA is not available."""

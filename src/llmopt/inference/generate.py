@@ -172,6 +172,9 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0
     needed = T + max_new_tokens
     if cache is None:
         limit = model.config.max_seq_len if max_len is None else max_len
+        if max_len is None and needed > limit:
+            raise ValueError(f"prompt + new tokens = {needed} exceeds the model's max_seq_len={limit}; "
+                             "shorten the prompt or generate fewer tokens")
         if needed > limit:
             raise _max_len_error(needed, limit)
         # a static cache keeps one shape across calls, so the compiled step is reused

@@ -192,14 +192,14 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     """Total and trainable parameter elements (tied weights once) and bytes of parameters + buffers."""
     seen: set[int] = set()
     total = trainable = nbytes = 0
-    for p in model.parameters(remove_duplicate=False):
+    for _, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             continue
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
         nbytes += p.numel() * p.element_size()
-    for b in model.buffers(remove_duplicate=False):
+    for _, b in model.named_buffers(remove_duplicate=False):
         if id(b) not in seen:
             seen.add(id(b))
             nbytes += b.numel() * b.element_size()

@@ -37,6 +37,7 @@ __all__ = [
     "load_text",
     "play_names",
     "write_play",
+    "write_text_atomic",
 ]
 
 log = logging.getLogger(__name__)
@@ -161,10 +162,16 @@ def write_play(name: str, path: str | os.PathLike) -> Path:
 
     Makes real example files for `--data`, e.g. `write_play("hamlet", "hamlet.txt")`.
     """
-    text = load_play(name)
+    return write_text_atomic(path, load_play(name))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 text with `\\n` line endings through a temp file and a rename; return the path.
+
+    An interrupted write never leaves half a file under the final name, nor clobbers the old one.
+    """
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    # temp file + rename, so an interrupted write never leaves half a file under the final name
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as file:

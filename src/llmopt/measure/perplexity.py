@@ -2,9 +2,11 @@
 
 The method of the Hugging Face guide "Perplexity of fixed-length models": windows of `window` tokens
 start every `stride` tokens; each window scores only the tokens the previous window did not score, so
-every token from the second on is scored exactly once, with up to `window - stride` tokens of context
-before it (the first window scores all but its first token, which has no context). `stride == window`
-is the fast, context-poor extreme; `stride == 1` gives every token a full window.
+no token is scored twice, and with `stride < window` every token from the second on is scored once,
+with at least `window - stride` tokens of context. A token that is first in its window has no context
+and is not scored: the first token of the text, and with `stride == window` (the fast, context-poor
+extreme) the first token of every window, as in the guide's label shift. `stride == 1` gives every
+token a full window. `tokens` in the result is the number actually scored.
 
     perplexity = exp( sum of token negative log-likelihoods / number of scored tokens )
 
@@ -99,7 +101,6 @@ def perplexity(model: Callable[[torch.Tensor], torch.Tensor] | None, token_ids: 
     finally:
         if module is not None:
             module.train(was_training)
-    assert scored == token_ids.numel() - 1, (scored, token_ids.numel())
     mean = nll_sum / scored
     return {"ppl": math.exp(mean), "nll": mean, "nll_sum": nll_sum, "tokens": scored, "window": window,
             "stride": stride, "windows": len(windows)}

@@ -179,7 +179,7 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
             mask = None
         else:
-            if int(input_pos.max()) >= self.config.max_seq_len:
+            if not torch.compiler.is_compiling() and int(input_pos.max()) >= self.config.max_seq_len:
                 raise ValueError(f"position {int(input_pos.max())} is beyond model.max_seq_len={self.config.max_seq_len}")
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
             mask = cache.attn_mask(input_pos) if cache is not None else "causal"

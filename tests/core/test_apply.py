@@ -196,9 +196,10 @@ def test_tied_weights_counted_once(tiny_model):
 
 
 def test_apply_on_meta_model(toys):
-    # .to("meta") rather than build_model(device="meta"): same meta model, without the one-time ~5 s import of
-    # torch._dynamo that torch's meta normal_ triggers
+    # .to("meta") rather than build_model(device="meta"): the same meta model without the one-time ~5 s import of
+    # torch._dynamo that torch's meta normal_ triggers; .to() unties the tied weights, so tie them again
     model = build_model(ModelConfig.from_name("tiny")).to("meta")
+    model.lm_head.weight = model.embed_tokens.weight
     assert model.lm_head.weight.is_meta
     report = apply_(model, ScaleLinearConfig())
     assert len(report.changed) == N_BLOCK_LINEAR

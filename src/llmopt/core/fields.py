@@ -104,8 +104,7 @@ def _coerce(value: Any, tp: Any, text: bool) -> Any:
         raise _Mismatch(f"; choose one of {', '.join(repr(a) for a in args)}")
     if origin is tuple:
         if text and isinstance(value, str):
-            items = [] if value == "" else split_outside_quotes(value, "|")
-            items = [unquote(i) for i in items]
+            items = [] if value == "" else split_outside_quotes(value, "|")  # items are unquoted as str below
         elif isinstance(value, (list, tuple)):
             items = list(value)
         else:

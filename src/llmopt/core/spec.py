@@ -98,34 +98,31 @@ def parse_technique_spec(spec: str) -> TechniqueConfig | TechniqueSpec:
 
 
 def _format_value(value: Any, where: str) -> str:
+    if isinstance(value, tuple):
+        return "|".join(_format_scalar(v, where, in_tuple=True) for v in value)
+    return _format_scalar(value, where, in_tuple=False)
+
+
+def _format_scalar(value: Any, where: str, *, in_tuple: bool) -> str:
+    if isinstance(value, enum.Enum):
+        value = value.value
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
         return "none"
-    if isinstance(value, enum.Enum):
-        return _format_value(value.value, where)
-    if isinstance(value, tuple):
-        return "|".join(_format_item(v, where, "|") for v in value)
     if isinstance(value, (int, float)):
         return repr(value)
-    if isinstance(value, str):
-        return _format_item(value, where, "")
-    raise ValueError(f"{where}: a {type(value).__name__} value cannot be written in a technique spec")
-
-
-def _format_item(value: Any, where: str, extra_sep: str) -> str:
-    if isinstance(value, (tuple, TechniqueConfig)) or (isinstance(value, str) and value == ""):
-        if value == "":
-            return "''"
-        raise ValueError(f"{where}: nested {type(value).__name__} values cannot be written in a technique spec")
-    text = _format_value(value, where)
-    if isinstance(value, str) and (any(c in value for c in ",=" + extra_sep)
-                                   or value.lower() in ("none", "null", "true", "false")):
-        if "'" in value and '"' in value:
-            raise ValueError(f"{where}: {value!r} holds both quote characters; it cannot be written in a spec")
-        quote = '"' if "'" in value else "'"
-        return f"{quote}{value}{quote}"
-    return text
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: a {type(value).__name__} value cannot be written in a technique spec")
+    needs_quotes = ("," in value or "'" in value or '"' in value or value != value.strip()
+                    or value.lower() in ("none", "null", "true", "false")
+                    or (in_tuple and ("|" in value or value == "")))
+    if not needs_quotes:
+        return value
+    if "'" in value and '"' in value:
+        raise ValueError(f"{where}: {value!r} holds both quote characters, so it cannot be written in a spec")
+    quote = '"' if "'" in value else "'"
+    return f"{quote}{value}{quote}"
 
 
 def format_technique_spec(config: TechniqueConfig | TechniqueSpec) -> str:

@@ -57,9 +57,9 @@ def _tiny_run(steps=6, **sets):
     return apply_overrides(run, overrides)
 
 
-# The first losses of the tiny recipe at a fixed seed (bundled corpus, first 60,000 characters, BPE 256).
+# The first losses of the tiny recipe at a fixed seed (bundled corpus, first 60,000 characters, BPE 320).
 # A change to the model, the data path, the loss or the optimizer moves these; update them only on purpose.
-GOLDEN_TINY_LOSSES = None
+GOLDEN_TINY_LOSSES = [5.7644, 5.7492, 5.7679, 5.6979, 5.657, 5.576]
 
 
 def test_golden_loss_curve_tiny(tmp_path):
@@ -67,7 +67,7 @@ def test_golden_loss_curve_tiny(tmp_path):
     losses = [round(r["loss"], 4) for r in result.history if "loss" in r]
     assert len(losses) == 6
     assert losses[-1] < losses[0]  # it learns
-    assert losses[0] == pytest.approx(math.log(256), abs=0.15)  # starts near uniform over the vocabulary
+    assert losses[0] == pytest.approx(math.log(320), abs=0.2)  # starts near uniform over the vocabulary
     if GOLDEN_TINY_LOSSES is not None:
         assert losses == pytest.approx(GOLDEN_TINY_LOSSES, abs=2e-4)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -81,7 +81,7 @@ class ModelConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # 2 layers, width 32: the model every CPU test uses (milliseconds per step).
-    "tiny": dict(vocab_size=256, dim=32, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=128),
+    "tiny": dict(vocab_size=320, dim=32, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=128),
     # What `llmopt demo` trains on the bundled corpus in about ten minutes on 2 CPU cores (~4.5M parameters).
     "demo": dict(vocab_size=4096, dim=256, n_layer=6, n_head=8, n_kv_head=4, intermediate_size=704,
                  max_seq_len=512),

@@ -188,7 +188,10 @@ def _fmt(value: float | None, figure: str = "") -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
     if figure.endswith("_bytes"):
-        return f"{value / 2**20:.4g} MiB"
+        for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+            if abs(value) >= scale:
+                return f"{value / scale:.4g} {unit}"
+        return f"{value:.0f} B"
     return f"{value:.4g}"
 
 
@@ -269,7 +272,8 @@ def _section_markdown(section: dict[str, Any]) -> list[str]:
         for f in figures:
             s = summary.get(name, {}).get(f)
             if s is not None and s.get("ratio") is not None:
-                findings.append(f"- `{name}` {f}: {_fmt_ratio(s)}: {verdict(f, s)}")
+                estimated = " (estimated)" if _energy_estimated(runs, f) else ""
+                findings.append(f"- `{name}` {f}{estimated}: {_fmt_ratio(s)}: {verdict(f, s)}")
     if findings:
         lines += ["", "Against the baseline:", ""] + findings
     return lines

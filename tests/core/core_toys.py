@@ -8,18 +8,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from llmopt.core import (
-    ApplyReport,
-    Hook,
-    SkipModule,
-    Stage,
-    TechniqueConfig,
-    fqn_filter,
-    isolated_registry,
-    register,
-    register_revert,
-    replace_modules,
-)
+from llmopt.core import ApplyReport, Hook, SkipModule, TechniqueConfig, fqn_filter, replace_modules
 
 
 class ScaledLinear(nn.Module):

@@ -138,7 +138,7 @@ def test_freeze_all_but(tiny_model):
 def test_count_parameters_meta_and_tied():
     model = nested_model("meta")
     model.tied = nn.Linear(4, 4, device="meta")
-    model.tied.weight = model.head.weight if False else model.blocks[0]["a"].weight
+    model.tied.weight = model.blocks[0]["a"].weight  # tied: counted once
     count = count_parameters(model)
     per_linear = 4 * 4 + 4
     assert count.total == 5 * per_linear + 2 * 4 + 2 + 4  # 5 Linear(4,4) + head + tied bias only

@@ -173,6 +173,8 @@ class EnergyMeter:
     joules: float = field(default=math.nan, init=False)
     seconds: float = field(default=math.nan, init=False)
     method: str = field(default="", init=False)
+    cpu_seconds: float = field(default=math.nan, init=False)
+    """CPU time of this process (all threads) inside the block."""
     note: str = field(default="", init=False)
     """Why the method was chosen (what was unavailable), or what the estimate leaves out."""
 
@@ -233,6 +235,7 @@ class EnergyMeter:
 
             torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self._wall_start
+        self.cpu_seconds = time.process_time() - self._cpu_start
         if self.method == "nvml":
             self.joules = self._nvml.joules()
         elif self.method == "rapl":
@@ -240,7 +243,6 @@ class EnergyMeter:
             self.joules = self._rapl.joules()
             self.note = "package zones: " + ", ".join(z.name for z in self._rapl.zones if z.is_package)
         else:
-            self.cpu_seconds = time.process_time() - self._cpu_start
             self.joules = self.cpu_seconds * self.watts_per_core
 
     @property

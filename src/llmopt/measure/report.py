@@ -17,7 +17,8 @@ The results.json schema (what `llmopt bench` writes and `llmopt report` reads)::
       },                                               # but not summarized
       "summary": {                   # summarize(runs, baseline); recomputed when absent
         NAME: {FIGURE: {"median", "min", "max",            # of the values over repeats
-                        "ratio", "ratio_min", "ratio_max"}}  # of value / baseline value, per round
+                        "ratio", "ratio_min", "ratio_max",   # of value / baseline value, per round
+                        "n"}}                                # repeats that have the figure
       }
     }
 

@@ -25,7 +25,7 @@ CASES = {
 def hf_llama(seed: int = 0, **overrides):
     """A tiny random `LlamaForCausalLM`, every weight (norms included) drawn from N(0, 0.1) around its init."""
     values = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=64,
-                  hidden_act="silu")
+                  num_attention_heads=4, num_key_value_heads=2, hidden_act="silu")
     values.update(overrides)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**values)).eval()
@@ -143,7 +143,7 @@ def test_hf_directory_loads_with_equal_logits(tmp_path):
     assert model.lm_head.weight is model.embed_tokens.weight
     assert tokenizer.encode("a b") == [1, 2]
     # untied, in bfloat16
-    hf = hf_llama(seed=3, tie_word_embeddings=False)
+    hf = hf_llama(seed=3, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
     hf.save_pretrained(tmp_path / "untied")
     _write_tokenizer_json(tmp_path / "untied", vocab=97)
     model, _ = load_pretrained(tmp_path / "untied", dtype=torch.bfloat16)

@@ -108,9 +108,11 @@ def _convert_gguf(path: Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: cannot read this GGUF file ({first})") from None
+    except ImportError:
+        raise
+    except Exception as e:  # the GGUF reader fails with struct.error, KeyError, ... on a corrupt file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{path}: cannot read this GGUF file ({type(e).__name__}: {first})") from None
     return from_hf(hf_model, dtype=torch.float32), tokenizer
 
 

@@ -200,11 +200,10 @@ def test_bpe_vocab_and_eos(bpe):
 
 
 def test_training_is_deterministic(sample):
-    text = sample[:100_000]
+    text = sample[:50_000]  # without the workaround for huggingface/tokenizers#1794, WordPiece differs every run here
     for kind in ("bpe", "wordpiece"):
         first = train_tokenizer(text, kind, vocab_size=800).backend.to_str()
-        # WordPiece needs the workaround for huggingface/tokenizers#1794 to get here
-        assert all(train_tokenizer(text, kind, vocab_size=800).backend.to_str() == first for _ in range(3)), kind
+        assert all(train_tokenizer(text, kind, vocab_size=800).backend.to_str() == first for _ in range(2)), kind
 
 
 def test_wordpiece_trains_and_encodes(sample):
@@ -348,23 +347,21 @@ def test_loader_is_deterministic_and_prefetch_does_not_change_batches():
     assert not torch.equal(runs[0], runs[3])
 
 
-@pytest.mark.parametrize("seq_len", [64, 250], ids=["within-epoch", "across-epochs"])
-def test_resume_gives_bit_identical_batches(seq_len):
+@pytest.mark.parametrize("seq_len, epoch_after", [(64, 0), (250, 1)], ids=["within-epoch", "across-epochs"])
+def test_resume_gives_bit_identical_batches(seq_len, epoch_after):
+    # 20000 tokens: seq_len 64 -> 39 batches an epoch; seq_len 250 -> 9, so batches 6-10 cross into epoch 1
     tokens = torch.randint(0, 500, (20_000,), generator=torch.Generator().manual_seed(1))
     with BatchLoader(tokens, batch_size=8, seq_len=seq_len, seed=7, prefetch=2) as loader:
         take(loader, 5)
         state = json.loads(json.dumps(loader.state_dict()))  # as a checkpoint would store it
         expected = take(loader, 5)
-    assert state["batch"] == 5 or state["epoch"] >= 0
+        assert (state["epoch"], state["batch"], loader.epoch) == (0, 5, epoch_after)
     with BatchLoader(tokens, batch_size=8, seq_len=seq_len, seed=7, prefetch=2) as resumed:
         next(resumed)  # a thread already running ahead is discarded by load_state_dict
         resumed.load_state_dict(state)
         got = take(resumed, 5)
-    for (inputs, targets), (inputs_again, targets_again) in zip(expected, got):
+    for (inputs, targets), (inputs_again, targets_again) in zip(expected, got, strict=True):
         assert torch.equal(inputs, inputs_again) and torch.equal(targets, targets_again)
-    if seq_len == 250:
-        assert BatchLoader(tokens, 8, seq_len, seed=7).state_dict()["epoch"] == 0 and state["epoch"] == 0
-        # 20000 tokens / 250 -> 79 windows -> 9 batches an epoch: the 5 resumed batches cross into epoch 1
 
 
 def test_load_state_dict_refuses_other_settings():

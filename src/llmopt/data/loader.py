@@ -2,8 +2,9 @@
 
 - `split_tokens` holds out the *tail* of the token stream as validation. One contiguous cut means no
   training window ever contains a validation token, and with the bundled corpus (plays in sorted
-  order) the last 5% is two whole plays (The Two Gentlemen of Verona, The Winter's Tale) the model
-  never sees: a true held-out set, not a neighbour of the training text.
+  order) the last 5% is, give or take the closing song of Twelfth Night, two whole plays (The Two
+  Gentlemen of Verona, The Winter's Tale) the model never sees: a held-out set, not a neighbour of
+  the training text.
 - `pack_documents` concatenates documents with an end-of-sequence token after each and cuts the
   stream into rows of `seq_len + 1` tokens (input = row[:-1], target = row[1:]), with the document
   id and the position inside the document of every token, for document-masked attention.

@@ -101,8 +101,8 @@ def cmd_generate(args) -> int:
     new = result.tokens[0, len(prompt_ids):].tolist()
     print(args.prompt + tokenizer.decode(new))
     if args.stats:
-        print(json.dumps({"prefill_tokens_per_s": result.prefill_tokens_per_s,
-                          "decode_tokens_per_s": result.decode_tokens_per_s}), file=sys.stderr)
+        print(json.dumps({"prefill_tokens_per_s": result.prefill_tokens_per_second,
+                          "decode_tokens_per_s": result.decode_tokens_per_second}), file=sys.stderr)
     return 0
 
 
@@ -144,7 +144,7 @@ def cmd_demo(args) -> int:
     sample = prompt + tokenizer.decode(result.tokens[0, len(tokenizer.encode(prompt)):].tolist())
     (out / "sample.txt").write_text(sample + "\n")
     summary = {"run": str(out), "held_out_perplexity": ppl, "parameters": model.num_parameters(),
-               "decode_tokens_per_s": result.decode_tokens_per_s}
+               "decode_tokens_per_s": result.decode_tokens_per_second}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     console.print(f"held-out perplexity {ppl['ppl']:.2f} over {ppl['tokens']} tokens (window {window}, "
                   f"stride {window // 2}); {model.num_parameters() / 1e6:.2f}M parameters")

@@ -199,7 +199,45 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--retrain", action="store_true", help="train again even if the run directory holds a model")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
     d.set_defaults(fn=cmd_demo)
+
+    tq = sub.add_parser("techniques", help="list every registered technique, one line each")
+    tq.add_argument("--json", action="store_true", help="print a JSON list")
+    tq.set_defaults(fn=cmd_techniques)
+
+    try:  # `llmopt bench` and `llmopt report` live with the measurement harness
+        from llmopt.measure.bench_cli import add_bench_parsers
+    except ImportError:
+        add_bench_parsers = None
+    if add_bench_parsers is not None:
+        add_bench_parsers(sub)
     return p
+
+
+def cmd_techniques(args) -> int:
+    import llmopt.techniques
+    from llmopt.core import registered, technique_options
+
+    llmopt.techniques.load_all()
+    rows = []
+    for name, entry in registered().items():
+        try:
+            options = ", ".join(technique_options(name))
+        except Exception:  # a technique without options
+            options = ""
+        rows.append({"name": name, "kind": entry.kind, "stage": entry.stage.name.lower() if entry.stage else "",
+                     "workload": entry.workload, "description": entry.description, "options": options})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} registered techniques", show_lines=False)
+    for col in ("name", "kind", "stage", "workload", "description"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["kind"], r["stage"], r["workload"], r["description"])
+    _console().print(table)
+    return 0
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:

@@ -213,17 +213,8 @@ def _split_point(text: str, val_fraction: float) -> int:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-    # encode in line-aligned chunks: a 5 MB string in one call is slower and uses far more memory
-    chunk, out, start = 1 << 16, [], 0
-    pieces = []
-    while start < len(text):
-        end = text.find("\n", start + chunk)
-        end = len(text) if end < 0 else end + 1
-        pieces.append(text[start:end])
-        start = end
-    for ids in tokenizer.encode_batch(pieces):
-        out.extend(ids)
-    return out
+    # chunked where a split cannot change the tokens (same ids as one encode call, much less memory)
+    return tokenizer.encode_large(text)
 
 
 def fit(run: RunConfig, out_dir: str | Path, *, resume: bool = False, hooks: Iterable = (),

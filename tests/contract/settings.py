@@ -1,0 +1,125 @@
+"""The contract matrix's one settings table: how every registered technique is tested (DESIGN.md §8).
+
+`test_matrix.py` runs each registered technique through the same generic tests. What differs per
+technique (the config the matrix applies, its numerics contract and tolerance, what should train,
+whether it reverts, what to skip and why) lives here and nowhere else.
+
+HOW TO ADD A TECHNIQUE (one block per technique, blocks in alphabetical order of registry name):
+
+    # ---- lora ------------------------------------------------------------------------------------
+    from llmopt.techniques.lora import LoRAConfig  # noqa: E402
+
+    SETTINGS["lora"] = ContractCase(
+        config=lambda: LoRAConfig(r=4),                    # small: runs on the `tiny` model
+        numerics="exact",                                 # B starts at zero: outputs unchanged at apply
+        trainable=adapters_only("lora_"),                 # only parameters named lora_* train
+        reversible=True,                                  # must equal the registry's `reversible`
+        no_match_config=lambda: LoRAConfig(include=("no_such_module",)),
+    )
+
+The block imports its own config, so blocks never conflict with each other. A registered technique
+without a block fails `test_every_registered_technique_has_settings`; a block for a name that is not
+registered fails `test_every_settings_entry_is_registered`; blocks out of alphabetical order fail
+`test_settings_are_in_alphabetical_order`. A generic test that cannot apply is skipped only through
+`skip={"<test key>": "<why>"}` (keys in `TEST_KEYS`), never silently. See docs/contract_matrix.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+TEST_KEYS = {
+    "apply": "apply_ works and report.changed matches the module tree",
+    "forward_backward": "forward and backward are finite",
+    "numerics": "outputs and gradients hold the numerics contract against an untransformed copy",
+    "meta": "apply_ works on a model built on the meta device, with the same report",
+    "state_dict": "state_dict survives save -> fresh model + apply -> load with equal outputs",
+    "hooks_state": "the report's hooks checkpoint and resume bit-identically",
+    "double_apply": "applying the technique twice raises",
+    "no_match": "a config matching nothing raises NoEffectError and leaves the model untouched",
+    "revert": "revert_ restores outputs exactly (or raises NotReversibleError when not reversible)",
+    "trainable": "only the intended parameters have requires_grad",
+    "config_dict": "config_from_dict(config.to_dict()) == config",
+    "spec": "parse_technique_spec(format_technique_spec(config)) == config",
+    # non-transform kinds
+    "optimizer_step": "an optimizer step runs and moves the parameters, finitely",
+    "optimizer_state": "optimizer state_dict round trip continues bit-identically",
+    "hook_state": "a hook's state_dict round trip continues bit-identically",
+}
+"""Keys of the generic tests, for `ContractCase.skip`."""
+
+
+def adapters_only(prefix: str) -> Callable[[str], bool]:
+    """`trainable=` predicate: a parameter trains iff a component of its name starts with `prefix`."""
+    def predicate(fqn: str) -> bool:
+        return any(part.startswith(prefix) for part in fqn.split("."))
+
+    predicate.__name__ = f"adapters_only({prefix!r})"
+    return predicate
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContractCase:
+    """How the matrix tests one technique."""
+
+    config: Callable[[], Any] | None = None
+    """Factory of the config the matrix applies (small enough for the `tiny` model). Required for transforms;
+    for other kinds, None means the config class's defaults (or no config)."""
+    numerics: Literal["exact", "tolerance", "changes_outputs"] = "exact"
+    """"exact": logits, loss and gradients equal an untransformed deepcopy at atol=0. "tolerance": within
+    atol/rtol and/or min_sqnr_db. "changes_outputs": the technique changes the function at apply time (weight
+    quantization, pruning): outputs must differ, and stay within the stated bound."""
+    atol: float | None = None
+    """Absolute tolerance (numerics "tolerance" or the bound of "changes_outputs")."""
+    rtol: float = 0.0
+    """Relative tolerance, with atol."""
+    min_sqnr_db: float | None = None
+    """Minimum signal-to-quantization-noise ratio of the logits, 10*log10(|ref|^2 / |ref - out|^2), in dB."""
+    reason: str = ""
+    """One line: why outputs are not exact (required unless numerics == "exact")."""
+    trainable: Literal["unchanged", "all", "none"] | Callable[[str], bool] = "unchanged"
+    """Which parameters have requires_grad after apply: "unchanged" (as before apply; the tiny model trains all),
+    "all", "none", or a predicate on the parameter's fqn (e.g. `adapters_only("lora_")`)."""
+    reversible: bool = False
+    """Whether revert_ undoes it; must match the registry entry's `reversible`."""
+    meta: bool = True
+    """Whether apply_ works on a meta-device model. False needs skip["meta"] saying why."""
+    double_apply_raises: bool = True
+    """Whether a second apply_ raises (core guarantees it for every transform). False needs skip["double_apply"]."""
+    no_match_config: Callable[[], Any] | None = None
+    """Factory of a config that matches nothing in the tiny model (must raise NoEffectError). None needs
+    skip["no_match"] saying why nothing can fail to match."""
+    model_overrides: Mapping[str, Any] = field(default_factory=dict)
+    """Overrides of the `tiny` preset for this technique (e.g. {"dim": 64} for block-quantized formats)."""
+    build: Callable[..., Any] | None = None
+    """Non-transform kinds: builds the object (optimizer: `build(params)`; hook: `build()`); None means
+    `lookup(name).build(...)` with `config`."""
+    skip: Mapping[str, str] = field(default_factory=dict)
+    """{test key: reason} for generic tests that do not apply; keys from TEST_KEYS."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.skip) - set(TEST_KEYS))
+        if unknown:
+            raise ValueError(f"skip keys {unknown} are not generic tests; use one of {sorted(TEST_KEYS)}")
+        for key, why in self.skip.items():
+            if not isinstance(why, str) or not why.strip():
+                raise ValueError(f"skip[{key!r}] needs a reason string: a skipped test must say why")
+        if self.numerics not in ("exact", "tolerance", "changes_outputs"):
+            raise ValueError(f"numerics must be 'exact', 'tolerance' or 'changes_outputs', got {self.numerics!r}")
+        if self.numerics != "exact":
+            if not self.reason.strip():
+                raise ValueError(f"numerics={self.numerics!r} needs a one-line reason")
+            if self.atol is None and self.min_sqnr_db is None:
+                raise ValueError(f"numerics={self.numerics!r} needs a bound: atol (with rtol) or min_sqnr_db")
+        elif self.atol is not None or self.min_sqnr_db is not None:
+            raise ValueError("numerics='exact' compares at atol=0; drop atol/min_sqnr_db or use 'tolerance'")
+        if not self.meta and "meta" not in self.skip:
+            raise ValueError("meta=False needs skip['meta'] saying why the technique cannot run on meta")
+        if not self.double_apply_raises and "double_apply" not in self.skip:
+            raise ValueError("double_apply_raises=False needs skip['double_apply'] saying why")
+
+
+SETTINGS: dict[str, ContractCase] = {}
+"""Registry name -> how the matrix tests it. Append one block per technique, alphabetically (see above)."""

@@ -123,3 +123,28 @@ class ContractCase:
 
 SETTINGS: dict[str, ContractCase] = {}
 """Registry name -> how the matrix tests it. Append one block per technique, alphabetically (see above)."""
+
+
+# ---- compile -----------------------------------------------------------------------------------------
+from llmopt.techniques.compile import CompileConfig  # noqa: E402
+
+SETTINGS["compile"] = ContractCase(
+    # aot_eager captures the same graphs without Inductor's code generation, which costs ~5-100 s per process on
+    # these CPUs; Inductor itself is held to atol=1e-5 in tests/test_compile.py
+    config=lambda: CompileConfig(backend="aot_eager"),
+    numerics="tolerance",
+    atol=1e-6,
+    rtol=1e-5,
+    reason="AOTAutograd traces the backward as its own graph, so gradient reductions may be ordered differently",
+    reversible=True,
+    no_match_config=lambda: CompileConfig(include=("no_such_block",)),
+)
+
+
+# ---- curriculum --------------------------------------------------------------------------------------
+from llmopt.techniques.curriculum import CurriculumConfig  # noqa: E402
+
+SETTINGS["curriculum"] = ContractCase(
+    config=lambda: CurriculumConfig(kind="difficulty", start_fraction=0.3, pacing_steps=6),
+    skip={"no_match": "adds only a loop hook: there is nothing in the model that could fail to match"},
+)

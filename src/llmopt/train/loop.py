@@ -51,6 +51,8 @@ class TrainState:
     config: RunConfig
     metrics: dict[str, Any] = field(default_factory=dict)
     tokens_seen: int = 0
+    train_ids: torch.Tensor | None = None
+    """The training token ids (read-only), for hooks that draw their own batches (difficulty curriculum)."""
 
 
 @dataclass
@@ -258,7 +260,8 @@ def fit(run: RunConfig, out_dir: str | Path, *, resume: bool = False, hooks: Ite
         tokenizer.save(out_dir)
         _write_config(out_dir, run, model)
 
-    ts = TrainState(step=step, model=model, optimizer=optimizer, scaler=scaler, config=run, tokens_seen=tokens_seen)
+    ts = TrainState(step=step, model=model, optimizer=optimizer, scaler=scaler, config=run, tokens_seen=tokens_seen,
+                    train_ids=train_ids)
     history: list[dict[str, Any]] = []
     metrics_file = open(out_dir / "metrics.jsonl", "a")
     call_hooks(hooks, "on_fit_start", ts)

@@ -299,7 +299,7 @@ def add_round_figures(section: dict[str, Any]) -> None:
             if "val_curve" in rep and ref.get("val_loss") is not None:
                 seconds, steps = time_to_target(rep["val_curve"], ref["val_loss"])
                 rep["time_to_target_s"], rep["steps_to_target"] = seconds, steps
-                rep["target_val_loss"] = ref["val_loss"]
+                rep.setdefault("info", {})["target_val_loss"] = ref["val_loss"]
             if "new_token_ids" in rep and "new_token_ids" in ref:
                 mine = [t for row in rep["new_token_ids"] for t in row]
                 theirs = [t for row in ref["new_token_ids"] for t in row]
@@ -383,6 +383,9 @@ def bench(names: list[str], *, model: str = "demo", workload: str | None = None,
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    from llmopt.measure.bench_report import umask
+
+    os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes it private; the results are not
     failures: list[str] = []
     try:
         say(f"preparing data for {model} (tokenizer and token ids, once for every run)")
@@ -478,7 +481,7 @@ def _run_section(w, runs, run, model, model_config, warmup, steps, repeats, data
             rep = dict(result["result"])
             rep["peak_rss_bytes"] = result.get("peak_rss_bytes")
             rep["process_wall_s"] = result.get("wall_s")
-            rep["round"], rep["position"] = r, order.index(name)
+            rep.setdefault("info", {}).update(round=r, position=order.index(name))
             entry["repeats"].append(rep)
             say(_summary_line(name, w, r, repeats, rep))
     add_round_figures(section)

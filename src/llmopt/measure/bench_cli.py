@@ -59,13 +59,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     console.print(f"[bold]llmopt bench[/] {' '.join(args.names)} on {args.model}")
     result = bench(args.names, model=args.model, workload=args.workload, repeats=args.repeats, steps=args.steps,
                    warmup=args.warmup, out=args.out, force=args.force, overrides=list(args.set or []),
-                   data=args.data, peers=args.peers, progress=lambda line: console.print(escape(line),
-                                                                                         highlight=False))
+                   data=args.data, peers=args.peers, progress=lambda line: console.print(escape(line), highlight=False,
+                                                                                         soft_wrap=True))
     from llmopt.measure.bench_report import render_headline
 
-    console.print(render_headline(result.results), markup=False, highlight=False)
+    console.print(render_headline(result.results), markup=False, highlight=False, soft_wrap=True)
     files = ", ".join(sorted(p.name for p in result.out.iterdir()))
-    console.print(f"wrote {result.out}/: {files}", highlight=False)
+    console.print(f"wrote {result.out}/: {files}", highlight=False, soft_wrap=True)
     for failure in result.failures:
         console.print(f"[red]failed[/] {escape(failure)}")
     return 1 if result.failures else 0

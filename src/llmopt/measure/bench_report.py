@@ -10,6 +10,7 @@ time-to-target. The full table of every figure follows (`measure.report.render_m
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,7 @@ def _time_to_target_line(section: dict[str, Any], name: str) -> list[str]:
         return []
     reached = sum(1 for r in reps if r.get("time_to_target_s") is not None)
     s = section["summary"][name].get("time_to_target_s")
-    target = reps[0].get("target_val_loss")
+    target = (reps[0].get("info") or {}).get("target_val_loss")
     head = f"- `{name}` time to the baseline's final val loss ({_fmt(target)} in round 1)"
     if not s or s.get("ratio") is None:
         return [f"{head}: not reached in any of {len(reps)} rounds"]
@@ -180,7 +181,8 @@ def write_bench_outputs(out_dir: str | Path, results: dict[str, Any]) -> str:
         results["workloads"] = filled
     else:
         results["summary"] = filled[0]["summary"]
-    write_results(out_dir, results)
+    path = write_results(out_dir, results)
+    os.chmod(path, 0o666 & ~umask())  # written through mkstemp, which makes it private
     markdown = render_bench_markdown(results)
     tmp = out_dir / ".report.md.tmp"
     tmp.write_text(markdown)
@@ -196,6 +198,13 @@ def write_bench_outputs(out_dir: str | Path, results: dict[str, Any]) -> str:
                         out_dir / "val_loss_vs_time.png", xlabel="training seconds (round 1, evaluation excluded)",
                         ylabel="validation loss")
     return markdown
+
+
+def umask() -> int:
+    """This process's umask (read without changing it for good)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def rerender(run_dir: str | Path) -> str:

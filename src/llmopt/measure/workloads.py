@@ -80,6 +80,7 @@ def apply_techniques(model: torch.nn.Module, specs: list[str], *, allow_hooks: b
             raise ValueError(f"{entry.name!r} is a {entry.kind}; this workload cannot run it")
     if transforms:
         report = apply_(model, *transforms)
+        hooks = list(report.hooks) + hooks  # transforms may hand the loop hooks (curriculum, ...)
         lines = [str(report)] + lines
     return hooks, lines
 
@@ -126,6 +127,8 @@ def train_and_measure(model: torch.nn.Module, cfg, train_ids: torch.Tensor, val_
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = tc.grad_clip if tc.grad_clip is not None else float("inf")
     state = TrainState(step=0, model=model, optimizer=optimizer, scaler=scaler, config=cfg)
+    if hasattr(state, "train_ids"):  # hooks that draw their own batches read the training tokens
+        state.train_ids = train_ids
     reset_cuda_peak()
 
     def val_loss() -> float:

@@ -43,7 +43,8 @@ class DataConfig:
 @dataclass(kw_only=True)
 class OptimConfig:
     name: str = "adamw"
-    """Optimizer: adamw (torch.optim.AdamW, foreach) or sgd; later issues add lamb, novograd, adamw8bit, galore."""
+    """Optimizer: adamw (torch.optim.AdamW, foreach), or one registered by llmopt.optim: sgd, lamb, novograd,
+    adamw8bit, galore (see `llmopt techniques`)."""
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr: float = 1e-4
@@ -58,6 +59,24 @@ class OptimConfig:
     """Adam beta2."""
     eps: float = 1e-8
     """Adam epsilon."""
+    nesterov: bool = False
+    """sgd: Nesterov momentum (momentum is beta1)."""
+    freeze_embeddings: bool = False
+    """sgd: freeze the token embeddings (the fine-tuning recipe of Kumar et al.; use it with init_from)."""
+    rank: int = 128
+    """galore: rank of the gradient projection (layers with a side <= rank get plain AdamW)."""
+    update_proj_gap: int = 200
+    """galore: optimizer steps between projector refreshes."""
+    scale: float = 0.25
+    """galore: scale of the back-projected update (the paper's alpha)."""
+    optim_bits: int = 32
+    """galore: 8 stores the low-rank moments in block-wise 8 bits (adamw8bit is always 8-bit)."""
+    block_size: int = 256
+    """adamw8bit and galore with optim_bits=8: elements per quantization block."""
+    stable_embedding: bool = False
+    """adamw8bit: keep 32-bit state for nn.Embedding weights (the optimizer half of StableEmbedding)."""
+    bias_correction: bool = True
+    """lamb: Adam bias correction of the moments (Algorithm 2 of the paper)."""
 
 
 @dataclass(kw_only=True)
@@ -73,7 +92,10 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast compute dtype; weights and optimizer state stay fp32 (fp16 uses dynamic loss scaling)."""
     grad_clip: float | None = 1.0
-    """Clip the global gradient norm to this value once per step, after unscaling; None disables."""
+    """Clipping threshold, applied once per step after unscaling (see clip_mode); None disables."""
+    clip_mode: Literal["norm", "value", "agc"] = "norm"
+    """How grad_clip clips: global L2 norm, each element's value, or adaptive unit-wise clipping relative to the
+    weight norm (AGC, Brock et al. 2021; grad_clip is then lambda, e.g. 0.01). See llmopt.optim.clipping."""
     eval_every: int = 50
     """Evaluate validation loss every this many steps (and at the end)."""
     eval_batches: int = 8

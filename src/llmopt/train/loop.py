@@ -11,7 +11,8 @@ What happens in one optimizer step, in order (DESIGN.md §5):
 3. each micro-batch: hooks `before_forward` -> autocast forward -> loss sum / tokens of the whole step
    -> (scaled) backward. Normalizing by the step's tokens makes accumulation exact: k micro-batches give
    the gradient of the full batch, whatever the padding and lengths;
-4. hooks `after_backward`; the loss scaler unscales; the global grad norm is computed and clipped once;
+4. hooks `after_backward`; the loss scaler unscales; gradients are clipped once (`train.clip_mode`: global
+   norm, value or AGC), logging the global grad norm before and after;
 5. hooks `before_optimizer_step`; optimizer step (skipped by the scaler on inf/nan); zero grads;
    hooks `after_optimizer_step` (the `after_*` hooks run in reverse order).
 """
@@ -33,6 +34,7 @@ import torch
 
 from llmopt.train.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint,
                                      save_weights)
+from llmopt.optim.clipping import clip_gradients_
 from llmopt.train.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,8 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps
 
 
 def build_optimizer(model: torch.nn.Module, optim) -> torch.optim.Optimizer:
-    """AdamW (foreach) or SGD over trainable parameters; weight decay on matrices only."""
+    """AdamW (foreach) over trainable parameters, weight decay on matrices only; any other `optim.name` is built
+    by `llmopt.optim.build` from these groups and the model."""
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
@@ -86,14 +89,12 @@ def build_optimizer(model: torch.nn.Module, optim) -> torch.optim.Optimizer:
     groups = [g for g in groups if g["params"]]
     if optim.name == "adamw":
         return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, foreach=True)
-    if optim.name == "sgd":
-        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.beta1, foreach=True)
-    try:  # optimizers registered by later layers (llmopt.optim) are looked up by name
-        from llmopt.optim import build as build_registered
+    try:  # optimizers registered by llmopt.optim (sgd, lamb, ...) are looked up by name; they get the model
+        from llmopt.optim import build as build_registered  # for param groups by module (galore, sgd recipe)
     except ImportError:
         build_registered = None
     if build_registered is not None:
-        return build_registered(optim.name, groups, optim)
+        return build_registered(optim.name, groups, optim, model=model)
     raise ValueError(f"unknown optimizer {optim.name!r} (optim.name); choose adamw or sgd")
 
 
@@ -290,8 +291,7 @@ def fit(run: RunConfig, out_dir: str | Path, *, resume: bool = False, hooks: Ite
             call_hooks(hooks, "after_backward", ts)
 
             scaler.unscale_(optimizer)  # clip the true gradients, once per optimizer step
-            max_norm = tc.grad_clip if tc.grad_clip is not None else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+            grad_norm, grad_norm_clipped = clip_gradients_(params, tc.clip_mode, tc.grad_clip)
             call_hooks(hooks, "before_optimizer_step", ts)
             scaler.step(optimizer)
             scaler.update()
@@ -311,7 +311,7 @@ def fit(run: RunConfig, out_dir: str | Path, *, resume: bool = False, hooks: Ite
                 tps = (ts.tokens_seen - tokens_at_log) / max(now - t_log, 1e-9)
                 t_log, tokens_at_log = now, ts.tokens_seen
                 record = {"step": step, "loss": round(last_loss, 6), "lr": lr, "grad_norm": grad_norm,
-                          "grad_norm_clipped": min(grad_norm, max_norm), "tokens": ts.tokens_seen,
+                          "grad_norm_clipped": grad_norm_clipped, "tokens": ts.tokens_seen,
                           "tokens_per_s": round(tps, 1), "elapsed_s": round(now - t_start, 3),
                           "loss_scale": scaler.get_scale() if scaler.is_enabled() else None, **ts.metrics}
                 _log(metrics_file, history, record, on_log)

@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from llmopt.optim.quantization import (BLOCK_SIZE, dequantize_into_, padded_numel, quant_map, quantize_into_)
+from llmopt.optim.quantization import (BLOCK_SIZE, dequantize_into_, padded_numel, quant_map, quantize_into_,
+                                       restore_state_dtypes_)
 
 __all__ = ["AdamW8bit", "stable_embedding_param_groups", "state_bytes"]
 
@@ -55,6 +56,10 @@ class AdamW8bit(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.chunk_size = chunk_size
         self._scratch: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        restore_state_dtypes_(self, state_dict)  # torch casts every state tensor to the param dtype, codes too
 
     def _is_8bit(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
         return group["optim_bits"] == 8 and p.numel() >= group["min_8bit_size"]

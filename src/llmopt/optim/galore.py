@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from llmopt.optim.quantization import BLOCK_SIZE, dequantize_blockwise, quantize_blockwise
+from llmopt.optim.quantization import BLOCK_SIZE, dequantize_blockwise, quantize_blockwise, restore_state_dtypes_
 
 __all__ = ["GaLoreAdamW", "galore_param_groups", "randomized_range_finder"]
 
@@ -85,6 +85,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
                         raise ValueError(f"GaLore projects 2-D weights; a parameter of shape {tuple(p.shape)} is "
                                          "in a group with rank set: put it in a group without rank "
                                          "(galore_param_groups does this)")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        restore_state_dtypes_(self, state_dict)  # torch casts every state tensor to the param dtype, codes too
 
     def _index(self, p: torch.Tensor) -> int:
         i = 0

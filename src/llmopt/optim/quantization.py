@@ -28,7 +28,8 @@ import functools
 
 import torch
 
-__all__ = ["BLOCK_SIZE", "QuantMap", "dequantize_blockwise", "dynamic_map", "quantize_blockwise"]
+__all__ = ["BLOCK_SIZE", "QuantMap", "dequantize_blockwise", "dynamic_map", "quantize_blockwise",
+           "restore_state_dtypes_"]
 
 BLOCK_SIZE = 256
 """Default elements per quantization block (the paper's and bitsandbytes' block size)."""
@@ -152,3 +153,14 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, shape: torch
     for s in shape:
         numel *= s
     return out[:numel].view(shape)
+
+
+def restore_state_dtypes_(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """Undo `Optimizer.load_state_dict`'s cast of every state tensor to its parameter's dtype: uint8 codes
+    (and fp32 scales of lower-precision parameters) are put back exactly as saved."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, saved in state_dict["state"].items():
+        p = params[int(index)]
+        for key, value in saved.items():
+            if isinstance(value, torch.Tensor) and optimizer.state[p][key].dtype != value.dtype:
+                optimizer.state[p][key] = value.to(device=p.device, copy=True)

@@ -50,8 +50,8 @@ class NF4Weight:
     codes: torch.Tensor
     """uint8 (padded_numel // 2,): two NF4 indices per byte, first value in the high nibble."""
     absmax: torch.Tensor
-    """Per-block scales: fp32 (n_blocks,) without double quantization; int8 (n_blocks padded to
-    dq_block_size,) codes of (absmax - absmax_offset) with it."""
+    """Per-block scales: fp32 (n_blocks,) without double quantization; with it, int8 (n_blocks,) codes
+    of (absmax - absmax_offset), in groups of dq_block_size sharing one absmax_scale."""
     absmax_scale: torch.Tensor | None
     """fp32 (n_dq_blocks,): the int8 step of each group of dq_block_size scales; None without double quant."""
     absmax_offset: torch.Tensor | None
@@ -120,7 +120,7 @@ def _quantize_scales(absmax: torch.Tensor, dq_block_size: int):
     scale = groups.abs().amax(dim=1) / 127.0
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(groups / safe[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q.view(-1), scale, offset
+    return q.view(-1)[:absmax.numel()].clone(), scale, offset  # the padding is not stored
 
 
 def dequantize_absmax(q: NF4Weight) -> torch.Tensor:
@@ -128,8 +128,10 @@ def dequantize_absmax(q: NF4Weight) -> torch.Tensor:
     n_blocks = -(-q.numel // q.block_size)
     if not q.double_quant:
         return q.absmax.float()[:n_blocks]
-    groups = q.absmax.view(-1, q.dq_block_size).float() * q.absmax_scale[:, None]
-    return (groups.view(-1)[:n_blocks] + q.absmax_offset)
+    codes = q.absmax.float()
+    pad = (-codes.numel()) % q.dq_block_size
+    groups = F.pad(codes, (0, pad)).view(-1, q.dq_block_size) * q.absmax_scale[:, None]
+    return groups.view(-1)[:n_blocks] + q.absmax_offset
 
 
 def _pair_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:

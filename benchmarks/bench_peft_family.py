@@ -1,0 +1,252 @@
+"""llmopt LoRA / DoRA / QLoRA vs PEFT (+ bitsandbytes) on SmolLM2-135M: step time, bytes, loss.
+
+Every configuration is a `transformers` LlamaForCausalLM with the same SmolLM2 weights (from
+`llmopt.models.hf.to_hf`), so the only difference between columns is the adapter implementation:
+ours applied in place with `apply_`, PEFT's with `get_peft_model` (bitsandbytes `Linear4bit` for PEFT's
+QLoRA). Setup as in peer_anchors W1: batch 1 x 128 tokens (the first 128 SmolLM2 tokens of the
+bundled corpus, labels = inputs), r=8, alpha=16, dropout 0, the 7 projections of every layer (210
+Linear), AdamW(lr=1e-5, foreach) on the trainable parameters, one step = zero_grad, forward,
+backward, step.
+
+Timing: 2 warm-up steps each, then `--rounds` rounds with every configuration once per round in a
+rotating order; ratios are taken within a round and the median (min-max) over rounds is reported.
+
+Bytes: parameters + gradients + AdamW state after one step (each tensor once; NF4 buffers count as
+parameter storage). Loss: `--quality-steps` steps of lr 1e-4 on consecutive 128-token windows,
+final train loss and held-out loss, QLoRA vs LoRA on bf16 weights.
+
+    python benchmarks/bench_peft_family.py --threads 2 --out runs/bench-peft-family.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def base_model():
+    from llmopt.models import load_pretrained
+    from llmopt.models.hf import to_hf
+
+    model, tokenizer = load_pretrained("smollm2-135m")
+    hf = to_hf(model).float()
+    hf.config.use_cache = False
+    return hf, tokenizer
+
+
+def ours(technique: str, **options):
+    def build(base):
+        import llmopt.techniques  # noqa: F401  (registers them)
+        from llmopt import apply_
+        from llmopt.core import lookup
+
+        model = copy.deepcopy(base)
+        cls = lookup(technique).config_cls
+        apply_(model, cls(r=8, alpha=16.0, target=tuple(PROJ), **options))
+        return model
+    return build
+
+
+def peft_build(dora: bool = False, four_bit: str | None = None):
+    def build(base):
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=PROJ, task_type="CAUSAL_LM",
+                            use_dora=dora)
+        if four_bit is None:
+            return get_peft_model(copy.deepcopy(base), config)
+        import tempfile
+
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[four_bit]
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=dtype)
+        with tempfile.TemporaryDirectory() as tmp:
+            base.save_pretrained(tmp)
+            model = LlamaForCausalLM.from_pretrained(tmp, quantization_config=bnb, device_map="cpu",
+                                                     torch_dtype=torch.float32)
+        model.config.use_cache = False
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return get_peft_model(model, config)
+    return build
+
+
+def full_ft(base):
+    return copy.deepcopy(base)
+
+
+CONFIGS = {
+    "full": full_ft,
+    "peft_lora": peft_build(),
+    "lora": ours("lora"),
+    "peft_dora": peft_build(dora=True),
+    "dora": ours("dora"),
+    "peft_qlora": peft_build(four_bit="fp32"),
+    "qlora": ours("qlora"),
+    "peft_qlora_bf16": peft_build(four_bit="bf16"),
+    "qlora_bf16": ours("qlora", compute_dtype="bf16"),
+}
+RATIOS = [("lora", "peft_lora"), ("lora", "full"), ("dora", "lora"), ("dora", "peft_dora"), ("peft_dora", "peft_lora"),
+          ("qlora", "lora"), ("qlora", "peft_qlora"), ("qlora_bf16", "peft_qlora_bf16"), ("peft_qlora", "peft_lora")]
+
+
+def make_step(model, ids):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    model.train()
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+    return step, opt
+
+
+def ledger(model, opt) -> dict:
+    """Bytes of parameters and buffers that hold weights (NF4), gradients and optimizer state."""
+    seen, params, grads, trainable, total = set(), 0, 0, 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        params += p.numel() * p.element_size()
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+        if p.grad is not None:
+            grads += p.grad.numel() * p.grad.element_size()
+    nf4 = 0
+    for name, b in model.named_buffers():
+        if any(k in name for k in ("nf4_codes", "nf4_absmax")):
+            nf4 += b.numel() * b.element_size()
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    return {"param_bytes": params + nf4, "grad_bytes": grads, "optim_bytes": state,
+            "sum_bytes": params + nf4 + grads + state, "trainable": trainable, "nf4_buffer_bytes": nf4}
+
+
+def quantized_linear_bytes(model) -> dict:
+    """Bytes of the 210 adapted base weights: NF4 storage (ours) vs the same weights in bf16."""
+    from llmopt.techniques.qlora import QLoRALinear
+
+    nf4 = logical = 0
+    for m in model.modules():
+        if isinstance(m, QLoRALinear):
+            nf4 += m.nf4_bytes()
+            logical += m.in_features * m.out_features
+    return {"nf4_bytes": nf4, "bf16_bytes": 2 * logical, "ratio_vs_bf16": nf4 / (2 * logical),
+            "bits_per_param": 8 * nf4 / logical}
+
+
+def quality(base, ids_all, steps: int) -> dict:
+    """Loss after `steps` steps (lr 1e-4) of LoRA on bf16 base weights vs our QLoRA (fp32 compute)."""
+    from llmopt import apply_
+    from llmopt.techniques import LoRAConfig, QLoRAConfig
+
+    n_eval = 4
+    windows = ids_all[: (steps + n_eval) * 128].view(-1, 128)
+    train, held = windows[:steps], windows[steps:steps + n_eval]
+    out = {}
+    for name, make in (("lora_bf16_base", lambda m: apply_(m.to(torch.bfloat16), LoRAConfig(r=8, target=tuple(PROJ)))),
+                       ("qlora", lambda m: apply_(m, QLoRAConfig(r=8, target=tuple(PROJ))))):
+        torch.manual_seed(0)
+        model = copy.deepcopy(base)
+        make(model)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        model.train()
+        losses = []
+        for i in range(steps):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "lora_bf16_base"):
+                loss = model(input_ids=train[i:i + 1], labels=train[i:i + 1]).loss
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+        model.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "lora_bf16_base"):
+            held_loss = statistics.mean(float(model(input_ids=h[None], labels=h[None]).loss) for h in held)
+        out[name] = {"first_loss": losses[0], "last5_train_loss": statistics.mean(losses[-5:]), "held_out_loss": held_loss}
+    out["held_out_ratio_qlora_vs_lora_bf16"] = out["qlora"]["held_out_loss"] / out["lora_bf16_base"]["held_out_loss"]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quality-steps", type=int, default=20, help="0 skips the loss comparison")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = [n for n in args.configs.split(",") if n]
+    base, tokenizer = base_model()
+    from llmopt.data import load_text
+
+    ids_all = torch.tensor(tokenizer.encode(load_text(None)[:200_000]), dtype=torch.long)
+    ids = ids_all[:128][None]  # (1, 128)
+
+    steps, results = {}, {"configs": names, "threads": args.threads, "rounds": args.rounds}
+    for name in names:
+        torch.manual_seed(0)
+        model = CONFIGS[name](base)
+        step, opt = make_step(model, ids)
+        first = step()
+        steps[name] = (model, step)
+        results.setdefault("first_loss", {})[name] = first
+        results.setdefault("bytes", {})[name] = ledger(model, opt)
+        if name.startswith("qlora"):
+            results.setdefault("qlora_base_bytes", {})[name] = quantized_linear_bytes(model)
+        step()  # second warm-up step
+        print(f"built {name}: first loss {first:.4f}", file=sys.stderr)
+
+    times = {n: [] for n in names}
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            t = time.perf_counter()
+            steps[name][1]()
+            times[name].append(time.perf_counter() - t)
+    results["step_s_median"] = {n: statistics.median(v) for n, v in times.items()}
+    results["ratios"] = {}
+    for a, b in RATIOS:
+        if a in times and b in times:
+            per_round = [x / y for x, y in zip(times[a], times[b])]
+            results["ratios"][f"{a}/{b}"] = {"median": statistics.median(per_round), "min": min(per_round),
+                                             "max": max(per_round)}
+    full = results["bytes"].get("full")
+    if full:
+        for n, b in results["bytes"].items():
+            b["sum_vs_full"] = b["sum_bytes"] / full["sum_bytes"]
+    del steps
+    if args.quality_steps:
+        results["quality"] = quality(base, ids_all, args.quality_steps)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv:2402.09353).
+
+The adapted weight is split into a magnitude and a direction, per output row (the paper's "column"
+of W in its (d, k) notation; PEFT's `lora_magnitude_vector`):
+
+    W' = m * (W + s B A) / ||W + s B A||_row,      y = x W'^T + b,      s = alpha / r
+
+`m` (out,) is trainable and starts at ||W||_row; `B` starts at zero, so W' = W at apply. We compute
+
+    y = g * (x W^T + s (x A^T) B^T) + b,      g = m / ||W + s B A||_row
+
+with the LoRA path of `lora.lora_forward` and one multiply-add; the merged weight never exists.
+
+Norm without the merged weight: per output row i,
+    ||W_i + s (BA)_i||^2 = ||W_i||^2 + 2 s <W_i, (BA)_i> + s^2 ||(BA)_i||^2,
+    <W_i, (BA)_i> = sum_j (W A^T)_ij B_ij       (W A^T is (out, r))
+    ||(BA)_i||^2  = B_i (A A^T) B_i^T            (A A^T is (r, r)),
+with ||W||_row^2 cached while the frozen W is unchanged (keyed on its version counter).
+
+Memory trick (DoRA §4.3): the norm is treated as a constant, i.e. detached from the graph (computed
+under no_grad), as the paper and PEFT do; the gradient reaches `m` and, through the direction's
+numerator, A and B, but not through the norm. This saves the backward of the norm and its saved
+(out, in) tensors; the paper reports no accuracy difference.
+
+Numerics contract: exact at apply (m equals the norm bit for bit, so g = 1 exactly); merge within
+1e-5 (fp32); revert exact; with dropout, dropout applies to the low-rank input only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from llmopt.core import ApplyReport, Stage, register, register_revert
+from llmopt.techniques.lora import LoRAConfig, LoRALinear, apply_adapters, lora_forward, revert_adapters
+
+
+@dataclass(frozen=True, kw_only=True)
+class DoRAConfig(LoRAConfig):
+    """DoRA: LoRA's update on a normalized direction, times a trainable per-row magnitude (Liu et al. 2024)."""
+
+
+class DoRALinear(LoRALinear):
+    """LoRALinear plus a trainable magnitude `lora_magnitude` (out,); the row norm is detached."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int, alpha: float,
+                 dropout: float = 0.0, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, r=r, alpha=alpha, dropout=dropout, device=device,
+                         dtype=dtype)
+        self.lora_magnitude = nn.Parameter(torch.ones(out_features, device=device, dtype=dtype))
+        self._weight_sq: tuple[tuple[int, int], torch.Tensor] | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, r: int, alpha: float, dropout: float = 0.0) -> DoRALinear:
+        new = super().from_linear(linear, r=r, alpha=alpha, dropout=dropout)
+        new.lora_magnitude = nn.Parameter(torch.empty(linear.out_features, device=linear.weight.device,
+                                                      dtype=linear.weight.dtype))
+        new.reset_magnitude()
+        return new
+
+    def reset_magnitude(self) -> None:
+        """m = ||W + s B A||_row computed exactly as the forward does, so that g = m / norm is exactly 1."""
+        with torch.no_grad():
+            if not self.weight.is_meta:
+                self.lora_magnitude.copy_(self.row_norm())
+
+    def _row_sq_of_weight(self) -> torch.Tensor:
+        w = self.weight
+        key = (w.data_ptr(), w._version)
+        if self._weight_sq is None or self._weight_sq[0] != key:
+            self._weight_sq = (key, w.pow(2).sum(dim=1))
+        return self._weight_sq[1]
+
+    @torch.no_grad()
+    def row_norm(self) -> torch.Tensor:
+        """||W + s B A|| per output row (out,), without the merged weight; detached (DoRA §4.3)."""
+        w, a, b, s = self.weight, self.lora_A, self.lora_B, self.scale
+        cross = ((w @ a.t()) * b).sum(dim=1)  # <W_i, (BA)_i>, via (out, r)
+        ba_sq = ((b @ (a @ a.t())) * b).sum(dim=1)  # ||(BA)_i||^2, via (r, r)
+        sq = self._row_sq_of_weight() + (2 * s) * cross + (s * s) * ba_sq
+        return sq.clamp_min(0).sqrt()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features)  # (N, in)
+        y = lora_forward(x2d, self.weight, self.bias, self.lora_A, self.lora_B, self.scale, self.dropout,
+                         self.training)  # x W^T + b + s x A^T B^T, (N, out)
+        g = (self.lora_magnitude / self.row_norm()).to(y.dtype)  # (out,); gradient reaches m only
+        if self.bias is None:
+            out = y * g
+        else:  # g (y - b) + b written so that g == 1 gives y exactly
+            out = torch.addcmul(self.bias.to(y.dtype) * (1 - g), y, g)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def merged_weight(self) -> torch.Tensor:
+        """m * (W + s B A) / ||W + s B A||_row, (out, in)."""
+        with torch.no_grad():
+            direction = self.weight + self.delta_weight().to(self.weight.dtype)
+            return direction * (self.lora_magnitude / direction.norm(dim=1)).to(direction.dtype)[:, None]
+
+    def to_linear(self, *, merge: bool) -> nn.Linear:
+        if merge:
+            with torch.no_grad():
+                self.weight.copy_(self.merged_weight())
+        return super().to_linear(merge=False)
+
+
+@register(DoRAConfig, name="dora", stage=Stage.SURGERY, workload="train")
+def apply_dora(model: nn.Module, config: DoRAConfig, *, filter_fn=None) -> ApplyReport:
+    """Swap the target nn.Linear modules for DoRALinear and freeze everything but the adapters."""
+    def build(module: nn.Module, fqn: str) -> DoRALinear:
+        return DoRALinear.from_linear(module, r=config.r, alpha=config.alpha, dropout=config.dropout)
+
+    report = apply_adapters(model, target=config.target, exclude=config.exclude, build=build, filter_fn=filter_fn)
+    report.notes.append("m = ||W||_row and B=0 at init (outputs unchanged); the row norm is detached (DoRA §4.3)")
+    return report
+
+
+@register_revert(DoRAConfig)
+def revert_dora(model: nn.Module, report: ApplyReport) -> ApplyReport:
+    """Swap DoRALinear back to nn.Linear (same Parameters, or the merged weight through merge_)."""
+    return revert_adapters(model, report, {DoRALinear: lambda m, merge: m.to_linear(merge=merge)})
+
+
+__all__ = ["DoRAConfig", "DoRALinear", "apply_dora", "revert_dora"]

@@ -70,8 +70,10 @@ class FakeRunner:
 def test_builtin_optimizer_and_override_candidates():
     c = resolve_candidate("sgd")
     assert (c.workload, c.techniques, c.overrides) == ("train", (), ("optim.name=sgd",))
-    c = resolve_candidate("sgd:lr=0.1,beta1=0.8")
+    c = resolve_candidate("sgd:lr=0.1,momentum=0.8")  # the registered sgd's momentum is the loop's beta1
     assert c.overrides == ("optim.name=sgd", "optim.lr=0.1", "optim.beta1=0.8")
+    c = resolve_candidate("adamw:lr=0.1,beta2=0.99")  # the loop's own optimizer, options from OptimConfig
+    assert c.overrides == ("optim.name=adamw", "optim.lr=0.1", "optim.beta2=0.99")
     c = resolve_candidate("train.grad_clip=none")
     assert (c.workload, c.overrides) == ("train", ("train.grad_clip=none",))
     c = resolve_candidate("sgd+optim.lr=1e+3")  # `+` joins; the `+` of a number does not
@@ -96,7 +98,7 @@ def _fake_techniques():
     register_technique("fake-precision", kind="setting",
                        factory=lambda precision="bf16": {"train.precision": precision})
     register_technique("fake-cache", kind="inference", factory=lambda bits=4: None, workload="generate")
-    register_technique("fake-optimizer", kind="optimizer", factory=lambda params, lr=1e-3, momentum=0.0: None)
+    register_technique("fake-optimizer", kind="optimizer", factory=lambda params, lr=1e-3, gamma=0.0: None)
 
 
 def test_registered_kinds_resolve():
@@ -112,8 +114,8 @@ def test_registered_kinds_resolve():
         assert resolve_candidate("fake-optimizer:lr=0.5").overrides == ("optim.name=fake-optimizer", "optim.lr=0.5")
         c = resolve_candidate("fake-transform+fake-hook+sgd")
         assert c.techniques == ("fake-transform", "fake-hook") and c.overrides == ("optim.name=sgd",)
-        with pytest.raises(BenchError, match="momentum.*no optim"):
-            resolve_candidate("fake-optimizer:momentum=0.9")
+        with pytest.raises(BenchError, match="gamma.*no optim"):
+            resolve_candidate("fake-optimizer:gamma=0.9")
         with pytest.raises(BenchError, match="inference technique.*cannot run yet"):
             resolve_candidate("fake-cache")
         with pytest.raises(BenchError, match="cannot run the generate workload.*can run: train"):
@@ -127,6 +129,8 @@ def test_bad_names_are_one_line_errors():
         resolve_candidate("nonsense")
     with pytest.raises(BenchError, match="sgd has no option 'rank'"):
         resolve_candidate("sgd:rank=3")
+    with pytest.raises(BenchError, match="adamw has no option 'rank2'"):
+        resolve_candidate("adamw:rank2=3")
     with pytest.raises(BenchError, match="unknown workload 'serve'"):
         resolve_candidate("sgd", "serve")
     with pytest.raises(BenchError, match="cannot run the eval workload"):
@@ -240,7 +244,7 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, capsys):
 
     (tmp_path / "taken").mkdir()
     cases = [(["bench", "nonsense", "--model", "tiny"], "error: unknown technique 'nonsense'; registered:"),
-             (["bench", "sgd:rank=3", "--model", "tiny"], "error: 'sgd:rank=3': sgd has no option 'rank'"),
+             (["bench", "sgd:rank=3", "--model", "tiny"], "sgd:rank=3': sgd has no option 'rank'"),
              (["bench", "sgd", "--model", "tiny", "--workload", "serve"], "error: unknown workload 'serve'"),
              (["bench", "sgd", "--model", "tiny", "--workload", "generate"],
               "error: 'sgd' cannot run the generate workload"),

@@ -46,6 +46,8 @@ SUPPORTED_WORKLOADS = {"transform": WORKLOADS, "hook": ("train",), "optimizer": 
 """Workloads a candidate of each kind can run; a registry entry may narrow it with `supported_workloads`."""
 FUNCTIONS = {"train": "llmopt.measure.workloads:run_train", "generate": "llmopt.measure.workloads:run_generate",
              "eval": "llmopt.measure.workloads:run_eval"}
+OPTION_ALIASES = {"momentum": "beta1"}
+"""Optimizer options whose `optim.*` field has another name (the loop passes beta1 as SGD's momentum)."""
 PRESET_RECIPES = ("tiny", "demo", "draft", "demo_quick")
 """`--model` values trained from scratch by the workload (recipes in `llmopt.recipes`)."""
 _OVERRIDE = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)+=")
@@ -101,6 +103,7 @@ def _optimizer_overrides(name: str, options: dict[str, Any], spec: str) -> list[
     fields = {f.name for f in dataclasses.fields(OptimConfig)}
     out = [f"optim.name={name}"]
     for key, value in options.items():
+        key = OPTION_ALIASES.get(key, key)
         if key not in fields:
             raise BenchError(f"{spec!r}: option {key!r} has no optim.* setting to carry it; "
                              f"bench can set: {', '.join(sorted(fields - {'name'}))}")
@@ -392,9 +395,7 @@ def bench(names: list[str], *, model: str = "demo", workload: str | None = None,
         data_path, model_config = prepare_data(run, staging / "workspace")
         machine = machine_info()
         if peak_flops is None:
-            from llmopt.measure.flops import measure_peak_flops
-
-            peak_flops = measure_peak_flops(device=run.train.device if run.train.device.startswith("cuda") else "cpu")
+            peak_flops = measure_peak(run.train.device, run.train.threads)
         machine["peak_flops"] = peak_flops
         say(f"machine peak (measured matmul): {peak_flops.get('peak_flops', math.nan) / 1e9:.1f} GFLOP/s")
         sections = []
@@ -413,6 +414,27 @@ def bench(names: list[str], *, model: str = "demo", workload: str | None = None,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return BenchResult(out=out, results=results, markdown=markdown, failures=failures)
+
+
+def measure_peak(device: str, threads: int | None) -> dict[str, Any]:
+    """`measure_peak_flops` once, in a fresh process like the runs, so it uses the threads they use."""
+    from llmopt.measure.memory import run_in_subprocess
+
+    kwargs: dict[str, Any] = {"device": "cuda" if device.startswith("cuda") else "cpu"}
+    result = run_in_subprocess("llmopt.measure.bench:_peak_child", {**kwargs, "threads": threads})
+    if not result.get("ok"):
+        raise RuntimeError(f"measuring the machine's peak FLOP/s failed: {result.get('error')}")
+    return result["result"]
+
+
+def _peak_child(device: str, threads: int | None) -> dict[str, Any]:
+    import torch
+
+    from llmopt.measure.flops import measure_peak_flops
+
+    if threads:
+        torch.set_num_threads(threads)
+    return measure_peak_flops(device=device)
 
 
 def _settings(w: str, run, model: str, warmup: int, steps: int) -> Settings:

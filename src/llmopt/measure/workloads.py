@@ -115,6 +115,7 @@ def train_and_measure(model: torch.nn.Module, cfg, train_ids: torch.Tensor, val_
                       warmup_steps: int, steps: int, eval_every: int, peak_flops: float | None) -> dict[str, Any]:
     """The measured training loop shared by llmopt runs and peers (a peer passes a model with `.loss`)."""
     from llmopt.data import BatchLoader
+    from llmopt.optim.clipping import clip_gradients_
     from llmopt.train.loop import (TrainState, accumulate_gradients, autocast, build_optimizer, call_hooks,
                                    evaluate, lr_at)
 
@@ -125,7 +126,6 @@ def train_and_measure(model: torch.nn.Module, cfg, train_ids: torch.Tensor, val_
     optimizer = build_optimizer(model, oc)
     scaler = torch.amp.GradScaler(torch.device(tc.device).type, enabled=tc.precision == "fp16")
     params = [p for p in model.parameters() if p.requires_grad]
-    max_norm = tc.grad_clip if tc.grad_clip is not None else float("inf")
     state = TrainState(step=0, model=model, optimizer=optimizer, scaler=scaler, config=cfg)
     if hasattr(state, "train_ids"):  # hooks that draw their own batches read the training tokens
         state.train_ids = train_ids
@@ -153,7 +153,7 @@ def train_and_measure(model: torch.nn.Module, cfg, train_ids: torch.Tensor, val_
                                                     device=tc.device)
                 call_hooks(hooks, "after_backward", state)
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+                clip_gradients_(params, tc.clip_mode, tc.grad_clip)
                 call_hooks(hooks, "before_optimizer_step", state)
                 scaler.step(optimizer)
                 scaler.update()

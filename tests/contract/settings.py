@@ -125,6 +125,13 @@ SETTINGS: dict[str, ContractCase] = {}
 """Registry name -> how the matrix tests it. Append one block per technique, alphabetically (see above)."""
 
 
+# ---- adamw8bit ---------------------------------------------------------------------------------------
+SETTINGS["adamw8bit"] = ContractCase(
+    # min_8bit_size=64: the tiny model's matrices get 8-bit state (the default 4096 would keep most in fp32)
+    build=lambda params: __import__("llmopt.optim", fromlist=["AdamW8bit"]).AdamW8bit(params, min_8bit_size=64),
+)
+
+
 # ---- compile -----------------------------------------------------------------------------------------
 from llmopt.techniques.compile import CompileConfig  # noqa: E402
 
@@ -148,3 +155,28 @@ SETTINGS["curriculum"] = ContractCase(
     config=lambda: CurriculumConfig(kind="difficulty", start_fraction=0.3, pacing_steps=6),
     skip={"no_match": "adds only a loop hook: there is nothing in the model that could fail to match"},
 )
+
+
+# ---- galore ------------------------------------------------------------------------------------------
+def _galore_groups(params):
+    params = list(params)
+    projected = [p for p in params if p.dim() == 2 and min(p.shape) > 4]
+    return [{"params": projected, "rank": 4, "update_proj_gap": 1},  # refresh every step: exercises the projector
+            {"params": [p for p in params if all(p is not q for q in projected)]}]
+
+
+SETTINGS["galore"] = ContractCase(
+    build=lambda params: __import__("llmopt.optim", fromlist=["GaLoreAdamW"]).GaLoreAdamW(_galore_groups(params)),
+)
+
+
+# ---- lamb --------------------------------------------------------------------------------------------
+SETTINGS["lamb"] = ContractCase()
+
+
+# ---- novograd ----------------------------------------------------------------------------------------
+SETTINGS["novograd"] = ContractCase()
+
+
+# ---- sgd ---------------------------------------------------------------------------------------------
+SETTINGS["sgd"] = ContractCase()

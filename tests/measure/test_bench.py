@@ -89,7 +89,8 @@ def _fake_techniques():
 
         width: int = 4
 
-    register(FakeTransformConfig, name="fake-transform", stage=Stage.SURGERY)(lambda model, config, filter_fn=None: None)
+    register(FakeTransformConfig, name="fake-transform", stage=Stage.SURGERY)(
+        lambda model, config, filter_fn=None: None)
 
     class FakeHook(Hook):
         pass
@@ -151,7 +152,8 @@ def test_interleaved_rounds_and_per_round_ratios(tmp_path, no_data):
     assert r["orders"] == [["baseline", "sgd"], ["sgd", "baseline"], ["baseline", "sgd"]]
     assert [k["run"]["optim"]["name"] for _, k in runner.calls] == ["adamw", "sgd", "sgd", "adamw", "adamw", "sgd"]
     assert {fn for fn, _ in runner.calls} == {"llmopt.measure.workloads:run_train"}
-    assert r["machine"]["peak_flops"] == PEAK and r["baseline"] == "baseline" and r["command"].startswith("llmopt bench sgd")
+    assert r["machine"]["peak_flops"] == PEAK and r["baseline"] == "baseline"
+    assert r["command"].startswith("llmopt bench sgd")
     assert r["runs"]["baseline"]["kind"] == "baseline" and r["runs"]["sgd"]["kind"] == "candidate"
     rep = r["runs"]["sgd"]["repeats"][0]
     assert rep["peak_rss_bytes"] == 100 * 2**20 and rep["info"]["round"] == 0
@@ -182,8 +184,8 @@ def test_missing_peer_is_a_skipped_row(tmp_path, no_data):
         result = bench(["sgd"], model="tiny", repeats=2, steps=2, out=tmp_path / "b", peers="ghost", runner=runner,
                        peak_flops=PEAK)
         ghost = result.results["runs"]["ghost"]
-        assert ghost == {**ghost, "kind": "peer", "repeats": [],
-                         "skipped": "llmopt_no_such_package_xyz is not installed (pip install llmopt-no-such-package-xyz)"}
+        why = "llmopt_no_such_package_xyz is not installed (pip install llmopt-no-such-package-xyz)"
+        assert ghost == {**ghost, "kind": "peer", "repeats": [], "skipped": why}
         assert len(runner.calls) == 4 and all(fn != "nowhere:run" for fn, _ in runner.calls)
         assert "- `ghost` (peer): skipped: llmopt_no_such_package_xyz is not installed" in result.markdown
         assert [p.name for p in select_peers("all", "train", {"sgd"})].count("ghost") == 1

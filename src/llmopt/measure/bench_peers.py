@@ -66,7 +66,8 @@ def register_peer(name: str, workload: str, fn: str, *, requires: list[str] | tu
     if ":" not in fn:
         raise ValueError(f"peer fn must look like 'package.module:function', got {fn!r}")
     if (name, workload) in _PEERS:
-        raise ValueError(f"a peer {name!r} for the {workload} workload is already registered ({_PEERS[name, workload].fn})")
+        raise ValueError(f"a peer {name!r} for the {workload} workload is already registered "
+                         f"({_PEERS[name, workload].fn})")
     peer = Peer(name=name, workload=workload, fn=fn, requires=tuple(requires), description=description,
                 techniques=tuple(techniques))
     _PEERS[name, workload] = peer

@@ -137,10 +137,11 @@ def _machine_lines(results: dict[str, Any]) -> list[str]:
     lines = []
     peak = machine.get("peak_flops")
     if isinstance(peak, dict) and peak.get("peak_flops"):
+        low, high = peak.get("min", math.nan) / 1e9, peak.get("max", math.nan) / 1e9
         lines.append(f"MFU is against this machine's measured matmul peak, {peak['peak_flops'] / 1e9:.1f} GFLOP/s "
-                     f"({peak.get('min', math.nan) / 1e9:.1f}–{peak.get('max', math.nan) / 1e9:.1f}; {peak.get('dtype')} "
-                     f"{peak.get('size')}x{peak.get('size')} matmul, {peak.get('threads')} threads, {peak.get('device')}),"
-                     " measured once before the runs: not a datasheet peak.")
+                     f"({low:.1f}–{high:.1f}; {peak.get('dtype')} {peak.get('size')}x{peak.get('size')} matmul, "
+                     f"{peak.get('threads')} threads, {peak.get('device')}), measured once before the runs: "
+                     "not a datasheet peak.")
     energy = {r.get("energy_method") for s in sections(results) for run in s["runs"].values()
               for r in run.get("repeats", [])} - {None, ""}
     if energy and energy <= {"estimated"}:

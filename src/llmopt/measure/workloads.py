@@ -289,8 +289,8 @@ def measure_generate(call: Callable[[], tuple[float, float, list[list[int]]]], *
                "tokens_per_joule": tokens_per_joule(generated, meter.joules),
                "energy_method": meter.method, "energy_measured": meter.measured, "energy_note": meter.note,
                "new_token_ids": tokens,
-               "info": {"new_tokens": new_tokens, "batch_size": batch_size, "timed_calls": steps, "warmup_calls": warmup,
-                        "threads": torch.get_num_threads()}}
+               "info": {"new_tokens": new_tokens, "batch_size": batch_size, "timed_calls": steps,
+                        "warmup_calls": warmup, "threads": torch.get_num_threads()}}
     if cuda:
         figures["cuda_peak_bytes"] = cuda_peak_bytes()
     return figures

@@ -1,0 +1,132 @@
+"""DoRA: exact at apply, the paper's formula, the norm without the merged weight, merge, revert, HF in place."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from llmopt import apply_
+from llmopt.core import revert_
+from llmopt.techniques import DoRAConfig, DoRALinear, merge_
+from llmopt.techniques.adapters_io import load_adapters, save_adapters
+
+
+def perturbed_layer(bias=True, seed=0):
+    torch.manual_seed(seed)
+    layer = DoRALinear.from_linear(nn.Linear(24, 16, bias=bias), r=4, alpha=8.0)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.2)
+        layer.lora_magnitude.mul_(1 + 0.1 * torch.randn(16))
+    return layer
+
+
+@pytest.fixture
+def idx():
+    torch.manual_seed(2)
+    return torch.randint(0, 64, (2, 12))
+
+
+def test_apply_is_exact(tiny_model, idx):
+    before = tiny_model(idx)
+    report = apply_(tiny_model, DoRAConfig(r=4))
+    assert set(report.changed.values()) == {("Linear", "DoRALinear")}
+    assert torch.equal(tiny_model(idx), before)
+    trainable = {n.rpartition(".")[2] for n, p in tiny_model.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A", "lora_B", "lora_magnitude"}
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_exact_at_init_with_bias(bias):
+    torch.manual_seed(0)
+    base = nn.Linear(24, 16, bias=bias)
+    x = torch.randn(3, 24)
+    assert torch.equal(DoRALinear.from_linear(base, r=4, alpha=8.0)(x), base(x))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_the_paper_formula(bias):
+    layer = perturbed_layer(bias)
+    x = torch.randn(2, 5, 24)
+    v = layer.weight + layer.lora_B @ layer.lora_A * layer.scale  # W + s B A, (out, in)
+    w_prime = layer.lora_magnitude[:, None] * v / v.norm(dim=1, keepdim=True)  # m * V / ||V||, per output row
+    expected = x @ w_prime.T + (layer.bias if bias else 0)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_norm_trick_equals_materialized_norm():
+    layer = perturbed_layer()
+    materialized = (layer.weight + layer.lora_B @ layer.lora_A * layer.scale).norm(dim=1)
+    torch.testing.assert_close(layer.row_norm(), materialized, rtol=1e-6, atol=1e-7)
+    assert not layer.row_norm().requires_grad  # detached (DoRA §4.3)
+
+
+def test_norm_is_detached_gradient():
+    # with the norm treated as a constant, d out / d m is (x V^T) / ||V|| exactly
+    layer = perturbed_layer(bias=False)
+    x = torch.randn(4, 24)
+    layer(x).sum().backward()
+    v = (layer.weight + layer.lora_B @ layer.lora_A * layer.scale).detach()
+    expected = (x @ v.T).sum(0) / v.norm(dim=1)
+    torch.testing.assert_close(layer.lora_magnitude.grad, expected, atol=1e-5, rtol=1e-5)
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+
+
+def test_weight_norm_cache_follows_weight_changes():
+    layer = perturbed_layer()
+    first = layer.row_norm()
+    with torch.no_grad():
+        layer.weight.mul_(2)  # bumps the version counter
+    materialized = (layer.weight + layer.lora_B @ layer.lora_A * layer.scale).norm(dim=1)
+    torch.testing.assert_close(layer.row_norm(), materialized, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(first, layer.row_norm())
+
+
+def _perturb(model):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, DoRALinear):
+                m.lora_B.normal_(std=0.1)
+                m.lora_magnitude.mul_(1.1)
+
+
+def test_revert_is_exact(tiny_model, idx):
+    before = tiny_model(idx)
+    apply_(tiny_model, DoRAConfig(r=4))
+    _perturb(tiny_model)
+    assert not torch.equal(tiny_model(idx), before)
+    revert_(tiny_model, "dora")
+    assert type(tiny_model.layers[0].self_attn.q_proj) is nn.Linear
+    assert torch.equal(tiny_model(idx), before)
+
+
+def test_merge_within_1e5(tiny_model, idx):
+    apply_(tiny_model, DoRAConfig(r=4))
+    _perturb(tiny_model)
+    adapted = tiny_model(idx)
+    report = merge_(tiny_model)
+    assert report.technique == "merge dora"
+    assert not any(isinstance(m, DoRALinear) for m in tiny_model.modules())
+    torch.testing.assert_close(tiny_model(idx), adapted, atol=1e-5, rtol=0)
+
+
+def test_transformers_in_place_and_save_load(idx, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    state = {k: v.clone() for k, v in hf.state_dict().items()}
+    before = hf(idx).logits
+    apply_(hf, DoRAConfig(r=4, target=("q_proj", "v_proj")))
+    assert torch.equal(hf(idx).logits, before)
+    with torch.no_grad():
+        for m in hf.modules():
+            if isinstance(m, DoRALinear):
+                m.lora_B.normal_(std=0.1)
+                m.lora_magnitude.mul_(0.9)
+    adapted = hf(idx).logits
+    path = save_adapters(hf, tmp_path / "dora.safetensors")
+    fresh = transformers.LlamaForCausalLM(config).eval()
+    fresh.load_state_dict(state)
+    load_adapters(fresh, path)
+    assert torch.equal(fresh(idx).logits, adapted)

@@ -157,6 +157,18 @@ SETTINGS["curriculum"] = ContractCase(
 )
 
 
+# ---- dora --------------------------------------------------------------------------------------------
+from llmopt.techniques.dora import DoRAConfig  # noqa: E402
+
+SETTINGS["dora"] = ContractCase(
+    config=lambda: DoRAConfig(r=4),
+    numerics="exact",  # B = 0 and m = ||W||_row bit for bit, so g = 1 exactly: outputs unchanged at apply
+    trainable=adapters_only("lora_"),  # lora_A, lora_B, lora_magnitude
+    reversible=True,
+    no_match_config=lambda: DoRAConfig(target=("no_such_module",)),
+)
+
+
 # ---- galore ------------------------------------------------------------------------------------------
 def _galore_groups(params):
     params = list(params)
@@ -174,8 +186,38 @@ SETTINGS["galore"] = ContractCase(
 SETTINGS["lamb"] = ContractCase()
 
 
+# ---- lora --------------------------------------------------------------------------------------------
+from llmopt.techniques.lora import LoRAConfig  # noqa: E402
+
+SETTINGS["lora"] = ContractCase(
+    config=lambda: LoRAConfig(r=4),
+    numerics="exact",  # B starts at zero: the added term is an exact zero
+    trainable=adapters_only("lora_"),
+    reversible=True,
+    no_match_config=lambda: LoRAConfig(target=("no_such_module",)),
+)
+
+
 # ---- novograd ----------------------------------------------------------------------------------------
 SETTINGS["novograd"] = ContractCase()
+
+
+# ---- qlora -------------------------------------------------------------------------------------------
+from llmopt.techniques.qlora import QLoRAConfig  # noqa: E402
+
+SETTINGS["qlora"] = ContractCase(
+    config=lambda: QLoRAConfig(r=4),
+    numerics="changes_outputs",
+    atol=0.1,  # tiny model: max |logit diff| 0.021, SQNR 33 dB
+    min_sqnr_db=25.0,
+    reason="the base weights are stored as NF4 (4-bit, absmax blocks of 64); the per-weight bound is "
+           "nf4_error_bound, tested layer by layer in tests/test_qlora.py",
+    trainable=adapters_only("lora_"),
+    reversible=True,
+    no_match_config=lambda: QLoRAConfig(target=("no_such_module",)),
+    skip={"revert": "QLoRA drops the original weights (its memory saving): revert_ gives nn.Linear with the "
+                    "dequantized NF4 weights, not the originals; tested in tests/test_qlora.py"},
+)
 
 
 # ---- sgd ---------------------------------------------------------------------------------------------

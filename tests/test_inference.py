@@ -171,8 +171,10 @@ def test_max_len_errors(tiny_model):
 
 
 def test_input_errors(tiny_model):
-    with pytest.raises(ValueError, match="different lengths"):
-        generate(tiny_model, [[1, 2, 3], [4, 5]], 3)
+    with pytest.raises(ValueError, match="different lengths"):  # the oracle has no padding; generate pads left
+        generate_reference(tiny_model, [[1, 2, 3], [4, 5]], 3)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(tiny_model, [[1, 2, 3], []], 3)
     with pytest.raises(ValueError, match="T >= 1"):
         generate(tiny_model, [], 3)
     with pytest.raises(ValueError, match="static cache"):

@@ -39,6 +39,8 @@ class GenerateResult:
     """Wall time of the remaining decode steps."""
     decode_steps: int = 0
     """Number of decode steps after the prefill (n - 1 unless every row stopped early)."""
+    prompt_padding: torch.Tensor | None = None
+    """(B, T) bool, True where a shorter prompt was padded on the left; None when all prompts had length T."""
 
     @property
     def new_tokens(self) -> torch.Tensor:
@@ -106,6 +108,26 @@ def _as_batch(prompt_ids, device) -> torch.Tensor:
     return idx.to(device=device, dtype=torch.long)
 
 
+def _prepare_prompts(prompt_ids, device, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Like `_as_batch`, but prompts of different lengths (a list of lists) are padded on the left.
+
+    Returns (idx (B, T), padding (B, T) bool or None). Rows share positions 0..T-1; the cache hides the
+    padded key slots (`set_key_padding`) and rotary embeddings are relative, so each row attends as if
+    it were alone (up to summation order).
+    """
+    if isinstance(prompt_ids, torch.Tensor) or not prompt_ids or not isinstance(prompt_ids[0], (list, tuple)):
+        return _as_batch(prompt_ids, device), None
+    lengths = [len(row) for row in prompt_ids]
+    if min(lengths) == 0:
+        raise ValueError(f"prompt {lengths.index(0)} is empty; every prompt needs at least one token")
+    T = max(lengths)
+    if min(lengths) == T:
+        return _as_batch(prompt_ids, device), None
+    idx = torch.tensor([[pad_id] * (T - len(row)) + list(row) for row in prompt_ids], dtype=torch.long, device=device)
+    padding = torch.tensor([[True] * (T - n) + [False] * n for n in lengths], device=device)
+    return idx, padding
+
+
 def _make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
@@ -154,7 +176,9 @@ class _Stopper:
 def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, stop_ids: int | Iterable[int] | None = None,
              cache: KVCache | None = None, max_len: int | None = None, compile: bool = False,
-             stream: Callable[[torch.Tensor], None] | None = None) -> GenerateResult:
+             stream: Callable[[torch.Tensor], None] | None = None, draft=None, prompt_lookup: bool = False,
+             speculate_k: int = 8, adaptive_k: bool = True, kv_bits: int | None = None,
+             pad_id: int = 0) -> GenerateResult:
     """Generate up to `max_new_tokens` after `prompt_ids` ((B, T) tensor, (T,) tensor or list of ints).
 
     temperature 0 is greedy. `seed` seeds a private generator (the global RNG is used when None).
@@ -162,10 +186,38 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0
     rows have. `cache`: reuse a cache (it is reset); otherwise one of exactly T + max_new_tokens
     positions is built (or `max_len` positions). `compile`: compile the decode step over a static cache.
     `stream(tokens)` is called with each step's new tokens, shape (B,).
+
+    Prompts of different lengths (a list of lists) are padded on the left with `pad_id` and the padded
+    slots hidden from attention (`result.prompt_padding` says where). `draft` (a model sharing the
+    vocabulary) or `prompt_lookup=True` switch to speculative decoding (`llmopt.inference.speculative`)
+    with up to `speculate_k` tokens per round, adapted to the acceptance unless `adaptive_k=False`.
+    `kv_bits` (8, 4 or 2) stores the keys and values in a `QuantizedKVCache`.
     """
+    if draft is not None and prompt_lookup:
+        raise ValueError("pass either a draft model or prompt_lookup=True, not both")
+    if kv_bits is not None:
+        if cache is not None:
+            raise ValueError("pass either cache= or kv_bits=, not both (kv_bits builds a QuantizedKVCache)")
+        if compile:
+            raise ValueError("compile=True needs a static dense cache; the quantized cache is dynamic")
+        from llmopt.inference.quantized_cache import make_quantized_cache
+
+        rows, longest = _prepare_prompts(prompt_ids, "cpu", pad_id)[0].shape
+        size = max_len or min(longest + max_new_tokens, model.config.max_seq_len)
+        cache = make_quantized_cache(model, rows, size, bits=kv_bits)
+    if draft is not None or prompt_lookup:
+        if compile:
+            raise ValueError("compile=True applies to plain decoding; speculative decoding runs eagerly")
+        from llmopt.inference.prompt_lookup import PromptLookupProposer
+        from llmopt.inference.speculative import DraftModelProposer, speculative_generate
+
+        proposer = DraftModelProposer(draft) if draft is not None else PromptLookupProposer()
+        return speculative_generate(model, prompt_ids, max_new_tokens, proposer=proposer, k=speculate_k,
+                                    adaptive=adaptive_k, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    seed=seed, stop_ids=stop_ids, cache=cache, pad_id=pad_id, stream=stream)
     param = next(model.parameters())
     device = param.device
-    idx = _as_batch(prompt_ids, device)
+    idx, padding = _prepare_prompts(prompt_ids, device, pad_id)
     B, T = idx.shape
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -186,6 +238,7 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0
         if compile and not cache.static:
             raise ValueError("compile=True needs a static cache: make_cache(model, batch_size, static=True)")
         cache.reset()
+    cache.set_key_padding(padding)
     decode = _compiled_decode() if compile else decode_one_token
     generator = _make_generator(seed, device)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
@@ -216,7 +269,8 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0
 
     tokens = torch.cat([idx, torch.stack(out, dim=1)], dim=1)
     return GenerateResult(tokens=tokens, prompt_len=T, num_new_tokens=stopper.counts(tokens[:, T:]),
-                          prefill_seconds=prefill_seconds, decode_seconds=decode_seconds, decode_steps=steps)
+                          prefill_seconds=prefill_seconds, decode_seconds=decode_seconds, decode_steps=steps,
+                          prompt_padding=padding)
 
 
 @torch.no_grad()

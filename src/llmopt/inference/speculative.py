@@ -1,0 +1,303 @@
+"""Speculative decoding: a cheap proposer guesses k tokens, the target checks them all in one forward.
+
+Leviathan, Kalman & Matias 2023 ("Fast Inference from Transformers via Speculative Decoding") and
+Chen et al. 2023 ("Accelerating Large Language Model Decoding with Speculative Sampling"); the loop
+follows gpt-fast's `speculative_decode`, with batch size above 1, an adaptive k and any proposer:
+
+- `DraftModelProposer(draft)`: a small model with the target's vocabulary decodes k tokens.
+- `llmopt.inference.prompt_lookup.PromptLookupProposer`: n-gram matches in the text so far (no model).
+
+Numerics contract: exact. Greedy (temperature 0): a draft token is kept only if it is the target's
+argmax at that position, and the token after the last kept one is the target's argmax, so the output is
+the target's own greedy output (up to the summation order of a k+1-token forward against a 1-token one,
+about 1e-6 in the logits). Sampling: draft token d ~ q is kept with probability min(1, p(d)/q(d)); at the
+first rejection a token is drawn from normalize(max(p - q, 0)); when all k are kept a bonus token is
+drawn from p. Each emitted token is then distributed exactly as the target's p (with the same
+temperature / top-k / top-p filtering applied to both p and q). A deterministic proposer (prompt lookup)
+is the case q = one-hot(d).
+
+Batch > 1: all rows share positions (left-padded prompts, see `cache.set_key_padding`), so a round keeps
+the smallest number of accepted tokens over the unfinished rows, n, and every row emits n + 1 tokens: its
+first n draft tokens and its own token at column n (the correction for the rows that rejected there, the
+accepted draft token for the others). Cutting a row's accepted run short keeps the distribution exact:
+each emitted token is, given the tokens before it, drawn from the target.
+
+Caches roll back with `truncate`: positions are the source of truth, so rejected slots are overwritten.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from llmopt.inference.cache import KVCache, _max_len_error, make_cache
+from llmopt.inference.generate import (GenerateResult, _make_generator, _prepare_prompts, _Stopper, _sync,
+                                       prefill)
+from llmopt.inference.sampling import logits_to_probs, sample
+
+
+# ---- proposals ----------------------------------------------------------------------------------
+@dataclass
+class Proposal:
+    """What a proposer returns for one round."""
+
+    tokens: torch.Tensor
+    """(B, k) proposed tokens (k may be 0: nothing to propose, the round is a plain decode step)."""
+    probs: torch.Tensor | None = None
+    """(B, k, V) the distributions the tokens were drawn from; None for a deterministic proposer."""
+    valid: torch.Tensor | None = None
+    """(B, k) bool, False where a row has no proposal (rejected for sure); None means all valid."""
+
+
+class DraftModelProposer:
+    """A draft model with its own cache: catches up on the tokens it has not seen, then decodes k tokens."""
+
+    def __init__(self, draft, *, compile: bool = False) -> None:
+        self.draft = draft
+        self.cache: KVCache | None = None
+        self.compile = compile
+
+    def start(self, target, batch_size: int, max_len: int, padding: torch.Tensor | None) -> None:
+        if self.draft.config.vocab_size != target.config.vocab_size:
+            raise ValueError(f"draft vocabulary ({self.draft.config.vocab_size}) differs from the target's "
+                             f"({target.config.vocab_size}); the draft must share the target's tokenizer")
+        if self.cache is None or self.cache.batch_size != batch_size or self.cache.max_len < max_len:
+            self.cache = make_cache(self.draft, batch_size, max_len)
+        self.cache.reset()
+        self.cache.set_key_padding(padding)
+
+    def propose(self, seq: torch.Tensor, k: int, sampling: dict) -> Proposal:
+        B, S = seq.shape
+        cache, device = self.cache, seq.device
+        start = cache.seq_len
+        logits = self.draft(seq[:, start:], input_pos=torch.arange(start, S, device=device), cache=cache)[:, -1]
+        tokens, probs = [], []
+        for j in range(k):
+            if j > 0:
+                logits = self.draft(tokens[-1][:, None], input_pos=torch.tensor([S - 1 + j], device=device),
+                                    cache=cache)[:, -1]
+            tokens.append(sample(logits, **sampling))
+            if sampling["temperature"] > 0:
+                probs.append(logits_to_probs(logits, sampling["temperature"], sampling["top_k"], sampling["top_p"]))
+        return Proposal(torch.stack(tokens, 1), torch.stack(probs, 1) if probs else None)
+
+    def rollback(self, length: int) -> None:
+        self.cache.truncate(min(self.cache.seq_len, length))
+
+
+# ---- adaptive k ---------------------------------------------------------------------------------
+class AdaptiveK:
+    """Picks k each round to maximize expected tokens per second from measured costs and acceptance.
+
+    With per-token acceptance rate a, a round of k proposals emits (1 - a^(k+1)) / (1 - a) tokens on
+    average and costs k draft steps plus one target forward over k + 1 tokens; k = 0 is a plain decode
+    step. Costs are measured (decayed least squares of the target's time against its token count,
+    decayed mean of the proposer's time per token), so a poor or slow proposer is switched off; while
+    off, every `probe_every`-th round proposes one token to re-measure the acceptance.
+    """
+
+    def __init__(self, k_max: int, adaptive: bool = True, *, decay: float = 0.9, probe_every: int = 8) -> None:
+        if k_max < 1:
+            raise ValueError(f"k (tokens proposed per round) must be at least 1, got {k_max}")
+        self.k_max, self.adaptive, self.decay, self.probe_every = k_max, adaptive, decay, probe_every
+        self.accepted, self.rejected = 1.0, 1.0  # prior: acceptance 0.5
+        self.fit = [0.0] * 5  # decayed sums for t = a + b n: w, n, t, n^2, n t
+        self.draft_seconds, self.draft_count = 0.0, 0.0
+        self.idle = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def observe(self, proposed: int, accepted: int, target_tokens: int, target_seconds: float,
+                draft_seconds: float) -> None:
+        d = self.decay
+        if proposed:
+            self.accepted = d * self.accepted + accepted
+            self.rejected = d * self.rejected + (accepted < proposed)
+            self.draft_seconds = d * self.draft_seconds + draft_seconds
+            self.draft_count = d * self.draft_count + proposed
+        n, t = float(target_tokens), target_seconds
+        self.fit = [d * s + x for s, x in zip(self.fit, (1.0, n, t, n * n, n * t))]
+
+    def _target_cost(self, n: int) -> float:
+        w, sn, st, snn, snt = self.fit
+        if w == 0:
+            return 1.0 + 0.05 * (n - 1)
+        var = snn / w - (sn / w) ** 2
+        slope = max((snt / w - sn * st / w ** 2) / var, 0.0) if var > 1e-9 else 0.05 * st / w
+        return max(st / w + slope * (n - sn / w), 1e-9)
+
+    def next_k(self) -> int:
+        if not self.adaptive:
+            return self.k_max
+        a = min(self.acceptance, 0.999)
+        draft = self.draft_seconds / self.draft_count if self.draft_count else 0.0
+        best, best_rate = 0, 1.0 / self._target_cost(1)
+        for k in range(1, self.k_max + 1):
+            rate = (1 - a ** (k + 1)) / (1 - a) / (self._target_cost(k + 1) + k * draft)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        if best == 0:
+            self.idle += 1
+            if self.idle % self.probe_every == 0:
+                return 1
+        else:
+            self.idle = 0
+        return best
+
+
+# ---- acceptance ---------------------------------------------------------------------------------
+def verify(logits: torch.Tensor, proposal: Proposal, sampling: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accept or reject a proposal against the target's logits (B, k + 1, V).
+
+    Returns (n_accepted (B,), out (B, k + 1)): out[:, j] is what the row emits at column j when it keeps
+    j draft tokens before it (the draft token itself for j < n_accepted, else a target token).
+    """
+    drafts = proposal.tokens  # (B, k)
+    B, k = drafts.shape
+    valid = proposal.valid if proposal.valid is not None else torch.ones_like(drafts, dtype=torch.bool)
+    generator = sampling["generator"]
+    if sampling["temperature"] == 0:
+        out = logits.argmax(-1)  # (B, k + 1)
+        accept = (drafts == out[:, :k]) & valid
+    else:
+        p = logits_to_probs(logits, sampling["temperature"], sampling["top_k"], sampling["top_p"])  # (B, k+1, V)
+        if proposal.probs is not None:
+            q = proposal.probs * valid[..., None]
+        else:
+            q = torch.zeros_like(p[:, :k]).scatter_(-1, drafts[..., None], valid[..., None].to(p.dtype))
+        p_d = p[:, :k].gather(-1, drafts[..., None])[..., 0]
+        q_d = q.gather(-1, drafts[..., None])[..., 0]
+        ratio = torch.where(q_d > 0, p_d / q_d.clamp_min(torch.finfo(p.dtype).tiny), torch.zeros_like(p_d))
+        u = torch.rand(B, k, generator=generator, device=logits.device)
+        accept = u < ratio.clamp(max=1.0)
+        residual = (p[:, :k] - q).clamp_min(0.0)
+        mass = residual.sum(-1, keepdim=True)
+        # a zero residual means p == q there, where nothing is ever rejected; fall back to p to stay finite
+        residual = torch.where(mass > 0, residual / mass.clamp_min(torch.finfo(p.dtype).tiny), p[:, :k])
+        dist = torch.cat([residual, p[:, k:]], dim=1)  # (B, k + 1, V)
+        race = torch.empty_like(dist).exponential_(1.0, generator=generator).clamp_min_(torch.finfo(dist.dtype).tiny)
+        out = (dist / race).argmax(-1)  # one draw per column from its distribution
+        out = torch.cat([torch.where(accept, drafts, out[:, :k]), out[:, k:]], dim=1)
+    n_accepted = accept.int().cumprod(-1).sum(-1)  # leading run of accepted drafts
+    return n_accepted, out
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+@dataclass
+class SpeculativeResult(GenerateResult):
+    """`GenerateResult` plus acceptance statistics."""
+
+    proposed: int = 0
+    """Draft tokens proposed over all rounds (per row: every row sees the same proposals count)."""
+    accepted: int = 0
+    """Draft tokens kept (the batch's common accepted length, summed over rounds)."""
+    accept_counts: list[int] = field(default_factory=list)
+    """accept_counts[n]: rounds that kept n draft tokens (index 0 includes rounds with no proposal)."""
+    target_forwards: int = 0
+    """Target forwards, the prefill included (plain decoding needs one per new token)."""
+    ks: list[int] = field(default_factory=list)
+    """Tokens proposed in each round (what adaptive k chose)."""
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    def summary(self) -> dict:
+        return {**super().summary(), "proposed": self.proposed, "accepted": self.accepted,
+                "acceptance_rate": self.acceptance_rate, "accept_counts": self.accept_counts,
+                "target_forwards": self.target_forwards, "mean_k": sum(self.ks) / len(self.ks) if self.ks else 0.0}
+
+
+@torch.no_grad()
+def speculative_generate(model, prompt_ids, max_new_tokens: int, *, proposer, k: int = 8, adaptive: bool = True,
+                         temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                         seed: int | None = None, stop_ids: int | Iterable[int] | None = None,
+                         cache: KVCache | None = None, pad_id: int = 0,
+                         stream: Callable[[torch.Tensor], None] | None = None) -> SpeculativeResult:
+    """Generate like `generate`, with `proposer` guessing up to `k` tokens per target forward.
+
+    `proposer`: `DraftModelProposer(draft)` or `PromptLookupProposer()`. `adaptive`: choose k per round
+    from the measured acceptance and costs (up to `k`); False proposes exactly k (tests, statistics).
+    `stream(tokens)` gets each emitted column, shape (B,), as in `generate`.
+    """
+    device = next(model.parameters()).device
+    idx, padding = _prepare_prompts(prompt_ids, device, pad_id)
+    B, T = idx.shape
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    controller = AdaptiveK(k, adaptive)
+    needed = T + max_new_tokens
+    if cache is None:
+        if needed > model.config.max_seq_len:
+            raise ValueError(f"prompt + new tokens = {needed} exceeds the model's max_seq_len="
+                             f"{model.config.max_seq_len}; shorten the prompt or generate fewer tokens")
+        cache = make_cache(model, B, needed)
+    elif needed > cache.max_len:
+        raise _max_len_error(needed, cache.max_len)
+    if cache.static:
+        raise ValueError("speculative decoding needs a dynamic cache (static=False): it feeds k + 1 tokens per step")
+    cache.reset()
+    cache.set_key_padding(padding)
+    proposer.start(model, B, needed + 1, padding)
+    generator = _make_generator(seed, device)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    stopper = _Stopper(stop_ids, B, device)
+
+    _sync(device)
+    start = time.perf_counter()
+    token = stopper(sample(prefill(model, idx, cache), **sampling))
+    _sync(device)
+    prefill_seconds = time.perf_counter() - start
+    if stream is not None:
+        stream(token)
+    seq = torch.cat([idx, token[:, None]], dim=1)  # (B, S): the last token is not in the target cache yet
+    result = SpeculativeResult(tokens=seq, prompt_len=T, num_new_tokens=[], prefill_seconds=prefill_seconds,
+                               decode_seconds=0.0, accept_counts=[0] * (k + 1), target_forwards=1)
+
+    start = time.perf_counter()
+    while seq.size(1) < needed and not stopper.done():
+        S = seq.size(1)
+        k_round = min(controller.next_k(), needed - S - 1)
+        t0 = time.perf_counter()
+        proposal = proposer.propose(seq, k_round, sampling) if k_round > 0 else Proposal(seq.new_zeros(B, 0))
+        t1 = time.perf_counter()
+        k_round = proposal.tokens.size(1)
+        x = torch.cat([seq[:, -1:], proposal.tokens], dim=1)  # (B, k + 1)
+        logits = model(x, input_pos=torch.arange(S - 1, S + k_round, device=device), cache=cache)  # (B, k + 1, V)
+        if k_round == 0:
+            n, out = 0, sample(logits[:, -1], **sampling)[:, None]
+        else:
+            n_rows, out = verify(logits, proposal, sampling)
+            if stopper.stop is not None:  # finished rows do not hold the others back
+                n_rows = torch.where(stopper.finished, k_round, n_rows)
+            n = int(n_rows.min())  # the one host sync per round
+        _sync(device)
+        controller.observe(k_round, n, k_round + 1, time.perf_counter() - t1, t1 - t0)
+        cache.truncate(S + n)  # keeps seq[-1] and the n accepted drafts; the emitted token n + 1 is fed next round
+        proposer.rollback(S + n)
+        emitted = [stopper(out[:, j]) for j in range(n + 1)]
+        if stream is not None:
+            for column in emitted:
+                stream(column)
+        seq = torch.cat([seq, torch.stack(emitted, 1)], dim=1)
+        result.proposed += k_round
+        result.accepted += n
+        result.accept_counts[n] += 1
+        result.target_forwards += 1
+        result.ks.append(k_round)
+    _sync(device)
+    result.decode_seconds = time.perf_counter() - start
+    counts = stopper.counts(seq[:, T:])
+    if stopper.stop is not None:  # the last round may have emitted columns after every row stopped
+        seq = seq[:, : T + max(counts)]
+    result.tokens = seq
+    result.decode_steps = seq.size(1) - T - 1
+    result.num_new_tokens = counts
+    result.prompt_padding = padding
+    return result

@@ -166,8 +166,16 @@ def make_cache(model, batch_size: int, max_len: int | None = None, dtype: torch.
                static: bool = False) -> KVCache:
     """The cache `model`'s family needs, sized from `model.config`, on the model's device and dtype."""
     config = model.config
+    if config.family in ("mamba", "retnet"):  # linear-time families: a constant-size recurrent state
+        from llmopt.inference.recurrent_cache import make_recurrent_cache
+
+        if static:
+            raise ValueError(f"a {config.family} state has one shape already; static=True (compile) is for KV caches")
+        param = next(model.parameters())
+        return make_recurrent_cache(model, batch_size, config.max_seq_len if max_len is None else max_len,
+                                    param.dtype if dtype is None else dtype)
     if config.family != "llama":
-        raise ValueError(f"no KV cache for model family {config.family!r}; available: llama")
+        raise ValueError(f"no KV cache for model family {config.family!r}; available: llama, mamba, retnet")
     max_len = config.max_seq_len if max_len is None else max_len
     if max_len > config.max_seq_len:
         raise ValueError(f"max_len={max_len} exceeds model.max_seq_len={config.max_seq_len} (the rotary tables "

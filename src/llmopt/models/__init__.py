@@ -9,10 +9,16 @@ def build_model(config: ModelConfig, *, device=None, dtype=None):
     """The model for `config.family`, built on `device` (use "meta" to build without memory)."""
     import torch
 
-    if config.family != "llama":
-        raise ValueError(f"unknown model family {config.family!r}; available: llama")
+    if config.family == "mamba":
+        from llmopt.models.mamba import Mamba as model_class
+    elif config.family == "retnet":
+        from llmopt.models.retnet import RetNet as model_class
+    elif config.family == "llama":
+        model_class = Transformer
+    else:
+        raise ValueError(f"unknown model family {config.family!r}; available: llama, mamba, retnet")
     with torch.device(device or "cpu"):
-        model = Transformer(config)
+        model = model_class(config)
     if dtype is not None:
         model.to(dtype)
     return model

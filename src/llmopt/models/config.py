@@ -92,4 +92,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smollm2-135m": dict(vocab_size=49152, dim=576, n_layer=30, n_head=9, n_kv_head=3, head_dim=64,
                          intermediate_size=1536, rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True,
                          max_seq_len=8192, init_std=0.041666666666666664),
+    # ---- linear-time families (llmopt.models.mamba, llmopt.models.retnet): constant-size decode state,
+    # so max_seq_len is only the longest sequence accepted, not a cache size.
+    # 2 layers, width 32 Mamba / RetNet for tests.
+    "tiny_mamba": dict(family="mamba", vocab_size=320, dim=32, n_layer=2, n_head=1, max_seq_len=16384),
+    "tiny_retnet": dict(family="retnet", vocab_size=320, dim=32, n_layer=2, n_head=4, max_seq_len=16384),
+    # About the size of `demo` (~5M parameters with the embedding) for the quality comparison.
+    "demo_mamba": dict(family="mamba", vocab_size=4096, dim=256, n_layer=8, n_head=1, max_seq_len=16384),
+    "demo_retnet": dict(family="retnet", vocab_size=4096, dim=256, n_layer=6, n_head=8, intermediate_size=352,
+                        max_seq_len=16384),
 }

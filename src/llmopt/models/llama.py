@@ -81,6 +81,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, k, cos, sin)
         if cache is None:
             y = self.attend(q, k, v, mask=None, is_causal=True)
+        elif hasattr(cache, "attend"):  # a quantized cache attends over its own storage, chunk by chunk
+            cache.update(self.layer_idx, input_pos, k, v)
+            y = cache.attend(self.layer_idx, q, mask)
         else:
             k, v = cache.update(self.layer_idx, input_pos, k, v)  # (B, nkv, L, hd)
             y = self.attend(q, k, v, mask=mask, is_causal=isinstance(mask, str))

@@ -1,0 +1,268 @@
+"""Quantized key/value cache in the KIVI layout (Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit
+Quantization for KV Cache").
+
+Keys are quantized per channel (each channel of each head gets its own scale and zero point over a group of
+`group_size` consecutive tokens: key outliers live in fixed channels), values per token (a scale and zero
+point per group of `group_size` channels of one token). Codes are 8, 4 or 2 bits, packed into bytes; scales
+and zero points are fp16. The most recent tokens stay in full precision (the cache dtype): a key group can
+only be quantized once its `group_size` tokens exist, so a window of between `residual_length` and
+`residual_length + group_size - 1` tokens is kept as is, and the oldest `group_size` of them are quantized
+together when it fills.
+
+Quantize on write, dequantize inside attention: the cache exposes `attend(layer, q, mask)`, which walks the
+quantized tokens in chunks of `chunk_size`, dequantizes one chunk of one layer at a time and combines the
+chunks with an online softmax (running max and sum, as in FlashAttention), then the full-precision window.
+A full-precision copy of the whole cache never exists. The model calls `attend` instead of its own attention
+when the cache has one (`Attention.forward` in `llmopt.models.llama`).
+
+Numerics contract: lossy, bounded. Asymmetric min-max rounding: every dequantized key or value is within
+half a step, (max - min) / (2^bits - 1) / 2, of the original over its group (plus fp16 rounding of the
+scale and zero point); the full-precision window is exact. The effect on the model is measured
+(perplexity with the cache in the loop, `benchmarks/bench_inference.py`), not assumed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llmopt.inference.cache import KVCache
+
+SCALE_DTYPE = torch.float16
+
+
+# ---- quantization primitives --------------------------------------------------------------------
+def quantize_groups(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min-max quantization reducing over `dim`: (codes uint8, scale fp16, zero fp16).
+
+    x ~ codes * scale + zero, with codes in [0, 2^bits - 1]; scale and zero keep `dim` with size 1.
+    """
+    levels = 2 ** bits - 1
+    lo = x.amin(dim, keepdim=True)
+    hi = x.amax(dim, keepdim=True)
+    scale = ((hi - lo) / levels).clamp_min(1e-8).to(SCALE_DTYPE)
+    zero = lo.to(SCALE_DTYPE)
+    codes = ((x - zero.float()) / scale.float()).round_().clamp_(0, levels).to(torch.uint8)
+    return codes, scale, zero
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(..., n) uint8 codes of `bits` bits -> (..., n * bits / 8) bytes, the low bits first."""
+    if bits == 8:
+        return codes
+    per_byte = 8 // bits
+    grouped = codes.view(*codes.shape[:-1], -1, per_byte)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return (grouped << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `pack`: (..., m) bytes -> (..., m * 8 / bits) uint8 codes."""
+    if bits == 8:
+        return packed
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    return ((packed[..., None] >> shifts) & (2 ** bits - 1)).flatten(-2)
+
+
+# ---- the cache ----------------------------------------------------------------------------------
+class QuantizedKVCache(KVCache):
+    """`KVCache` whose old tokens are stored in `bits` bits (8, 4 or 2), KIVI layout; same interface plus `attend`."""
+
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, *, bits: int = 4,
+                 group_size: int = 64, residual_length: int = 0, chunk_size: int = 1024,
+                 static: bool = False) -> None:
+        if bits not in (8, 4, 2):
+            raise ValueError(f"QuantizedKVCache bits must be 8, 4 or 2, got {bits}")
+        if static:
+            raise ValueError("QuantizedKVCache is dynamic only (static=False); compile needs the dense KVCache")
+        self.value_group = min(group_size, head_dim)
+        if group_size <= 0 or head_dim % self.value_group or head_dim * bits % 8:
+            raise ValueError(f"group_size={group_size} must be positive and divide head_dim={head_dim} "
+                             "(or exceed it: values are then grouped per head)")
+        if residual_length < 0 or chunk_size < group_size:
+            raise ValueError(f"need residual_length >= 0 and chunk_size >= group_size, got {residual_length}, "
+                             f"{chunk_size}")
+        self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
+        self.chunk_size = chunk_size // group_size * group_size
+        super().__init__(n_layer, batch_size, n_kv_head, max_len, head_dim, dtype, device, static=False)
+
+    def _allocate(self) -> None:
+        B, H, D, G = self.batch_size, self.n_kv_head, self.head_dim, self.group_size
+        cap = self.max_len // G * G  # positions that can ever be quantized
+        packed = D * self.bits // 8
+        dev = self.device
+
+        def zeros(*shape, dtype):
+            return [torch.zeros(shape, dtype=dtype, device=dev) for _ in range(self.n_layer)]
+
+        self.k_codes = zeros(B, H, cap, packed, dtype=torch.uint8)
+        self.k_scale = zeros(B, H, cap // G, 1, D, dtype=SCALE_DTYPE)
+        self.k_zero = zeros(B, H, cap // G, 1, D, dtype=SCALE_DTYPE)
+        self.v_codes = zeros(B, H, cap, packed, dtype=torch.uint8)
+        self.v_scale = zeros(B, H, cap, D // self.value_group, 1, dtype=SCALE_DTYPE)
+        self.v_zero = zeros(B, H, cap, D // self.value_group, 1, dtype=SCALE_DTYPE)
+        window = min(self.residual_length + G, self.max_len)
+        self.k_window = zeros(B, H, window, D, dtype=self.dtype)
+        self.v_window = zeros(B, H, window, D, dtype=self.dtype)
+        self.quantized = [0] * self.n_layer
+        """Per layer, positions [0, quantized) are in codes; [quantized, seq_len) in the window."""
+        self._write_start = 0
+
+    # ---- writing -------------------------------------------------------------------------------
+    def attn_mask(self, input_pos: torch.Tensor):
+        previous = self.seq_len
+        mask = super().attn_mask(input_pos)
+        self._write_start = self.seq_len - input_pos.numel()  # positions are contiguous (prefill, decode, verify)
+        if self._write_start < max(self.quantized):
+            self.seq_len = previous
+            raise ValueError(f"position {self._write_start} is already quantized (cache holds "
+                             f"{max(self.quantized)} quantized positions); truncate the cache before rewriting it")
+        return mask
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, n_kv_head, T, head_dim); quantize whole groups that left the window. Returns None:
+        attention reads the cache through `attend`."""
+        if k.size(0) != self.batch_size:
+            raise ValueError(f"batch of {k.size(0)} rows does not match the cache's batch_size={self.batch_size}; "
+                             "build the cache with make_quantized_cache(model, batch_size)")
+        G, q0 = self.group_size, self.quantized[layer]
+        kept = self._write_start - q0  # window tokens before the new ones
+        k_all = torch.cat([self.k_window[layer][:, :, :kept], k.to(self.dtype)], dim=2)  # the window + new only
+        v_all = torch.cat([self.v_window[layer][:, :, :kept], v.to(self.dtype)], dim=2)
+        n_groups = max(0, (k_all.size(2) - self.residual_length) // G)
+        n_groups = min(n_groups, (self.k_codes[layer].size(2) - q0) // G)
+        if n_groups:
+            n = n_groups * G
+            B, H, _, D = k_all.shape
+            kq, ks, kz = quantize_groups(k_all[:, :, :n].float().view(B, H, n_groups, G, D), self.bits, dim=3)
+            self.k_codes[layer][:, :, q0:q0 + n] = pack(kq.view(B, H, n, D), self.bits)
+            self.k_scale[layer][:, :, q0 // G:q0 // G + n_groups] = ks
+            self.k_zero[layer][:, :, q0 // G:q0 // G + n_groups] = kz
+            vq, vs, vz = quantize_groups(v_all[:, :, :n].float().view(B, H, n, D // self.value_group,
+                                                                      self.value_group), self.bits, dim=4)
+            self.v_codes[layer][:, :, q0:q0 + n] = pack(vq.view(B, H, n, D), self.bits)
+            self.v_scale[layer][:, :, q0:q0 + n] = vs
+            self.v_zero[layer][:, :, q0:q0 + n] = vz
+            self.quantized[layer] = q0 + n
+            k_all, v_all = k_all[:, :, n:], v_all[:, :, n:]
+        if k_all.size(2) > self.k_window[layer].size(2):
+            raise RuntimeError(f"window overflow ({k_all.size(2)} tokens); internal error")
+        self.k_window[layer][:, :, : k_all.size(2)] = k_all
+        self.v_window[layer][:, :, : v_all.size(2)] = v_all
+        return None
+
+    # ---- reading -------------------------------------------------------------------------------
+    def dequantize(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of quantized positions [start, end) (multiples of group_size), fp32 (B, H, n, D)."""
+        G = self.group_size
+        B, H, D = self.batch_size, self.n_kv_head, self.head_dim
+        n = end - start
+        k = unpack(self.k_codes[layer][:, :, start:end], self.bits).view(B, H, n // G, G, D).float()
+        k = (k * self.k_scale[layer][:, :, start // G:end // G].float()
+             + self.k_zero[layer][:, :, start // G:end // G].float()).view(B, H, n, D)
+        v = unpack(self.v_codes[layer][:, :, start:end], self.bits).view(B, H, n, D // self.value_group,
+                                                                       self.value_group).float()
+        v = (v * self.v_scale[layer][:, :, start:end].float() + self.v_zero[layer][:, :, start:end].float())
+        return k, v.view(B, H, n, D)
+
+    def attend(self, layer: int, q: torch.Tensor, mask) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d)) v over everything the cache holds for `layer`; q (B, n_head, T, D).
+
+        `mask` is what `attn_mask` returned for this forward. Returns (B, n_head, T, D) in q's dtype.
+        """
+        B, n_head, T, D = q.shape
+        H, L = self.n_kv_head, self.seq_len
+        qg = q.float().view(B, H, n_head // H, T, D) * (1.0 / math.sqrt(D))  # grouped-query heads share a kv head
+        if isinstance(mask, str):  # "causal": the T queries are positions 0..T-1
+            mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril_()
+        if mask is not None and mask.dim() == 4:
+            mask = mask[:, :, None]  # (B, 1, 1, T, L)
+        running_max = torch.full((B, H, n_head // H, T, 1), float("-inf"), device=q.device)
+        total = torch.zeros_like(running_max)
+        out = torch.zeros(B, H, n_head // H, T, D, device=q.device)
+        q_end = self.quantized[layer]
+        spans = [(s, min(s + self.chunk_size, q_end)) for s in range(0, q_end, self.chunk_size)] + [(q_end, L)]
+        for start, end in spans:
+            if end <= start:
+                continue
+            if start < q_end:
+                k, v = self.dequantize(layer, start, end)
+            else:
+                k = self.k_window[layer][:, :, : end - start].float()
+                v = self.v_window[layer][:, :, : end - start].float()
+            scores = qg @ k[:, :, None].transpose(-1, -2)  # (B, H, g, T, n)
+            if mask is not None:
+                scores = scores.masked_fill(~mask[..., start:end], float("-inf"))
+            new_max = torch.maximum(running_max, scores.amax(-1, keepdim=True))
+            safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)  # all masked so far
+            correction = torch.exp(running_max - safe_max)
+            weights = torch.exp(scores - safe_max)
+            total = total * correction + weights.sum(-1, keepdim=True)
+            out = out * correction + weights @ v[:, :, None]
+            running_max = new_max
+        return (out / total).view(B, n_head, T, D).to(q.dtype)
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+    def truncate(self, length: int) -> None:
+        """Forget positions >= length. Quantized positions that come back into the window are dequantized
+        into it (they stay at their quantized values)."""
+        super().truncate(length)
+        G = self.group_size
+        for layer in range(self.n_layer):
+            q_end = self.quantized[layer]
+            if q_end <= length:
+                continue
+            start = length // G * G
+            k, v = self.dequantize(layer, start, q_end)
+            n = length - start
+            self.k_window[layer][:, :, :n] = k[:, :, :n].to(self.dtype)
+            self.v_window[layer][:, :, :n] = v[:, :, :n].to(self.dtype)
+            self.quantized[layer] = start
+
+    def reset(self) -> None:
+        super().reset()
+        self.quantized = [0] * self.n_layer
+
+    @property
+    def quantized_bytes_per_token(self) -> int | float:
+        """Bytes of one quantized position, every layer, k and v: codes plus amortized scales and zero points."""
+        D, s = self.head_dim, torch.empty((), dtype=SCALE_DTYPE).element_size()
+        codes = 2 * D * self.bits / 8
+        scales = 2 * s * D / self.group_size + 2 * s * D / self.value_group  # keys per G tokens, values per token
+        return self.n_layer * self.n_kv_head * (codes + scales)
+
+    def bytes_at(self, length: int) -> float:
+        """Bytes a sequence of `length` tokens occupies (one row): quantized positions, their scales and the
+        full-precision window."""
+        G = self.group_size
+        quantized = max(0, (length - self.residual_length) // G) * G
+        return quantized * self.quantized_bytes_per_token + (length - quantized) * super().bytes_per_token
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Bytes per position of a full cache (max_len tokens), window and scales included."""
+        return self.bytes_at(self.max_len) / self.max_len
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self.k_codes, *self.k_scale, *self.k_zero, *self.v_codes, *self.v_scale, *self.v_zero,
+                   *self.k_window, *self.v_window]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def make_quantized_cache(model, batch_size: int, max_len: int | None = None, *, bits: int = 4,
+                         group_size: int = 64, residual_length: int = 0, chunk_size: int = 1024,
+                         dtype: torch.dtype | None = None) -> QuantizedKVCache:
+    """A `QuantizedKVCache` sized from `model.config`, on the model's device (window in the model's dtype)."""
+    config = model.config
+    if config.family != "llama":
+        raise ValueError(f"no KV cache for model family {config.family!r}; available: llama")
+    max_len = config.max_seq_len if max_len is None else max_len
+    if max_len > config.max_seq_len:
+        raise ValueError(f"max_len={max_len} exceeds model.max_seq_len={config.max_seq_len}")
+    param = next(model.parameters())
+    return QuantizedKVCache(config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim,
+                            param.dtype if dtype is None else dtype, param.device, bits=bits, group_size=group_size,
+                            residual_length=residual_length, chunk_size=chunk_size)

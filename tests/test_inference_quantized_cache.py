@@ -1,0 +1,148 @@
+"""QuantizedKVCache (KIVI layout): error bounds, byte formula, chunked attention, rollback, generation."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmopt.inference import generate, generate_reference, make_cache, prefill
+from llmopt.inference.quantized_cache import (QuantizedKVCache, make_quantized_cache, pack, quantize_groups,
+                                              unpack)
+from llmopt.inference.speculative import DraftModelProposer, speculative_generate
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_pack_round_trip(bits):
+    codes = torch.randint(0, 2 ** bits, (3, 5, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    packed = pack(codes, bits)
+    assert packed.shape == (3, 5, 16 * bits // 8)
+    assert torch.equal(unpack(packed, bits), codes)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_quantization_error_within_half_a_step(bits):
+    x = torch.randn(2, 3, 64, 8, generator=torch.Generator().manual_seed(1)) * 3
+    codes, scale, zero = quantize_groups(x, bits, dim=2)
+    back = codes.float() * scale.float() + zero.float()
+    step = (x.amax(2, keepdim=True) - x.amin(2, keepdim=True)) / (2 ** bits - 1)
+    # half a step, plus the fp16 rounding of the scale and zero point (relative 2^-11, times the code)
+    bound = step / 2 + (2 ** bits) * scale.float() * 2 ** -10 + zero.float().abs() * 2 ** -10
+    assert ((back - x).abs() <= bound).all()
+
+
+def _filled(bits, residual=0, group=8, length=40, seed=2):
+    """A cache of one layer with `length` random tokens written in chunks, and the dense k, v it saw."""
+    gen = torch.Generator().manual_seed(seed)
+    cache = QuantizedKVCache(1, 2, 2, 64, 8, bits=bits, group_size=group, residual_length=residual, chunk_size=16)
+    k = torch.randn(2, 2, length, 8, generator=gen)
+    v = torch.randn(2, 2, length, 8, generator=gen)
+    for start, end in [(0, 13), (13, 14), (14, 30), (30, length)]:
+        pos = torch.arange(start, end)
+        cache.attn_mask(pos)
+        cache.update(0, pos, k[:, :, start:end], v[:, :, start:end])
+    return cache, k, v
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_layout_and_stored_values_within_bounds(bits):
+    cache, k, v = _filled(bits, residual=4, group=8)
+    # 40 tokens, window >= 4: 32 quantized (4 key groups), 8 kept in full precision
+    assert cache.quantized == [32] and cache.seq_len == 40
+    dk, dv = cache.dequantize(0, 0, 32)
+    step_k = (k[:, :, :32].view(2, 2, 4, 8, 8).amax(3) - k[:, :, :32].view(2, 2, 4, 8, 8).amin(3)) / (2 ** bits - 1)
+    err_k = (dk - k[:, :, :32]).abs().view(2, 2, 4, 8, 8).amax(3)
+    assert (err_k <= step_k * 0.51 + 1e-3).all()  # keys: per channel over each group of 8 tokens
+    step_v = (v[:, :, :32].amax(-1) - v[:, :, :32].amin(-1)) / (2 ** bits - 1)
+    assert ((dv - v[:, :, :32]).abs().amax(-1) <= step_v * 0.51 + 1e-3).all()  # values: per token
+    assert torch.equal(cache.k_window[0][:, :, :8], k[:, :, 32:])  # the window is exact
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_chunked_attention_equals_sdpa_on_the_dequantized_cache(bits):
+    cache, k, v = _filled(bits, residual=0, group=8)
+    dk, dv = cache.dequantize(0, 0, cache.quantized[0])
+    keys = torch.cat([dk, cache.k_window[0][:, :, : 40 - cache.quantized[0]]], 2)
+    values = torch.cat([dv, cache.v_window[0][:, :, : 40 - cache.quantized[0]]], 2)
+    q = torch.randn(2, 4, 3, 8, generator=torch.Generator().manual_seed(3))
+    mask = torch.arange(40)[None, :] <= torch.arange(37, 40)[:, None]  # (3, 40): the last 3 positions
+    got = cache.attend(0, q, mask)
+    want = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_byte_formula():
+    cache = QuantizedKVCache(3, 2, 4, 256, 64, bits=4, group_size=64, residual_length=16)
+    # per layer and kv head: codes 2 * 64 / 2 bytes, key scales+zeros 2 * 2 * 64 / 64, value 2 * 2 * 1
+    per_token = 3 * 4 * (64 + 4 + 4)
+    assert cache.quantized_bytes_per_token == per_token
+    dense = 2 * 3 * 4 * 64 * 4  # fp32 window
+    assert cache.bytes_at(200) == 128 * per_token + 72 * dense  # (200 - 16) // 64 = 2 groups quantized
+    assert cache.bytes_at(10) == 10 * dense
+    q_cap = 256
+    allocated = 3 * 2 * 4 * (2 * q_cap * 32 + 2 * 4 * 64 * 2 + 2 * q_cap * 1 * 2 + 2 * (16 + 64) * 64 * 4)
+    assert cache.nbytes == allocated
+    fp16 = 2 * 3 * 4 * 64 * 2
+    assert QuantizedKVCache(3, 1, 4, 2048, 64, torch.float16, bits=4).bytes_per_token / fp16 < 0.30
+    assert QuantizedKVCache(3, 1, 4, 2048, 64, torch.float16, bits=2).bytes_per_token / fp16 < 0.17
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_generation_runs_and_int8_stays_close(tiny_model, bits):
+    prompt = torch.randint(0, 320, (2, 50), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = tiny_model(prompt)
+        cache = make_quantized_cache(tiny_model, 2, 64, bits=bits, group_size=8)
+        logits = prefill(tiny_model, prompt[:, :20], cache)
+        chunk = tiny_model(prompt[:, 20:50], input_pos=torch.arange(20, 50), cache=cache)
+    err = (chunk - full[:, 20:50]).abs().max().item()
+    assert math.isfinite(err) and err < {8: 0.02, 4: 0.2, 2: 1.0}[bits]
+    torch.testing.assert_close(logits, full[:, 19], atol={8: 0.02, 4: 0.2, 2: 1.0}[bits], rtol=0)
+    result = generate(tiny_model, prompt[:, :10], 12, kv_bits=bits)
+    assert result.tokens.shape == (2, 22)
+
+
+def test_large_window_is_exact(tiny_model):
+    """Nothing reaches the quantized store while the window holds it: greedy equals the oracle."""
+    prompt = torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(5))
+    cache = make_quantized_cache(tiny_model, 1, 40, bits=2, residual_length=64)
+    got = generate(tiny_model, prompt, 20, cache=cache)
+    assert cache.quantized == [0, 0]
+    assert torch.equal(got.tokens, generate_reference(tiny_model, prompt, 20).tokens)
+
+
+def test_rollback_into_quantized_region_and_speculative(tiny_model):
+    cache, k, v = _filled(4, residual=0, group=8)
+    before = cache.dequantize(0, 24, 32)
+    cache.truncate(27)  # back into the last quantized group: it returns to the window at its quantized values
+    assert cache.quantized == [24] and cache.seq_len == 27
+    torch.testing.assert_close(cache.k_window[0][:, :, :3], before[0][:, :, :3])
+    with pytest.raises(ValueError, match="already quantized"):
+        cache.attn_mask(torch.tensor([20]))
+    # speculative decoding over a quantized target cache: the same tokens as plain decoding with it
+    prompt = torch.randint(0, 320, (1, 30), generator=torch.Generator().manual_seed(6))
+    plain = generate(tiny_model, prompt, 24, cache=make_quantized_cache(tiny_model, 1, 64, bits=4, group_size=8))
+    spec = speculative_generate(tiny_model, prompt, 24, proposer=DraftModelProposer(tiny_model), k=3,
+                                adaptive=False, cache=make_quantized_cache(tiny_model, 1, 64, bits=4, group_size=8))
+    # verify forwards see chunks where plain decode sees single tokens, so the groups quantize at different
+    # times; the stored values are the same (groups of the same tokens), so the tokens agree
+    assert torch.equal(spec.tokens, plain.tokens)
+
+
+def test_left_padding_with_quantized_cache(tiny_model):
+    rows = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+    batched = generate(tiny_model, rows, 8, kv_bits=8)
+    for b, row in enumerate(rows):
+        single = generate(tiny_model, [row], 8, kv_bits=8)
+        assert torch.equal(batched.new_tokens[b], single.new_tokens[0])
+
+
+def test_errors(tiny_model):
+    with pytest.raises(ValueError, match="8, 4 or 2"):
+        QuantizedKVCache(1, 1, 1, 16, 8, bits=3)
+    with pytest.raises(ValueError, match="dynamic only"):
+        QuantizedKVCache(1, 1, 1, 16, 8, static=True)
+    with pytest.raises(ValueError, match="divide head_dim"):
+        QuantizedKVCache(1, 1, 1, 16, 12, group_size=8)
+    with pytest.raises(ValueError, match="not both"):
+        generate(tiny_model, [1, 2], 3, kv_bits=4, cache=make_cache(tiny_model, 1))

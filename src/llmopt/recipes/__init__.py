@@ -66,3 +66,35 @@ def draft() -> RunConfig:
     run.recipe = "draft"
     run.model = ModelConfig.from_name("draft")
     return run
+
+
+# ---- linear-time architectures (issue 8): Mamba and RetNet on the same data and budgets as tiny / demo ----
+def _same_run_as(base: Callable[[], RunConfig], name: str, preset: str) -> RunConfig:
+    run = base()
+    run.recipe = name
+    run.model = ModelConfig.from_name(preset)
+    return run
+
+
+@recipe
+def tiny_mamba() -> RunConfig:
+    """The `tiny_mamba` model with the `tiny` recipe's data and steps."""
+    return _same_run_as(tiny, "tiny_mamba", "tiny_mamba")
+
+
+@recipe
+def demo_mamba() -> RunConfig:
+    """The `demo_mamba` model (~4.5M parameters) with the `demo` recipe's data, steps and optimizer."""
+    return _same_run_as(demo, "demo_mamba", "demo_mamba")
+
+
+@recipe
+def tiny_retnet() -> RunConfig:
+    """The `tiny_retnet` model with the `tiny` recipe's data and steps."""
+    return _same_run_as(tiny, "tiny_retnet", "tiny_retnet")
+
+
+@recipe
+def demo_retnet() -> RunConfig:
+    """The `demo_retnet` model (~5.5M parameters) with the `demo` recipe's data, steps and optimizer."""
+    return _same_run_as(demo, "demo_retnet", "demo_retnet")

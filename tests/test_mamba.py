@@ -1,0 +1,144 @@
+"""Mamba: the sequential, chunked and recurrent scans agree; cached generation equals the oracle; the
+transformers slow path gives the same logits on the same weights; the decode state has a constant size."""
+
+import pytest
+import torch
+
+from llmopt.inference import generate, generate_reference, make_cache
+from llmopt.models import ModelConfig, build_model
+from llmopt.models.mamba import from_hf_mamba, scan_chunked, scan_sequential, scan_step
+
+
+def _scan_inputs(B=2, T=70, D=12, N=5, dt_scale=0.1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, D, generator=g)
+    dt = torch.rand(B, T, D, generator=g) * dt_scale
+    A = -torch.rand(D, N, generator=g) * 8 - 0.1
+    Bm, Cm = torch.randn(B, T, N, generator=g), torch.randn(B, T, N, generator=g)
+    h0 = torch.randn(B, D, N, generator=g)
+    return x, dt, A, Bm, Cm, h0
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 32, 70, 128])
+@pytest.mark.parametrize("dt_scale", [0.1, 5.0])  # 5.0: chunks decay past e^-60 and get split in halves
+def test_chunked_scan_equals_sequential(chunk, dt_scale):
+    x, dt, A, Bm, Cm, h0 = _scan_inputs(dt_scale=dt_scale)
+    y_ref, h_ref = scan_sequential(x, dt, A, Bm, Cm, h0)
+    y, h = scan_chunked(x, dt, A, Bm, Cm, h0, chunk_size=chunk)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
+    # and one step at a time from the state (the decode path)
+    hs = h0
+    for t in range(x.size(1)):
+        y_t, hs = scan_step(hs, x[:, t], dt[:, t], A, Bm[:, t], Cm[:, t])
+        torch.testing.assert_close(y_t, y_ref[:, t], atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_scan_gradients_equal_sequential():
+    inputs = [t.clone().double().requires_grad_() for t in _scan_inputs(T=20)]
+    y_ref, _ = scan_sequential(*inputs)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), inputs)
+    y, _ = scan_chunked(*inputs, chunk_size=8)
+    for g, g_ref in zip(torch.autograd.grad(y.square().sum(), inputs), grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-9, rtol=1e-9)
+
+
+def _model(**over):
+    torch.manual_seed(0)
+    # init_std 0.2: the mixers' contribution is large enough that a wrong scan moves the logits
+    return build_model(ModelConfig.from_name("tiny_mamba", **{"init_std": 0.2, **over})).eval()
+
+
+def _paths_agree(model, idx):
+    with torch.no_grad():
+        model.set_scan("chunked")
+        chunked = model(idx)
+        model.set_scan("sequential")
+        sequential = model(idx)
+        model.set_scan("chunked")
+        cache = make_cache(model, idx.size(0))
+        prompt = 9
+        steps = [model(idx[:, :prompt], input_pos=torch.arange(prompt), cache=cache)]
+        for t in range(prompt, idx.size(1)):
+            steps.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t]), cache=cache))
+    torch.testing.assert_close(chunked, sequential, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, 1), sequential, atol=1e-5, rtol=1e-5)
+    assert chunked.std() > 0.1  # non-trivial logits
+
+
+def test_model_paths_agree_random_weights():
+    model = _model()
+    idx = torch.randint(0, 320, (2, 75))
+    _paths_agree(model, idx)
+
+
+def test_trained_model_paths_agree_load_pretrained_and_generate(tmp_path):
+    from llmopt.models import load_pretrained
+    from llmopt.recipes import get_recipe
+    from llmopt.train.config import apply_overrides
+    from llmopt.train.loop import fit
+
+    run = apply_overrides(get_recipe("tiny_mamba"), ["train.steps=4", "train.eval_every=2", "train.eval_batches=1",
+                                                     "data.max_chars=30000", "train.batch_size=2",
+                                                     "train.seq_len=32", "train.progress=false"])
+    result = fit(run, tmp_path / "run")
+    assert result.final_val_loss is not None and result.final_val_loss == result.final_val_loss
+    model, tokenizer = load_pretrained(tmp_path / "run")
+    assert model.config.family == "mamba"
+    idx = torch.tensor([tokenizer.encode("ROMEO: what light through yonder")[:12]] * 2)
+    _paths_agree(model, torch.cat([idx, torch.randint(0, 320, (2, 30))], 1))
+    cached = generate(model, idx, 25)
+    oracle = generate_reference(model, idx, 25)
+    assert torch.equal(cached.tokens, oracle.tokens)
+
+
+@pytest.mark.parametrize("prompt_len,new", [(1, 12), (17, 20)])
+def test_cached_greedy_equals_reference(prompt_len, new):
+    model = _model(init_std=0.5)
+    prompt = torch.randint(0, 320, (2, prompt_len))
+    assert torch.equal(generate(model, prompt, new).tokens, generate_reference(model, prompt, new).tokens)
+
+
+def test_transformers_slow_path_logits_equal():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_config = transformers.MambaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, state_size=8,
+                                         intermediate_size=64, conv_kernel=4, time_step_rank=4)
+    hf = transformers.MambaForCausalLM(hf_config).eval()
+    ours = from_hf_mamba(hf)
+    idx = torch.randint(0, 96, (2, 40))
+    with torch.no_grad():
+        ref = hf(idx, use_cache=False).logits
+        torch.testing.assert_close(ours(idx), ref, atol=1e-5, rtol=1e-5)
+        ours.set_scan("sequential")
+        torch.testing.assert_close(ours(idx), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_state_bytes_independent_of_length():
+    model = _model()
+    sizes = []
+    for length in (4, 64, 300):
+        cache = make_cache(model, 1, max_len=length + 1)
+        with torch.no_grad():
+            model(torch.randint(0, 320, (1, length)), input_pos=torch.arange(length), cache=cache)
+        sizes.append(cache.nbytes)
+    assert len(set(sizes)) == 1 and cache.bytes_per_token == 0
+    s = model.settings
+    assert sizes[0] == 4 * model.config.n_layer * s["d_inner"] * (s["d_conv"] - 1 + s["d_state"])
+
+
+def test_bad_input_is_one_line_value_error():
+    model = _model(max_seq_len=64)
+    with pytest.raises(ValueError, match="longer than model.max_seq_len=64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    other = build_model(ModelConfig.from_name("tiny_mamba", dim=48))
+    with pytest.raises(ValueError, match="was built for"):
+        model(torch.zeros(1, 1, dtype=torch.long), input_pos=torch.tensor([0]), cache=make_cache(other, 1))
+    cache = make_cache(model, 1)
+    model(torch.zeros(1, 3, dtype=torch.long), input_pos=torch.arange(3), cache=cache)
+    with pytest.raises(ValueError, match="can only continue at 3"):
+        model(torch.zeros(1, 1, dtype=torch.long), input_pos=torch.tensor([5]), cache=cache)
+    with pytest.raises(ValueError, match="cannot be rewound"):
+        cache.truncate(1)
+    with pytest.raises(ValueError, match="unknown mamba settings"):
+        build_model(ModelConfig.from_name("tiny_mamba", extra={"d_stat": 4}))

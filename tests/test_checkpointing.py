@@ -1,0 +1,112 @@
+"""Activation checkpointing: gradients bitwise equal to no checkpointing, fewer saved bytes, budget planning."""
+
+import copy
+
+import pytest
+import torch
+
+from llmopt import apply_
+from llmopt.core import revert_
+from llmopt.models import ModelConfig, build_model
+from llmopt.techniques.checkpointing import ActivationCheckpointingConfig, plan_budget, probe_blocks, block_list
+
+
+def _model(**overrides):
+    torch.manual_seed(0)
+    return build_model(ModelConfig.from_name("tiny", n_layer=3, **overrides))
+
+
+def _grads(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, model.config.vocab_size, (2, 17), generator=g)
+    model.zero_grad(set_to_none=True)
+    loss_sum, n = model.loss(x[:, :-1], x[:, 1:])
+    (loss_sum / n).backward()
+    return loss_sum.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def _saved_bytes(model):
+    seen = {}
+    params = {p.untyped_storage().data_ptr() for p in list(model.parameters()) + list(model.buffers())}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    x = torch.randint(0, model.config.vocab_size, (4, 64))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_sum, n = model.loss(x, x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("config", [ActivationCheckpointingConfig(policy="full"),
+                                    ActivationCheckpointingConfig(policy="selective"),
+                                    ActivationCheckpointingConfig(policy="budget", budget_bytes=3 * 2**20)])
+def test_gradients_bitwise_equal_to_no_checkpointing(config):
+    reference = _model()
+    model = copy.deepcopy(reference)
+    report = apply_(model, config)
+    assert report.changed
+    ref_loss, ref_grads = _grads(reference)
+    loss, grads = _grads(model)
+    assert torch.equal(loss, ref_loss)
+    for k in ref_grads:
+        assert torch.equal(grads[k], ref_grads[k]), k
+    assert "recompute" in " ".join(report.notes)
+
+
+def test_full_checkpointing_saves_fewer_bytes_and_keeps_names():
+    model = _model()
+    keys = list(model.state_dict())
+    plain = _saved_bytes(model)
+    apply_(model, ActivationCheckpointingConfig(policy="full"))
+    assert list(model.state_dict()) == keys and type(model.layers[0]).__name__ == "Block"
+    assert _saved_bytes(model) < plain / 2
+
+
+def test_inference_with_cache_and_no_grad_runs_plain():
+    from llmopt.inference import generate
+
+    reference = _model()
+    model = copy.deepcopy(reference)
+    apply_(model, ActivationCheckpointingConfig(policy="selective"))
+    prompt = torch.randint(0, 320, (1, 5))
+    assert torch.equal(generate(model, prompt, 6).new_tokens, generate(reference, prompt, 6).new_tokens)
+
+
+def test_budget_plan_is_greedy_selective_then_full():
+    probe = {f"layers.{i}": {"none": 100.0, "selective": 60.0, "full": 10.0, "flops": 1.0,
+                             "selective_recompute_flops": 0.0} for i in range(3)}
+    assert plan_budget(probe, 300) == {"layers.0": "none", "layers.1": "none", "layers.2": "none"}
+    assert plan_budget(probe, 230) == {"layers.0": "selective", "layers.1": "selective", "layers.2": "none"}
+    assert plan_budget(probe, 100) == {"layers.0": "full", "layers.1": "full", "layers.2": "selective"}
+    with pytest.raises(ValueError, match="budget"):
+        plan_budget(probe, 20)
+
+
+def test_budget_measured_on_the_model_fits():
+    model = _model()
+    probe = probe_blocks(model, block_list(model), 8, 128)
+    row = probe["layers.0"]
+    assert row["full"] < row["selective"] < row["none"]
+    budget = int(sum(r["none"] for r in probe.values()) * 0.5)
+    report = apply_(model, ActivationCheckpointingConfig(policy="budget", budget_bytes=budget))
+    chosen = [model.layers[i].__dict__.get("_llmopt_checkpoint_policy", "none") for i in range(3)]
+    assert sum(probe[f"layers.{i}"][p] for i, p in enumerate(chosen)) <= budget
+    assert "MiB" in report.notes[0]
+
+
+def test_revert_and_config_errors():
+    model = _model()
+    apply_(model, ActivationCheckpointingConfig())
+    revert_(model, "checkpointing")
+    assert all("forward" not in block.__dict__ for block in model.layers)
+    with pytest.raises(ValueError, match="budget_bytes"):
+        ActivationCheckpointingConfig(policy="budget")
+    with pytest.raises(ValueError, match="only read"):
+        ActivationCheckpointingConfig(policy="full", budget_bytes=10)
+    meta = build_model(ModelConfig.from_name("tiny"), device="meta")
+    with pytest.raises(ValueError, match="meta"):
+        apply_(meta, ActivationCheckpointingConfig(policy="budget", budget_bytes=10))

@@ -26,3 +26,19 @@ def cross_entropy():
         for name, i in (("loss", 0), ("grad_hidden", 2), ("grad_weight", 3)):
             errors[f"V={vocab} {name}"] = _rel(ref[i], out[i])
     return errors
+
+
+def pointwise():
+    from test_pointwise import run_all
+
+    return run_all("triton")
+
+
+def attention():
+    from test_attention import CASES, compare
+
+    errors = {}
+    for name, kwargs in CASES.items():
+        for what, err in compare("triton", **kwargs).items():
+            errors[f"{name} {what}"] = err
+    return errors

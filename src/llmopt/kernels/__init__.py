@@ -7,11 +7,24 @@ under `TRITON_INTERPRET=1` they run on CPU tensors for tests).
 """
 
 from llmopt.kernels._dispatch import resolve_backend, triton_available
+from llmopt.kernels.attention import attention_mask, attention_reference, flash_attention
 from llmopt.kernels.cross_entropy import (
     default_chunk_size,
     fused_linear_cross_entropy,
     linear_cross_entropy_reference,
 )
+from llmopt.kernels.pointwise import (
+    add_rms_norm,
+    add_rms_norm_reference,
+    rms_norm,
+    rms_norm_reference,
+    rope,
+    rope_reference,
+    swiglu,
+    swiglu_reference,
+)
 
-__all__ = ["default_chunk_size", "fused_linear_cross_entropy", "linear_cross_entropy_reference", "resolve_backend",
+__all__ = ["add_rms_norm", "add_rms_norm_reference", "attention_mask", "attention_reference", "default_chunk_size",
+           "flash_attention", "fused_linear_cross_entropy", "linear_cross_entropy_reference", "resolve_backend",
+           "rms_norm", "rms_norm_reference", "rope", "rope_reference", "swiglu", "swiglu_reference",
            "triton_available"]

@@ -132,6 +132,16 @@ SETTINGS["adamw8bit"] = ContractCase(
 )
 
 
+# ---- checkpointing -----------------------------------------------------------------------------------
+from llmopt.techniques.checkpointing import ActivationCheckpointingConfig  # noqa: E402
+
+SETTINGS["checkpointing"] = ContractCase(
+    config=lambda: ActivationCheckpointingConfig(policy="selective", probe_batch_size=2, probe_seq_len=16),
+    reversible=True,
+    no_match_config=lambda: ActivationCheckpointingConfig(include=("no_such_block",)),
+)
+
+
 # ---- compile -----------------------------------------------------------------------------------------
 from llmopt.techniques.compile import CompileConfig  # noqa: E402
 
@@ -222,3 +232,17 @@ SETTINGS["qlora"] = ContractCase(
 
 # ---- sgd ---------------------------------------------------------------------------------------------
 SETTINGS["sgd"] = ContractCase()
+
+
+# ---- weight_only_quant -------------------------------------------------------------------------------
+from llmopt.techniques.weight_only_quant import WeightOnlyQuantConfig  # noqa: E402
+
+SETTINGS["weight_only_quant"] = ContractCase(
+    config=lambda: WeightOnlyQuantConfig(bits=4, group_size=32),
+    numerics="changes_outputs",
+    min_sqnr_db=12.0,
+    reason="int4 weights (group 32, asymmetric) and bf16 activations in the CPU int4 kernel",
+    trainable=lambda fqn: "norm" in fqn,  # quantized weights are buffers; only the RMSNorm scales stay parameters
+    model_overrides={"dim": 64},
+    no_match_config=lambda: WeightOnlyQuantConfig(include=("no_such_module",)),
+)

@@ -68,6 +68,21 @@ def draft() -> RunConfig:
     return run
 
 
+# ---- finetune_lora (issue 5: LoRA fine-tuning of a pretrained model) ----------------------------------
+@recipe
+def finetune_lora() -> RunConfig:
+    """LoRA r=8 on SmolLM2-135M over `--data` (default: the bundled corpus); writes adapters.safetensors too."""
+    return RunConfig(
+        recipe="finetune_lora",
+        model=ModelConfig.from_name("smollm2-135m"),  # replaced by the checkpoint's config at load
+        init_from="smollm2-135m",
+        data=DataConfig(max_chars=400_000),
+        train=TrainConfig(steps=100, batch_size=4, seq_len=128, eval_every=50, eval_batches=4, log_every=10),
+        optim=OptimConfig(lr=1e-4, min_lr=1e-5, warmup_steps=10, weight_decay=0.0),
+        techniques=["lora:r=8"],
+    )
+
+
 # ---- linear-time architectures (issue 8): Mamba and RetNet on the same data and budgets as tiny / demo ----
 def _same_run_as(base: Callable[[], RunConfig], name: str, preset: str) -> RunConfig:
     run = base()

@@ -330,6 +330,10 @@ def fit(run: RunConfig, out_dir: str | Path, *, resume: bool = False, hooks: Ite
                 checkpoint(step)
     metrics_file.close()
     save_weights(model, out_dir / "model.safetensors")
+    from llmopt.techniques.adapters_io import has_adapters, save_adapters
+
+    if has_adapters(model):  # lora/dora/qlora: the adapters alone too (a few MB), for load_adapters
+        save_adapters(model, out_dir / "adapters.safetensors")
     return FitResult(out_dir=out_dir, steps=step, final_train_loss=last_loss, final_val_loss=val_loss,
                      tokens_seen=ts.tokens_seen, seconds=time.perf_counter() - t_start, history=history)
 

@@ -3,6 +3,7 @@
     llmopt train RECIPE [--data PATH] [--out DIR] [--set key=value ...] [--technique NAME:opt=val ...] [--resume]
     llmopt eval MODEL --data PATH [--window N] [--stride N] [--json]
     llmopt generate MODEL --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+        [--kv-cache int8|int4|int2] [--draft MODEL | --prompt-lookup] [--batch-file FILE] [--compile] [--stream]
     llmopt demo [--quick] [--out DIR]
 
 Bad input (a missing file, an unknown key, a corrupt checkpoint) prints one line starting with
@@ -90,19 +91,65 @@ def cmd_generate(args) -> int:
     from llmopt.inference import generate
     from llmopt.models import load_pretrained
 
+    if args.draft and args.prompt_lookup:
+        raise UsageError("pass either --draft or --prompt-lookup, not both")
+    if args.speculate_k < 1:
+        raise UsageError(f"--speculate-k must be at least 1, got {args.speculate_k}")
+    if args.batch_file:
+        texts = [line.rstrip("\n") for line in Path(args.batch_file).read_text().splitlines() if line.strip()]
+        if not texts:
+            raise UsageError(f"--batch-file {args.batch_file} has no prompts (one per line)")
+    elif args.prompt is not None:
+        texts = [args.prompt]
+    else:
+        raise UsageError("give --prompt TEXT or --batch-file FILE")
     model, tokenizer = load_pretrained(args.model)
     model.eval()
-    prompt_ids = tokenizer.encode(args.prompt)
-    if not prompt_ids:
-        raise UsageError("--prompt is empty; give some text to continue")
-    stop = [tokenizer.eos_id] if tokenizer.eos_id is not None and not args.no_stop else None
-    result = generate(model, [prompt_ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p, seed=args.seed, stop_ids=stop)
-    new = result.tokens[0, len(prompt_ids):].tolist()
-    print(args.prompt + tokenizer.decode(new))
+    prompts = [tokenizer.encode(text) for text in texts]
+    if not all(prompts):
+        raise UsageError("a prompt is empty; give some text to continue")
+    stop = [tokenizer.eos_id] if tokenizer.eos_id is not None and not args.no_stop else []
+    for text in args.stop or []:
+        ids = tokenizer.encode(text)
+        if len(ids) != 1:
+            raise UsageError(f"unknown stop token {text!r}: it encodes to {len(ids)} tokens, not one")
+        stop.append(ids[0])
+    draft = None
+    if args.draft:
+        draft, draft_tokenizer = load_pretrained(args.draft)
+        draft.eval()
+        if draft.config.vocab_size != model.config.vocab_size or draft_tokenizer.encode(texts[0]) != prompts[0]:
+            raise UsageError(f"draft {args.draft} has a different vocabulary or tokenizer than {args.model}; "
+                             "the draft must share the target's tokenizer")
+    kv_bits = {"int8": 8, "int4": 4, "int2": 2}[args.kv_cache] if args.kv_cache else None
+    longest = max(len(p) for p in prompts)
+    if longest + args.max_new_tokens > model.config.max_seq_len:
+        raise UsageError(f"prompt ({longest} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
+                         f"context of {model.config.max_seq_len} tokens; shorten the prompt or generate fewer")
+    stream = None
+    if args.stream and len(prompts) == 1:
+        print(texts[0], end="", flush=True)
+        stream = lambda tokens: print(tokenizer.decode(tokens.tolist()), end="", flush=True)  # noqa: E731
+    result = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, seed=args.seed, stop_ids=stop or None, compile=args.compile, draft=draft,
+                      prompt_lookup=args.prompt_lookup, speculate_k=args.speculate_k, kv_bits=kv_bits,
+                      stream=stream)
+    for row, text in enumerate(texts):
+        count = result.num_new_tokens[row]
+        new = result.new_tokens[row, :count].tolist()
+        if new and new[-1] in stop:
+            new = new[:-1]
+        if stream is not None:
+            print()
+        else:
+            print(text + tokenizer.decode(new))
     if args.stats:
-        print(json.dumps({"prefill_tokens_per_s": result.prefill_tokens_per_second,
-                          "decode_tokens_per_s": result.decode_tokens_per_second}), file=sys.stderr)
+        stats = {"prefill_tokens_per_s": result.prefill_tokens_per_second,
+                 "decode_tokens_per_s": result.decode_tokens_per_second}
+        if hasattr(result, "acceptance_rate"):
+            stats.update(acceptance_rate=result.acceptance_rate, target_forwards=result.target_forwards,
+                         accept_counts=result.accept_counts)
+        print(json.dumps(stats), file=sys.stderr)
     return 0
 
 
@@ -183,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="continue a prompt")
     g.add_argument("model", help="run directory, smollm2-135m, a GGUF file or a Hugging Face directory")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", help="text to continue")
+    g.add_argument("--batch-file", help="a text file of prompts, one per line, generated as one left-padded batch")
     g.add_argument("--max-new-tokens", type=int, default=100)
     g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     g.add_argument("--top-k", type=int)
@@ -191,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     g.add_argument("--stats", action="store_true", help="print prefill/decode tokens/s to stderr as JSON")
+    g.add_argument("--stop", action="append", metavar="TOKEN", help="also stop at this token (text of one token)")
+    g.add_argument("--kv-cache", choices=["int8", "int4", "int2"], help="quantized KV cache (KIVI layout)")
+    g.add_argument("--draft", metavar="MODEL", help="speculative decoding with this draft model (same tokenizer)")
+    g.add_argument("--prompt-lookup", action="store_true", help="prompt lookup decoding (n-gram drafts)")
+    g.add_argument("--speculate-k", type=int, default=8, help="most tokens proposed per round (adapted)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decode step (static cache)")
+    g.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt only)")
     g.set_defaults(fn=cmd_generate)
 
     d = sub.add_parser("demo", help="train the demo model on the bundled corpus, report perplexity and a sample")

@@ -1,0 +1,190 @@
+"""Inference benchmarks on SmolLM2-135M (fp32, CPU): prompt lookup, quantized KV cache, greedy vs transformers.
+
+    python benchmarks/bench_inference.py lookup   # plain vs prompt lookup, copy-heavy and no-copy prompts
+    python benchmarks/bench_inference.py kv       # bytes, perplexity with the cache in the loop, decode at 2k
+    python benchmarks/bench_inference.py hf       # greedy tokens vs transformers generate, same weights
+    python benchmarks/bench_inference.py spec --draft RUN_DIR   # speculative decoding with a draft model
+
+Timed configurations run interleaved in one process, round by round; ratios are per round, reported as
+median (min-max) over the rounds. tok/s counts new tokens over the whole generate call (prefill included),
+as the transformers anchors (peer_anchors.md W3/W4) do. Prints one JSON line per result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from llmopt.data.corpus import default_corpus_text
+from llmopt.inference import (DraftModelProposer, KVCache, PromptLookupProposer, generate, make_cache,
+                              make_quantized_cache, speculative_generate)
+from llmopt.models import load_pretrained
+
+
+def emit(**row):
+    print(json.dumps(row), flush=True)
+
+
+def rounds_table(name, configs, rounds, baseline):
+    """Run every config once per round (order rotated), return per-config times and per-round ratios."""
+    times = {c: [] for c in configs}
+    outputs = {}
+    for r in range(rounds):
+        order = list(configs)[r % len(configs):] + list(configs)[: r % len(configs)]
+        for c in order:
+            start = time.perf_counter()
+            outputs[c] = configs[c]()
+            times[c].append(time.perf_counter() - start)
+    for c in configs:
+        ratios = [b / t for b, t in zip(times[baseline], times[c])]  # tok/s ratio = time ratio inverted
+        emit(bench=name, config=c, median_s=statistics.median(times[c]), min_s=min(times[c]), max_s=max(times[c]),
+             tok_s_ratio_vs_baseline=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
+    return outputs
+
+
+def shakespeare_ids(tokenizer):
+    text = default_corpus_text()
+    return tokenizer.encode(text[100_000:140_000])
+
+
+def bench_lookup(args):
+    model, tok = load_pretrained("smollm2-135m")
+    ids = shakespeare_ids(tok)
+    passage = ids[2000:2150]
+    newline = tok.encode("\n\n")
+    copy_prompt = passage + newline + passage + newline + passage[:20]
+    plain_prompt = ids[:128]
+    for label, prompt in (("copy-heavy", copy_prompt), ("no-copy", plain_prompt)):
+        n = args.new_tokens
+        configs = {
+            "plain": lambda p=prompt: generate(model, [p], n),
+            "prompt_lookup": lambda p=prompt: speculative_generate(model, [p], n, proposer=PromptLookupProposer(),
+                                                                    k=10),
+        }
+        out = rounds_table(f"lookup/{label} ({len(prompt)} prompt + {n} new)", configs, args.rounds, "plain")
+        spec = out["prompt_lookup"]
+        emit(bench=f"lookup/{label}", identical=torch.equal(out["plain"].tokens, spec.tokens),
+             target_forwards=spec.target_forwards, plain_forwards=n, acceptance=spec.acceptance_rate,
+             accepted=spec.accepted, proposed=spec.proposed)
+
+
+def _nll_with_cache(model, ids, cache, chunk):
+    """Mean next-token NLL of ids (1, L) fed through `cache` in chunks of `chunk` tokens."""
+    total, count = 0.0, 0
+    cache.reset()
+    with torch.no_grad():
+        for start in range(0, ids.size(1) - 1, chunk):
+            end = min(start + chunk, ids.size(1) - 1)
+            logits = model(ids[:, start:end], input_pos=torch.arange(start, end), cache=cache)
+            total += torch.nn.functional.cross_entropy(logits[0].float(), ids[0, start + 1:end + 1],
+                                                       reduction="sum").item()
+            count += end - start
+    return total / count
+
+
+def bench_kv(args):
+    model, tok = load_pretrained("smollm2-135m")
+    c = model.config
+    L = args.context
+    fp16 = KVCache(c.n_layer, 1, c.n_kv_head, L, c.head_dim, torch.float16).bytes_per_token
+    for bits in (8, 4, 2):
+        q16 = make_quantized_cache(model, 1, L, bits=bits, dtype=torch.float16, residual_length=args.residual)
+        emit(bench="kv/bytes", bits=bits, context=L, bytes_per_token=q16.bytes_per_token,
+             fp16_bytes_per_token=fp16, ratio_vs_fp16=q16.bytes_per_token / fp16,
+             worst_case_ratio=max(q16.bytes_at(n) / n for n in range(L - 64, L + 1)) / fp16)
+    # perplexity with the cache in the loop: held-out Shakespeare (the tail of the corpus), windows of L tokens
+    text = default_corpus_text()
+    ids = torch.tensor(tok.encode(text[-int(len(text) * 0.05):]))
+    windows = [ids[i * L:(i + 1) * L][None] for i in range(args.windows)]
+    nll = {}
+    for name in ("fp32", "int8", "int4", "int2"):
+        values = []
+        for w in windows:
+            cache = (make_cache(model, 1, L) if name == "fp32" else
+                     make_quantized_cache(model, 1, L, bits=int(name[3:]), residual_length=args.residual))
+            values.append(_nll_with_cache(model, w, cache, args.chunk))
+        nll[name] = sum(values) / len(values)
+        emit(bench="kv/perplexity", cache=name, windows=len(windows), tokens_per_window=L, chunk=args.chunk,
+             nll=nll[name], ppl=float(torch.tensor(nll[name]).exp()),
+             ppl_ratio_vs_fp32=float(torch.tensor(nll[name] - nll["fp32"]).exp()))
+    # decode speed at L context: prefill L - new tokens, then decode `new` tokens
+    new = 32
+    prompt = ids[: L - new][None]
+    caches = {"fp32": make_cache(model, 1, L), "int4": make_quantized_cache(model, 1, L, bits=4,
+                                                                            residual_length=args.residual),
+              "int2": make_quantized_cache(model, 1, L, bits=2, residual_length=args.residual)}
+    decode_s = {k: [] for k in caches}
+    for r in range(args.rounds):
+        for name in (list(caches)[r % 3:] + list(caches)[: r % 3]):
+            result = generate(model, prompt, new, cache=caches[name])
+            decode_s[name].append(result.decode_seconds)
+    for name in caches:
+        ratios = [b / t for b, t in zip(decode_s["fp32"], decode_s[name])]
+        emit(bench=f"kv/decode at {L} context ({new} new tokens, decode steps only)", cache=name,
+             median_decode_tok_s=(new - 1) / statistics.median(decode_s[name]),
+             tok_s_ratio_vs_fp32=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
+
+
+def bench_hf(args):
+    from llmopt.models.hf import to_hf
+
+    model, tok = load_pretrained("smollm2-135m")
+    hf = to_hf(model).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    ids = shakespeare_ids(tok)
+    same, first_diff = 0, []
+    for i in range(args.prompts):
+        prompt = torch.tensor([ids[i * 300:i * 300 + 32]])
+        ours = generate(model, prompt, args.new_tokens).new_tokens[0]
+        with torch.no_grad():
+            theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                 max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)[0, 32:]
+        equal = torch.equal(ours, theirs)
+        same += equal
+        if not equal:
+            first_diff.append(int((ours != theirs).nonzero()[0]))
+        emit(bench="hf/greedy", prompt=i, identical=equal)
+    emit(bench="hf/greedy summary", prompts=args.prompts, new_tokens=args.new_tokens, identical=same,
+         first_divergence=first_diff)
+
+
+def bench_spec(args):
+    model, tok = load_pretrained("smollm2-135m")
+    draft, _ = load_pretrained(args.draft)
+    ids = shakespeare_ids(tok)
+    prompt = ids[:128]
+    n = args.new_tokens
+    configs = {"plain": lambda: generate(model, [prompt], n),
+               "speculative": lambda: speculative_generate(model, [prompt], n, proposer=DraftModelProposer(draft),
+                                                           k=args.k)}
+    out = rounds_table(f"spec (128 prompt + {n} new)", configs, args.rounds, "plain")
+    spec = out["speculative"]
+    emit(bench="spec", identical=torch.equal(out["plain"].tokens, spec.tokens), **{
+        k: v for k, v in spec.summary().items() if k in ("acceptance_rate", "target_forwards", "mean_k")})
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("which", choices=["lookup", "kv", "hf", "spec"])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--windows", type=int, default=2)
+    p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--residual", type=int, default=0)
+    p.add_argument("--prompts", type=int, default=20)
+    p.add_argument("--draft")
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    {"lookup": bench_lookup, "kv": bench_kv, "hf": bench_hf, "spec": bench_spec}[args.which](args)
+
+
+if __name__ == "__main__":
+    main()

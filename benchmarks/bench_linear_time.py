@@ -1,0 +1,203 @@
+"""Linear-time architectures (Mamba, RetNet) against their own slow paths and a same-size transformer.
+
+Every comparison is interleaved: in each round every contender runs once, each round's times are divided
+by that round's baseline time, and the median (min-max) of the per-round ratios is reported.
+
+  scan     demo_mamba forward at length 2,048 (batch 1): chunked scan vs sequential scan (baseline), and
+           transformers' `MambaForCausalLM` slow path on the same weights as a peer column. Also the
+           scan alone on one layer's shape (d_inner 512, d_state 16).
+  decode   tokens/s of one greedy decode step after a context of 8,192 vs 128 (Mamba, RetNet), the same-size
+           transformer (`demo` with max_seq_len 8,448) with a dense KV cache at 8,192, and cache bytes at
+           128 / 2,048 / 8,192 positions.
+  quality  validation-loss curves of runs trained with `llmopt train demo|demo_mamba|demo_retnet` (run them
+           first, see docs/techniques/mamba.md), drawn in one plot with `llmopt.measure.plots.plot_curves`.
+
+    python benchmarks/bench_linear_time.py --part scan decode --rounds 5 --threads 1 --out runs/bench-linear-time.json
+    python benchmarks/bench_linear_time.py --part quality --runs runs/linear_time --out runs/bench-linear-time-quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from llmopt.inference import make_cache
+from llmopt.models import ModelConfig, build_model
+from llmopt.models.mamba import scan_chunked, scan_sequential
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved(contenders: dict, baseline: str, rounds: int) -> dict:
+    """{name: fn}: each round runs every fn once (rotating order); median/min/max of time / baseline time."""
+    names = list(contenders)
+    for fn in contenders.values():  # warmup
+        fn()
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            times[n].append(_timed(contenders[n]))
+    out = {}
+    for n in names:
+        ratios = [t / b for t, b in zip(times[n], times[baseline])]
+        out[n] = {"median_s": statistics.median(times[n]), "time_ratio_to_baseline": statistics.median(ratios),
+                  "ratio_min": min(ratios), "ratio_max": max(ratios), "speedup": 1 / statistics.median(ratios)}
+    return out
+
+
+def to_hf_mamba(model):
+    from transformers import MambaConfig, MambaForCausalLM
+
+    s, c = model.settings, model.config
+    hf = MambaForCausalLM(MambaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, num_hidden_layers=c.n_layer,
+                                      state_size=s["d_state"], intermediate_size=s["d_inner"], conv_kernel=s["d_conv"],
+                                      time_step_rank=s["dt_rank"], layer_norm_epsilon=c.norm_eps,
+                                      use_conv_bias=s["conv_bias"], use_bias=s["bias"])).eval()
+    hf.load_state_dict({("lm_head.weight" if k == "lm_head.weight" else "backbone." + k): v
+                        for k, v in model.state_dict().items()})
+    return hf
+
+
+@torch.no_grad()
+def bench_scan(rounds: int, length: int = 2048) -> dict:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("demo_mamba")).eval()
+    hf = to_hf_mamba(model)
+    idx = torch.randint(0, model.config.vocab_size, (1, length))
+
+    def ours(scan):
+        def run():
+            model.set_scan(scan)
+            model(idx)
+        return run
+
+    model.set_scan("sequential")
+    ref = model(idx)
+    model.set_scan("chunked")
+    max_diff = (model(idx) - ref).abs().max().item()
+    hf_diff = (hf(idx, use_cache=False).logits - ref).abs().max().item()
+    forward = interleaved({"sequential_scan": ours("sequential"), "chunked_scan": ours("chunked"),
+                           "transformers_slow_path": lambda: hf(idx, use_cache=False)}, "sequential_scan", rounds)
+    D, N = model.settings["d_inner"], model.settings["d_state"]
+    g = torch.Generator().manual_seed(0)
+    x, dt = torch.randn(1, length, D, generator=g), torch.rand(1, length, D, generator=g) * 0.1
+    A = -torch.exp(model.layers[0].mixer.A_log.float())
+    Bm, Cm = torch.randn(1, length, N, generator=g), torch.randn(1, length, N, generator=g)
+    scan_only = interleaved({"sequential_scan": lambda: scan_sequential(x, dt, A, Bm, Cm),
+                             "chunked_scan": lambda: scan_chunked(x, dt, A, Bm, Cm, chunk_size=model.settings["chunk_size"])},
+                            "sequential_scan", rounds)
+    return {"length": length, "model": "demo_mamba", "forward": forward, "scan_only": scan_only,
+            "max_abs_logit_diff_chunked_vs_sequential": max_diff, "max_abs_logit_diff_transformers_vs_ours": hf_diff}
+
+
+@torch.no_grad()
+def _fill(model, cache, length: int, piece: int = 512) -> None:
+    for start in range(0, length, piece):
+        end = min(length, start + piece)
+        ids = torch.randint(0, model.config.vocab_size, (1, end - start))
+        model(ids, input_pos=torch.arange(start, end), cache=cache)
+
+
+@torch.no_grad()
+def bench_decode(rounds: int, steps: int = 16) -> dict:
+    torch.manual_seed(0)
+    models = {"mamba": build_model(ModelConfig.from_name("demo_mamba")).eval(),
+              "retnet": build_model(ModelConfig.from_name("demo_retnet")).eval(),
+              "transformer": build_model(ModelConfig.from_name("demo", max_seq_len=8192 + 256)).eval()}
+    caches, positions = {}, {}
+    for name, model in models.items():
+        for ctx in ((128, 8192) if name != "transformer" else (8192,)):
+            cache = make_cache(model, 1, max_len=8192 + 256)
+            _fill(model, cache, ctx)
+            caches[f"{name}@{ctx}"] = (model, cache)
+            positions[f"{name}@{ctx}"] = ctx
+
+    def decode(key):
+        model, cache = caches[key]
+
+        def run():
+            token = torch.zeros(1, 1, dtype=torch.long)
+            for _ in range(steps):
+                pos = positions[key]
+                if pos >= 8192 + 255:
+                    return
+                token = model(token, input_pos=torch.tensor([pos]), cache=cache)[:, -1].argmax(-1, keepdim=True)
+                positions[key] = pos + 1
+        return run
+
+    # 8k cache positions advance by rounds * steps (< 256) during the runs; the contexts stay ~8k and ~128
+    result = interleaved({k: decode(k) for k in caches}, "transformer@8192", rounds)
+    for k in result:
+        result[k]["tokens_per_second"] = steps / result[k]["median_s"]
+    bytes_at = {}
+    for name, model in models.items():
+        row = {}
+        for length in (128, 2048, 8192):
+            cache = make_cache(model, 1, max_len=length)
+            if name == "transformer":  # a KV cache's bytes are what it holds: per-token bytes * positions
+                row[length] = cache.bytes_per_token * length
+            else:
+                row[length] = cache.nbytes
+        bytes_at[name] = row
+    return {"steps_per_round": steps, "decode": result, "cache_bytes": bytes_at,
+            "mamba_8k_over_128": result["mamba@8192"]["tokens_per_second"] / result["mamba@128"]["tokens_per_second"],
+            "retnet_8k_over_128": result["retnet@8192"]["tokens_per_second"] / result["retnet@128"]["tokens_per_second"],
+            "mamba_vs_transformer_8k": result["mamba@8192"]["speedup"],
+            "retnet_vs_transformer_8k": result["retnet@8192"]["speedup"],
+            "mamba_cache_saving_8k": 1 - bytes_at["mamba"][8192] / bytes_at["transformer"][8192],
+            "retnet_cache_saving_8k": 1 - bytes_at["retnet"][8192] / bytes_at["transformer"][8192]}
+
+
+def bench_quality(runs_dir: Path, plot_path: Path) -> dict:
+    from llmopt.measure.plots import plot_curves
+
+    curves, final = {}, {}
+    for name in ("demo", "demo_mamba", "demo_retnet"):
+        points = []
+        for line in (runs_dir / name / "metrics.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if row.get("val_loss") is not None:
+                points.append((row["step"], row["val_loss"]))
+        curves[name] = points
+        final[name] = points[-1][1] if points else None
+    plot_curves(curves, plot_path, ylabel="validation loss")
+    base = final["demo"]
+    return {"final_val_loss": final, "ratio_to_transformer": {k: v / base for k, v in final.items() if v and base},
+            "plot": str(plot_path), "curves": curves}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", nargs="+", default=["scan", "decode"], choices=["scan", "decode", "quality"])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs", type=Path, default=Path("runs/linear_time"))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-linear-time.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    report = {"threads": args.threads, "rounds": args.rounds}
+    if "scan" in args.part:
+        report["scan"] = bench_scan(args.rounds)
+        print(json.dumps(report["scan"], indent=1))
+    if "decode" in args.part:
+        report["decode"] = bench_decode(args.rounds)
+        print(json.dumps({k: v for k, v in report["decode"].items()}, indent=1))
+    if "quality" in args.part:
+        report["quality"] = bench_quality(args.runs, args.out.with_suffix(".png"))
+        print(json.dumps({k: v for k, v in report["quality"].items() if k != "curves"}, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

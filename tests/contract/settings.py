@@ -179,6 +179,37 @@ SETTINGS["dora"] = ContractCase(
 )
 
 
+# ---- flash_attention ---------------------------------------------------------------------------------
+from llmopt.techniques.flash_attention import FlashAttentionConfig  # noqa: E402
+
+SETTINGS["flash_attention"] = ContractCase(
+    # the tiled CPU kernel with tiles smaller than the matrix's 16 tokens, so the online softmax really runs
+    config=lambda: FlashAttentionConfig(backend="tiled", block_q=4, block_k=8),
+    numerics="tolerance",
+    atol=1e-6,
+    rtol=1e-5,
+    reason="exact attention, but the online softmax sums the tiles in another order than SDPA",
+    reversible=True,
+    no_match_config=lambda: FlashAttentionConfig(include=("no_such_attention",)),
+)
+
+
+# ---- fused_ops ---------------------------------------------------------------------------------------
+from llmopt.techniques.fused_ops import FusedOpsConfig  # noqa: E402
+
+SETTINGS["fused_ops"] = ContractCase(
+    # "reference" kernels keep the matrix free of per-process compile time; tests/test_fused_ops.py holds the
+    # compiled path to the same bound
+    config=lambda: FusedOpsConfig(backend="reference", chunk_size=8),
+    numerics="tolerance",
+    atol=1e-6,
+    rtol=1e-5,
+    reason="the chunked cross-entropy accumulates the lm_head gradient chunk by chunk (another summation order)",
+    reversible=True,
+    no_match_config=lambda: FusedOpsConfig(cross_entropy=False, include=("no_such_module",)),
+)
+
+
 # ---- galore ------------------------------------------------------------------------------------------
 def _galore_groups(params):
     params = list(params)
@@ -210,6 +241,20 @@ SETTINGS["lora"] = ContractCase(
 
 # ---- novograd ----------------------------------------------------------------------------------------
 SETTINGS["novograd"] = ContractCase()
+
+
+# ---- qat -------------------------------------------------------------------------------------------
+from llmopt.techniques.qat import QATConfig  # noqa: E402
+
+SETTINGS["qat"] = ContractCase(
+    config=lambda: QATConfig(weight="int4", group_size=32, activations="int8"),
+    numerics="changes_outputs",
+    min_sqnr_db=15.0,
+    reason="fake-quantized int4 weights (group 32) and int8 per-token activations",
+    reversible=True,
+    model_overrides={"dim": 64},
+    no_match_config=lambda: QATConfig(include=("no_such_module",)),
+)
 
 
 # ---- qlora -------------------------------------------------------------------------------------------

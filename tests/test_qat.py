@@ -1,0 +1,80 @@
+"""QAT: converted model equals the fake-quantized model bit for bit; STE trains; revert is exact; torchao-like recipe."""
+
+import copy
+
+import pytest
+import torch
+
+from llmopt import apply_
+from llmopt.core import revert_
+from llmopt.models import ModelConfig, build_model
+from llmopt.techniques.qat import FakeQuantLinear, QATConfig, QuantizedLinear, convert_qat_
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_model(ModelConfig.from_name("tiny", dim=64))
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 320, (2, 17), generator=g)
+    return x[:, :-1], x[:, 1:]
+
+
+@pytest.mark.parametrize("config", [
+    QATConfig(weight="int4", group_size=32, activations="int8"),
+    QATConfig(weight="int8", group_size=None, activations="int8"),
+    QATConfig(weight="int4", group_size=16, symmetric=False, scale_dtype="fp32", activations="none"),
+    QATConfig(weight="fp8_e4m3", activations="fp8_e4m3"),
+    QATConfig(weight="fp8_e5m2", activations="fp8_e5m2"),
+])
+def test_converted_equals_fake_quantized_bit_for_bit_after_training(config):
+    model = _model()
+    apply_(model, config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(3):  # train a little so the weights are not at init
+        x, y = _batch(step)
+        loss_sum, n = model.loss(x, y)
+        (loss_sum / n).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    x, y = _batch(10)
+    with torch.no_grad():
+        fake_logits, fake_loss = model(x), model.loss(x, y)[0]
+    report = convert_qat_(model)
+    assert report.changed and not any(isinstance(m, FakeQuantLinear) for m in model.modules())
+    assert isinstance(model.layers[0].mlp.up_proj, QuantizedLinear)
+    with torch.no_grad():
+        assert torch.equal(model(x), fake_logits)
+        assert torch.equal(model.loss(x, y)[0], fake_loss)
+    if config.weight == "int4":
+        assert model.layers[0].mlp.up_proj.int_linear.qcodes.dtype == torch.uint8  # packed two per byte
+
+
+def test_straight_through_gradients_reach_every_weight_and_prepare_keeps_names():
+    model = _model()
+    keys = list(model.state_dict())
+    report = apply_(model, QATConfig())
+    assert list(model.state_dict()) == keys
+    assert "lm_head" in report.skipped and isinstance(model.layers[0].self_attn.q_proj, FakeQuantLinear)
+    x, y = _batch()
+    loss_sum, n = model.loss(x, y)
+    (loss_sum / n).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_revert_restores_the_float_model_exactly():
+    model = _model()
+    reference = copy.deepcopy(model)
+    apply_(model, QATConfig())
+    revert_(model, "qat")
+    x, _ = _batch()
+    assert torch.equal(model(x), reference(x))
+
+
+def test_convert_without_prepare_and_bad_config():
+    with pytest.raises(ValueError, match="QATConfig"):
+        convert_qat_(_model())
+    with pytest.raises(ValueError, match="weight"):
+        QATConfig(weight="int3")

@@ -239,6 +239,19 @@ SETTINGS["lora"] = ContractCase(
 )
 
 
+# ---- mixed_precision ---------------------------------------------------------------------------------
+from llmopt.techniques.mixed_precision import MixedPrecisionConfig  # noqa: E402
+
+SETTINGS["mixed_precision"] = ContractCase(
+    config=lambda: MixedPrecisionConfig(precision="bf16"),
+    numerics="tolerance",
+    min_sqnr_db=20.0,
+    reason="bf16 autocast: matmuls round their inputs to 8 significant bits",
+    reversible=True,
+    skip={"no_match": "wraps the model's forward and loss: there is nothing that could fail to match"},
+)
+
+
 # ---- novograd ----------------------------------------------------------------------------------------
 SETTINGS["novograd"] = ContractCase()
 

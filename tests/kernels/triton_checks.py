@@ -19,7 +19,7 @@ def cross_entropy():
     from llmopt.kernels import fused_linear_cross_entropy, linear_cross_entropy_reference
 
     errors = {}
-    for vocab in (300, 5000):
+    for vocab in (300, 2000):
         h, w, t = _inputs(13, 16, vocab)
         ref = _loss_and_grads(linear_cross_entropy_reference, h, w, t)
         out = _loss_and_grads(lambda *a: fused_linear_cross_entropy(*a, backend="triton", chunk_size=4), h, w, t)
@@ -38,7 +38,7 @@ def attention():
     from test_attention import CASES, compare
 
     errors = {}
-    for name, kwargs in CASES.items():
-        for what, err in compare("triton", **kwargs).items():
+    for name in ("full", "window", "window_documents"):  # every mask branch of the kernels, short sequences
+        for what, err in compare("triton", **CASES[name], T=21).items():
             errors[f"{name} {what}"] = err
     return errors

@@ -132,6 +132,15 @@ SETTINGS["adamw8bit"] = ContractCase(
 )
 
 
+# ---- buffer_reuse ------------------------------------------------------------------------------------
+from llmopt.techniques.buffer_reuse import BufferReuseConfig  # noqa: E402
+
+SETTINGS["buffer_reuse"] = ContractCase(
+    config=lambda: BufferReuseConfig(bucket_multiple=16),
+    skip={"no_match": "adds only a loop hook (bucketing, heap trim): there is nothing that could fail to match"},
+)
+
+
 # ---- checkpointing -----------------------------------------------------------------------------------
 from llmopt.techniques.checkpointing import ActivationCheckpointingConfig  # noqa: E402
 

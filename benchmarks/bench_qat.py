@@ -1,0 +1,113 @@
+"""QAT vs post-training quantization on the demo model: how much of the PTQ loss gap QAT recovers.
+
+    .venv/bin/python benchmarks/bench_qat.py --pretrain-steps 300 --steps 100
+
+1. Train the `demo` preset (fp32) from scratch for --pretrain-steps on the bundled corpus.
+2. From that checkpoint, three continuations of --steps each, same batches and learning rate:
+   fp32 (no quantization), llmopt QAT (int4 group-32 weights, int8 per-token activations, then
+   `convert_qat_`), and, when torchao is installed, torchao's `Int8DynActInt4WeightQATQuantizer`
+   (prepare -> train -> convert) as a peer column.
+3. PTQ: the fp32 continuation quantized to the same format without training (QAT prepare + convert).
+Recovery = (PTQ - QAT) / (PTQ - fp32) on the validation loss (the goal is >= 0.70).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+
+import llmopt.techniques  # noqa: F401
+from llmopt.core import apply_
+from llmopt.techniques.qat import QATConfig, convert_qat_
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-chars", type=int, default=2_000_000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from llmopt.data import BatchLoader
+    from llmopt.recipes import get_recipe
+    from llmopt.train.loop import evaluate, lr_at, prepare_run
+
+    run = get_recipe("demo")
+    run.data.max_chars = args.max_chars
+    run.train.batch_size, run.train.seq_len = args.batch_size, args.seq_len
+    import tempfile
+
+    model, _, train_ids, val_ids, _ = prepare_run(run, __import__("pathlib").Path(tempfile.mkdtemp()))
+
+    def train(m, steps, seed, lr_peak, warmup):
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr_peak, weight_decay=0.1)
+        m.train()
+        with BatchLoader(train_ids, batch_size=args.batch_size, seq_len=args.seq_len, seed=seed) as loader:
+            for step in range(steps):
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, lr=lr_peak, min_lr=lr_peak / 10, warmup_steps=warmup, total_steps=steps)
+                x, y = next(loader)
+                loss_sum, n = m.loss(x, y)
+                (loss_sum / n).backward()
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return m
+
+    def val(m):
+        return evaluate(m, val_ids, batch_size=args.batch_size, seq_len=args.seq_len, batches=16)
+
+    t0 = time.perf_counter()
+    train(model, args.pretrain_steps, seed=1, lr_peak=args.lr * 3, warmup=20)
+    print(f"pretrained {args.pretrain_steps} steps in {time.perf_counter() - t0:.0f} s, val {val(model):.4f}", flush=True)
+    config = QATConfig(weight="int4", group_size=32, activations="int8")
+
+    fp32 = train(copy.deepcopy(model), args.steps, seed=2, lr_peak=args.lr, warmup=5)
+    results = {"fp32": val(fp32)}
+    ptq = copy.deepcopy(fp32)
+    apply_(ptq, config)
+    convert_qat_(ptq)
+    results["ptq"] = val(ptq)
+    print(f"fp32 {results['fp32']:.4f}  ptq {results['ptq']:.4f}", flush=True)
+
+    qat = copy.deepcopy(model)
+    apply_(qat, config)
+    train(qat, args.steps, seed=2, lr_peak=args.lr, warmup=5)
+    results["qat_fake"] = val(qat)
+    convert_qat_(qat)
+    results["qat"] = val(qat)
+    gap = results["ptq"] - results["fp32"]
+    results["recovery"] = (results["ptq"] - results["qat"]) / gap if gap else float("nan")
+    print(f"qat {results['qat']:.4f} (fake {results['qat_fake']:.4f}) recovery {results['recovery']:.2f}", flush=True)
+
+    try:
+        from torchao.quantization.qat import Int8DynActInt4WeightQATQuantizer
+    except ImportError as e:
+        results["torchao"] = f"not installed: {e}"
+    else:
+        quantizer = Int8DynActInt4WeightQATQuantizer(groupsize=32)
+        peer = quantizer.prepare(copy.deepcopy(model))
+        peer.loss = peer.loss  # llmopt model: the prepared model keeps .loss
+        train(peer, args.steps, seed=2, lr_peak=args.lr, warmup=5)
+        peer = quantizer.convert(peer)
+        results["torchao_qat"] = val(peer)
+        results["torchao_recovery"] = (results["ptq"] - results["torchao_qat"]) / gap if gap else float("nan")
+        print(f"torchao qat {results['torchao_qat']:.4f} recovery {results['torchao_recovery']:.2f}", flush=True)
+    print(json.dumps(results, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

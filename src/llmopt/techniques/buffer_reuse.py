@@ -1,0 +1,143 @@
+"""Buffer reuse against allocator fragmentation: sequence-length bucketing, allocator settings, heap trimming.
+
+Variable-length batches ask the allocator for a different set of sizes every step; a caching
+allocator (CUDA) or malloc arenas (CPU) keep the odd-sized free blocks, and the resident memory
+creeps above what the step needs. What this technique does, and only that:
+- bucketing (`BufferReuseHook.before_forward`): each batch is padded on the right to the next of a few
+  bucket lengths (`llmopt.techniques.compile.bucket_pad`: inputs with `pad_id`, targets with -100, so
+  the loss sum and the token count are unchanged), so the step only ever allocates a handful of sizes
+  and a freed block fits the next step's request;
+- allocator settings, reported: on CUDA, `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` (segments grow
+  in place instead of fragmenting; pytorch PR #96995) is set if CUDA is not initialized yet, and the
+  report says when it is too late; on CPU with glibc, `mallopt(M_ARENA_MAX, arenas)` caps the malloc
+  arenas (the runtime form of `MALLOC_ARENA_MAX`) and `malloc_trim(0)` after every `trim_every`
+  optimizer steps returns freed heap pages to the OS;
+- measurement: the hook logs the resident set (`rss_bytes`) per step; `benchmarks/bench_buffer_reuse.py`
+  compares peak RSS with variable-length batches, default vs this technique, at equal step time.
+Preallocated buffers that already exist elsewhere are not duplicated: the KV cache (`llmopt.inference.KVCache`)
+is allocated once at its full size, and the chunked loss of `fused_ops` never builds the full logits.
+
+What it cannot do on CPU: PyTorch uses the system malloc there, which has no caching allocator to tune;
+large tensors (>= 128 KiB by default) are mmap'ed and returned to the OS on free, so fragmentation
+only touches the smaller ones. Expect a modest effect on CPU; the lever is the GPU allocator.
+
+Numerics contract: exact (padding is masked out of the loss; logits of the real positions are those of
+the unpadded batch, causal attention never looks right). No module changes: the technique adds a hook.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from llmopt.core import ApplyReport, Hook, Stage, TechniqueConfig, register
+from llmopt.techniques.compile import bucket_lengths, bucket_pad
+
+M_ARENA_MAX = -8
+"""glibc's mallopt parameter number for the arena cap (malloc.h)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BufferReuseConfig(TechniqueConfig):
+    """Buffer reuse: pad variable-length batches to a few bucket lengths, tune and trim the allocator."""
+
+    bucketing: Literal["pow2", "multiple"] = "multiple"
+    """Bucket lengths: powers of two, or multiples of `bucket_multiple`."""
+    bucket_multiple: int = 64
+    """Bucket step for bucketing="multiple"."""
+    max_len: int | None = None
+    """Longest bucket; None means the model's max_seq_len."""
+    pad_id: int = 0
+    """Token id the inputs are padded with (targets get -100)."""
+    trim_every: int = 1
+    """CPU/glibc: call malloc_trim(0) after every this many optimizer steps (0: never)."""
+    malloc_arenas: int | None = 2
+    """CPU/glibc: cap malloc arenas at this number (mallopt M_ARENA_MAX); None leaves glibc's default."""
+
+    def __post_init__(self) -> None:
+        if self.bucket_multiple <= 0 or self.trim_every < 0:
+            raise ValueError("bucket_multiple must be positive and trim_every >= 0")
+        if self.malloc_arenas is not None and self.malloc_arenas <= 0:
+            raise ValueError("malloc_arenas must be positive or None")
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        libc.malloc_trim  # noqa: B018 - glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux /proc), 0 elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+class BufferReuseHook(Hook):
+    """Pads each batch to its bucket; trims the glibc heap every `trim_every` steps; logs RSS."""
+
+    def __init__(self, buckets: tuple[int, ...], *, pad_id: int = 0, trim_every: int = 1) -> None:
+        self.buckets, self.pad_id, self.trim_every = tuple(buckets), pad_id, trim_every
+        self._libc = _libc() if trim_every else None
+
+    def before_forward(self, state: Any, batch: Any) -> Any:
+        return bucket_pad(batch, self.buckets, pad_id=self.pad_id)
+
+    def after_optimizer_step(self, state: Any) -> None:
+        if self._libc is not None and (state.step + 1) % self.trim_every == 0:
+            self._libc.malloc_trim(0)
+        state.metrics["rss_bytes"] = rss_bytes()
+
+
+def configure_allocator(device_type: str, malloc_arenas: int | None) -> list[str]:
+    """Apply the allocator settings that matter on this device; one note per setting (what was done or why not)."""
+    notes = []
+    if device_type == "cuda" or torch.cuda.is_available():
+        current = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+        if "expandable_segments" in current:
+            notes.append(f"PYTORCH_CUDA_ALLOC_CONF={current} (already set)")
+        elif torch.cuda.is_initialized():
+            notes.append("CUDA is already initialized: set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in the "
+                         "environment before the process starts (too late to change it now)")
+        else:
+            os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(filter(None, [current, "expandable_segments:True"]))
+            notes.append("set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before CUDA init")
+    libc = _libc()
+    if libc is None:
+        notes.append("no glibc: malloc arenas and trimming left to the system allocator")
+    elif malloc_arenas is not None:
+        ok = libc.mallopt(M_ARENA_MAX, malloc_arenas)
+        notes.append(f"glibc mallopt(M_ARENA_MAX, {malloc_arenas}) {'set' if ok else 'refused'}")
+    return notes
+
+
+@register(BufferReuseConfig, name="buffer_reuse", stage=Stage.SURGERY, workload="train")
+def apply_buffer_reuse(model: nn.Module, config: BufferReuseConfig, *, filter_fn=None) -> ApplyReport:
+    """Add the bucketing/trimming hook and apply the allocator settings (process-wide: listed in the notes)."""
+    report = ApplyReport()
+    max_len = config.max_len or getattr(getattr(model, "config", None), "max_seq_len", 2048)
+    buckets = bucket_lengths(max_len, config.bucketing, multiple=config.bucket_multiple, min_len=16) + (max_len,)
+    report.hooks.append(BufferReuseHook(buckets, pad_id=config.pad_id, trim_every=config.trim_every))
+    device = next(model.parameters()).device.type if next(model.parameters(), None) is not None else "cpu"
+    if device != "meta":
+        report.notes.extend(configure_allocator(device, config.malloc_arenas))
+    report.notes.append(f"{len(buckets)} bucket lengths up to {max_len} ({config.bucketing})")
+    return report
+
+
+__all__ = ["BufferReuseConfig", "BufferReuseHook", "apply_buffer_reuse", "configure_allocator", "rss_bytes"]

@@ -78,6 +78,7 @@ def main() -> None:
         ppl = perplexity(model, ppl_ids, window=args.window, stride=args.window)["ppl"]
         rows[name] = {"weight_bytes": weight_bytes(model), "bytes_ratio": weight_bytes(model) / fp_bytes,
                       "ppl": ppl, "ppl_s": time.perf_counter() - t0, "decode": [], "tokens": None}
+        print(f"{name}: ppl {ppl:.3f}, {rows[name]['bytes_ratio']:.3f}x bytes", flush=True)
     for _ in range(2):  # warm-up
         for model in variants.values():
             generate(model, prompt, 4)
@@ -86,6 +87,7 @@ def main() -> None:
             result = generate(model, prompt, args.new_tokens, temperature=0.0)
             rows[name]["decode"].append(result.decode_tokens_per_second)
             rows[name]["tokens"] = result.new_tokens[0].tolist()
+            print(f"{name}: decode {result.decode_tokens_per_second:.1f} tok/s", flush=True)
     ref = rows["fp32"]
     ref_decode = statistics.median(ref["decode"])
     print(f"model {args.model}, {args.threads} thread(s), {args.rounds} interleaved rounds, ppl over "

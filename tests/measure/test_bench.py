@@ -230,6 +230,15 @@ def test_time_to_target_interpolates():
     assert time_to_target(curve, 4.0) == (3.0, 7.5)
     assert time_to_target(curve, 6.5) == (0.0, 0)
     assert time_to_target(curve, 2.0) == (None, None)
+    assert time_to_target(curve, 3.0 - 1e-5) == (4.0, 10)  # float noise below the target still reaches it
+
+
+def test_float_noise_is_equal_not_worse():
+    from llmopt.measure.bench_report import verdict
+
+    s = {"ratio": 1.000001, "ratio_min": 1.000001, "ratio_max": 1.000002, "n": 3}
+    assert verdict("val_loss", s).startswith("equal to the baseline within")
+    assert verdict("val_loss", {**s, "ratio_max": 1.01}).startswith("worse")
 
 
 def test_greedy_agreement_is_per_round():

@@ -276,16 +276,21 @@ def workload_kwargs(workload: str, s: Settings, run_dict: dict, data_path: Path,
 
 
 # ---- figures that need the baseline of the same round --------------------------------------------
-def time_to_target(val_curve: list, target: float) -> tuple[float | None, float | None]:
+TARGET_RTOL = 1e-4
+"""A loss within this relative tolerance of the target has reached it (compile-style float noise is not a miss)."""
+
+
+def time_to_target(val_curve: list, target: float, rtol: float = TARGET_RTOL) -> tuple[float | None, float | None]:
     """(seconds, steps) at which a (seconds, val_loss, step) curve first reaches `target`, interpolated."""
     prev = None
+    reached = target + abs(target) * rtol
     for point in val_curve or []:
         t, v, s = point[0], point[1], point[2]
-        if v is not None and v <= target:
+        if v is not None and v <= reached:
             if prev is None or prev[1] == v:
                 return t, s
             t0, v0, s0 = prev
-            frac = (v0 - target) / (v0 - v)
+            frac = min(1.0, (v0 - target) / (v0 - v))  # v may sit just above the target, within rtol
             return t0 + frac * (t - t0), s0 + frac * (s - s0)
         prev = (t, v, s)
     return None, None
@@ -420,21 +425,23 @@ def measure_peak(device: str, threads: int | None) -> dict[str, Any]:
     """`measure_peak_flops` once, in a fresh process like the runs, so it uses the threads they use."""
     from llmopt.measure.memory import run_in_subprocess
 
-    kwargs: dict[str, Any] = {"device": "cuda" if device.startswith("cuda") else "cpu"}
-    result = run_in_subprocess("llmopt.measure.bench:_peak_child", {**kwargs, "threads": threads})
+    cuda = device.startswith("cuda")
+    # a fixed 1024 on CPU: the automatic size stops at 256 on a loaded machine, where overhead dominates
+    kwargs = {"device": "cuda" if cuda else "cpu", "size": None if cuda else 1024, "threads": threads}
+    result = run_in_subprocess("llmopt.measure.bench:_peak_child", kwargs)
     if not result.get("ok"):
         raise RuntimeError(f"measuring the machine's peak FLOP/s failed: {result.get('error')}")
     return result["result"]
 
 
-def _peak_child(device: str, threads: int | None) -> dict[str, Any]:
+def _peak_child(device: str, size: int | None, threads: int | None) -> dict[str, Any]:
     import torch
 
     from llmopt.measure.flops import measure_peak_flops
 
     if threads:
         torch.set_num_threads(threads)
-    return measure_peak_flops(device=device)
+    return measure_peak_flops(device=device, size=size)
 
 
 def _settings(w: str, run, model: str, warmup: int, steps: int) -> Settings:

@@ -14,7 +14,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from llmopt.measure.report import _fmt, _fmt_ratio, load_results, render_markdown, sections, verdict, write_results
+from llmopt.measure.report import _fmt, _fmt_ratio, load_results, render_markdown, sections, write_results
+from llmopt.measure.report import verdict as report_verdict
+
+EQUAL_RTOL = 1e-4
+"""A ratio band inside 1 ± this is float noise (a compiled kernel's summation order), not a difference."""
 
 HEADLINE = {
     "train": ["step_time_s", "tokens_per_s", "train_loss", "val_loss", "time_to_target_s", "peak_rss_bytes",
@@ -26,7 +30,16 @@ HEADLINE = {
 }
 """Figures of the headline table and the ratio plot, per workload."""
 
-_MARKS = (("better", "better"), ("worse", "worse"), ("within noise", "≈"), ("identical", "="), ("differs", "≠"))
+_MARKS = (("better", "better"), ("worse", "worse"), ("within noise", "≈"), ("identical", "="), ("equal", "="),
+          ("differs", "≠"))
+
+
+def verdict(figure: str, s: dict[str, Any]) -> str:
+    """`measure.report.verdict`, except that a band inside 1 ± EQUAL_RTOL is called equal, not better or worse."""
+    lo, hi = s.get("ratio_min"), s.get("ratio_max")
+    if lo is not None and hi is not None and not lo == hi == 1.0 and 1 - EQUAL_RTOL <= lo <= hi <= 1 + EQUAL_RTOL:
+        return f"equal to the baseline within {EQUAL_RTOL:g} (float rounding)"
+    return report_verdict(figure, s)
 
 
 def _workload_kind(section: dict[str, Any]) -> str:
@@ -209,5 +222,15 @@ def umask() -> int:
 
 
 def rerender(run_dir: str | Path) -> str:
-    """`llmopt report DIR`: rewrite report.md and the PNGs from DIR/results.json; returns the Markdown."""
-    return write_bench_outputs(run_dir, load_results(run_dir))
+    """`llmopt report DIR`: rewrite report.md and the PNGs from DIR/results.json; returns the Markdown.
+
+    The figures paired with the baseline's round (time-to-target, greedy agreement) and the summaries
+    are recomputed from the stored repeats, so a report follows the current rules.
+    """
+    from llmopt.measure.bench import add_round_figures
+
+    results = load_results(run_dir)
+    for section in results.get("workloads") or [results]:
+        add_round_figures(section)
+        section.pop("summary", None)
+    return write_bench_outputs(run_dir, results)

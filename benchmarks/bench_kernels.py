@@ -73,7 +73,7 @@ def bench_ce(rounds: int, threads: int) -> dict:
     for r in range(rounds):
         runs = {}
         for kind in ("naive", "fused") if r % 2 == 0 else ("fused", "naive"):
-            out = run_in_subprocess("bench_kernels:ce_child", dict(kind=kind, n=n, dim=dim, vocab=vocab, steps=3,
+            out = run_in_subprocess("bench_kernels:ce_child", dict(kind=kind, n=n, dim=dim, vocab=vocab, steps=2,
                                                                    threads=threads), timeout=900)
             assert out["ok"], out
             runs[kind] = out["result"]

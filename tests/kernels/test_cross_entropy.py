@@ -118,3 +118,11 @@ def test_triton_interpreter_matches_reference():
 def test_triton_on_gpu(dtype, tol):
     _check("triton", 1024, 256, 32_000, dtype=dtype, tol=tol, device="cuda")
     _check("triton", 64, 128, 262_144, dtype=dtype, tol=tol, device="cuda")
+
+
+def test_second_backward_through_the_same_graph_is_refused():
+    h, w, t = _inputs(6, 8, 20)
+    loss, _ = fused_linear_cross_entropy(h, w, t, backend="chunked")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()

@@ -34,8 +34,8 @@ __all__ = ["default_chunk_size", "fused_linear_cross_entropy", "linear_cross_ent
 
 BACKENDS = ("reference", "chunked", "triton")
 
-CHUNK_BYTES = 32 * 2**20
-"""Default budget for one chunk of fp32 logits: 32 MiB (256 rows at V=32k, 32 rows at V=256k)."""
+CHUNK_BYTES = 16 * 2**20
+"""Default budget for one chunk of fp32 logits: 16 MiB (128 rows at V=32k, 16 rows at V=256k)."""
 
 linear_cross_entropy_reference = linear_cross_entropy
 """The full-logits loss the fused one must match: `F.cross_entropy((h @ W.T).float(), t, reduction="sum")`."""
@@ -50,15 +50,22 @@ def default_chunk_size(n_rows: int, vocab_size: int) -> int:
 
 def _chunk_loss_and_grad_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                                want_grad: bool) -> torch.Tensor:
-    """Loss per row (c,) of fp32 logits (c, V); if `want_grad`, overwrite logits with d loss / d logits."""
+    """Loss per row (c,) of fp32 logits (c, V); if `want_grad`, overwrite logits with d loss / d logits.
+
+    Everything vocabulary-sized happens in place on the chunk (torch.logsumexp would allocate another (c, V)).
+    """
     valid = targets != ignore_index  # (c,)
     safe = targets.masked_fill(~valid, 0)[:, None]  # (c, 1)
-    lse = torch.logsumexp(logits, dim=-1)  # (c,)
-    loss = (lse - logits.gather(1, safe).squeeze(1)) * valid
-    if want_grad:
-        logits.sub_(lse[:, None]).exp_()  # softmax, in place
-        logits.scatter_add_(1, safe, -valid[:, None].to(logits.dtype))  # - one_hot(target)
-        logits.mul_(valid[:, None])  # ignored rows have no gradient
+    target_logit = logits.gather(1, safe).squeeze(1)  # (c,)
+    if not want_grad:
+        return (torch.logsumexp(logits, dim=-1) - target_logit) * valid
+    m = logits.amax(dim=-1, keepdim=True)  # (c, 1)
+    logits.sub_(m).exp_()  # exp(x - max)
+    total = logits.sum(dim=-1, keepdim=True)  # (c, 1)
+    loss = ((m + total.log()).squeeze(1) - target_logit) * valid
+    logits.div_(total)  # softmax
+    logits.scatter_add_(1, safe, -valid[:, None].to(logits.dtype))  # - one_hot(target)
+    logits.mul_(valid[:, None])  # ignored rows have no gradient
     return loss
 
 
@@ -106,11 +113,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # scaled in place (as Liger does): no second (V, dim) copy at the peak, so a second backward through
+        # the same graph (retain_graph=True) is refused rather than silently wrong
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("fused_linear_cross_entropy's backward ran twice (retain_graph=True); recompute the "
+                               "loss for each backward, or use backend='reference'")
+        ctx.consumed = True
         grad_h, grad_w = ctx.saved_tensors
         if grad_h is not None:
-            grad_h = grad_h * grad_loss.to(grad_h.dtype)
+            grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
         if grad_w is not None:
-            grad_w = (grad_w * grad_loss).to(ctx.weight_dtype)
+            grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype)
         return grad_h, grad_w, None, None, None, None
 
 
@@ -121,7 +134,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
 
     Same result as `F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index, reduction="sum")`
     without the (N, V) logits (see the module docstring). `chunk_size`: rows per chunk (default
-    `default_chunk_size`: 32 MiB of fp32 logits).
+    `default_chunk_size`: 16 MiB of fp32 logits).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1 or hidden.shape[0] != targets.shape[0] \
             or hidden.shape[1] != weight.shape[1]:

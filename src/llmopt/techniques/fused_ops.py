@@ -59,7 +59,7 @@ class FusedOpsConfig(TechniqueConfig):
     backend: Literal["auto", "reference", "compiled", "triton"] = "auto"
     """Kernel backend; "compiled" means torch.compile for the pointwise ops and the chunked eager loss."""
     chunk_size: int = 0
-    """Rows per cross-entropy chunk; 0 chooses 32 MiB of fp32 logits per chunk."""
+    """Rows per cross-entropy chunk; 0 chooses 16 MiB of fp32 logits per chunk."""
     include: tuple[str, ...] = ()
     """Swap only modules matching these fqn patterns (fqn_filter syntax); empty means all."""
 

@@ -62,4 +62,39 @@ print(json.dumps(res, indent=2))
 PYEOF
 record "kernels benchmark" $?
 
+# ---- linear-time models (Mamba scan, RetNet chunkwise retention): Triton vs torch on the GPU -----------------
+section "linear-time: triton scan and retention vs torch"
+$PY - > "$OUT/linear_time.json" 2> "$OUT/linear_time.err" <<'PYEOF'
+import json, torch
+from triton.testing import do_bench
+from llmopt.kernels.scan import selective_scan_triton
+from llmopt.kernels.retention import retention_chunkwise_triton
+from llmopt.models.mamba import scan_chunked, scan_sequential
+from llmopt.models.retnet import head_decays, retention_chunkwise, retention_recurrent
+dev, res, g = "cuda", {}, torch.Generator(device="cuda").manual_seed(0)
+for T in (2048, 8192):
+    x = torch.randn(4, T, 1536, device=dev, generator=g); dt = torch.rand(4, T, 1536, device=dev, generator=g) * 0.1
+    A = -torch.rand(1536, 16, device=dev, generator=g) * 8
+    Bm, Cm = torch.randn(4, T, 16, device=dev, generator=g), torch.randn(4, T, 16, device=dev, generator=g)
+    y_ref, _ = scan_chunked(x, dt, A, Bm, Cm)
+    y, _ = selective_scan_triton(x, dt, A, Bm, Cm)
+    res[f"scan T={T}"] = {"max_abs_diff_vs_chunked": (y - y_ref).abs().max().item(),
+                          "chunked_ms": do_bench(lambda: scan_chunked(x, dt, A, Bm, Cm)),
+                          "triton_ms": do_bench(lambda: selective_scan_triton(x, dt, A, Bm, Cm))}
+    q = torch.randn(4, 8, T, 64, device=dev, generator=g) / 8; k = torch.randn(4, 8, T, 64, device=dev, generator=g)
+    v = torch.randn(4, 8, T, 128, device=dev, generator=g); lg = head_decays(8).to(dev)
+    o_ref, _ = retention_chunkwise(q, k, v, lg, chunk_size=64)
+    o, _ = retention_chunkwise_triton(q, k, v, lg, chunk_size=64)
+    res[f"retention T={T}"] = {"max_abs_diff_vs_chunkwise": (o - o_ref).abs().max().item(),
+                               "torch_chunkwise_ms": do_bench(lambda: retention_chunkwise(q, k, v, lg, chunk_size=64)),
+                               "triton_ms": do_bench(lambda: retention_chunkwise_triton(q, k, v, lg, chunk_size=64))}
+x = torch.randn(1, 256, 64, device=dev, generator=g); dt = torch.rand(1, 256, 64, device=dev, generator=g) * 0.1
+A = -torch.rand(64, 16, device=dev, generator=g) * 8; Bm, Cm = (torch.randn(1, 256, 16, device=dev, generator=g) for _ in range(2))
+res["scan vs sequential (T=256)"] = (selective_scan_triton(x, dt, A, Bm, Cm)[0] - scan_sequential(x, dt, A, Bm, Cm)[0]).abs().max().item()
+print(json.dumps(res, indent=2))
+bad = [k for k, v in res.items() if (v if isinstance(v, float) else max(x for n, x in v.items() if "diff" in n)) > 1e-3]
+raise SystemExit(1 if bad else 0)
+PYEOF
+record "linear-time triton vs torch" $?
+
 exit $status

@@ -185,7 +185,7 @@ def test_adaptive_k_switches_off_a_useless_proposer():
         k = control.next_k()
         control.observe(k, 0, k + 1, 1.0 + 0.05 * k, 0.3 * k)  # never accepted, draft costs 0.3 target
     ks = [control.next_k() for _ in range(16)]
-    assert ks.count(0) >= 14  # off, with an occasional probe
+    assert ks.count(0) >= 12 and max(ks) <= 1  # off, with a 1-token probe every 4th round
     good = AdaptiveK(8)
     for _ in range(30):
         k = good.next_k()

@@ -100,7 +100,7 @@ class AdaptiveK:
     off, every `probe_every`-th round proposes one token to re-measure the acceptance.
     """
 
-    def __init__(self, k_max: int, adaptive: bool = True, *, decay: float = 0.9, probe_every: int = 8) -> None:
+    def __init__(self, k_max: int, adaptive: bool = True, *, decay: float = 0.9, probe_every: int = 4) -> None:
         if k_max < 1:
             raise ValueError(f"k (tokens proposed per round) must be at least 1, got {k_max}")
         self.k_max, self.adaptive, self.decay, self.probe_every = k_max, adaptive, decay, probe_every
@@ -130,7 +130,10 @@ class AdaptiveK:
             return 1.0 + 0.05 * (n - 1)
         var = snn / w - (sn / w) ** 2
         slope = max((snt / w - sn * st / w ** 2) / var, 0.0) if var > 1e-9 else 0.05 * st / w
-        return max(st / w + slope * (n - sn / w), 1e-9)
+        intercept = max(st / w - slope * sn / w, 1e-9)
+        # one slow round on a shared machine must not switch speculation off: a token more in the forward
+        # costs at most a quarter of a whole forward (k + 1 tokens of a decode step are memory-bound)
+        return intercept + min(slope, 0.25 * intercept) * n
 
     def next_k(self) -> int:
         if not self.adaptive:

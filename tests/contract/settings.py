@@ -232,6 +232,11 @@ SETTINGS["galore"] = ContractCase(
 )
 
 
+# ---- kv_cache (inference) ----------------------------------------------------------------------------
+# Inference components have no generic check yet; tests/test_inference_quantized_cache.py covers it.
+SETTINGS["kv_cache"] = ContractCase()
+
+
 # ---- lamb --------------------------------------------------------------------------------------------
 SETTINGS["lamb"] = ContractCase()
 
@@ -263,6 +268,11 @@ SETTINGS["mixed_precision"] = ContractCase(
 
 # ---- novograd ----------------------------------------------------------------------------------------
 SETTINGS["novograd"] = ContractCase()
+
+
+# ---- prompt_lookup (inference) -----------------------------------------------------------------------
+# tests/test_inference_speculative.py: greedy equals generate_reference, batched equals one by one.
+SETTINGS["prompt_lookup"] = ContractCase()
 
 
 # ---- qat -------------------------------------------------------------------------------------------
@@ -299,6 +309,11 @@ SETTINGS["qlora"] = ContractCase(
 
 # ---- sgd ---------------------------------------------------------------------------------------------
 SETTINGS["sgd"] = ContractCase()
+
+
+# ---- speculative (inference) ------------------------------------------------------------------------
+# tests/test_inference_speculative.py: greedy equals generate_reference; sampling keeps the target distribution.
+SETTINGS["speculative"] = ContractCase()
 
 
 # ---- weight_only_quant -------------------------------------------------------------------------------

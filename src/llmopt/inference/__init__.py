@@ -9,9 +9,19 @@ from llmopt.inference.quantized_cache import QuantizedKVCache, make_quantized_ca
 from llmopt.inference.sampling import logits_to_probs, sample
 from llmopt.inference.speculative import (DraftModelProposer, SpeculativeResult, speculative_generate)
 
-# Not registered yet: `register_technique("kv_cache" | "speculative" | "prompt_lookup", kind="inference", ...)`
-# needs a ContractCase block per name in tests/contract/settings.py (the contract matrix fails otherwise), and
-# that file is another change in flight; see docs/inference.md.
+from llmopt.core import register_technique
+
+# Inference components are listed with the techniques (`llmopt techniques`); their own tests
+# (tests/test_inference_*.py) check them against `generate_reference` and the target distribution.
+register_technique("kv_cache", kind="inference", workload="generate", factory=make_quantized_cache,
+                   description="Quantized KV cache (KIVI layout, 8/4/2 bits, full-precision recent window): "
+                               "`llmopt generate --kv-cache int4`.")
+register_technique("speculative", kind="inference", workload="generate", factory=DraftModelProposer,
+                   description="Speculative decoding with a draft model, exact accept/reject, adaptive k: "
+                               "`llmopt generate --draft MODEL`.")
+register_technique("prompt_lookup", kind="inference", workload="generate", factory=PromptLookupProposer,
+                   description="Prompt lookup decoding: drafts from n-gram matches in the context, no draft "
+                               "model: `llmopt generate --prompt-lookup`.")
 
 __all__ = ["DraftModelProposer", "GenerateResult", "KVCache", "PromptLookupProposer", "QuantizedKVCache",
            "SpeculativeResult", "decode_one_token", "generate", "generate_reference", "logits_to_probs",

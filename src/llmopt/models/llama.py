@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmopt.models.config import ModelConfig
+from llmopt.models.contract import CausalLM
 from llmopt.models.loss import linear_cross_entropy
 
 
@@ -124,7 +125,7 @@ class Block(nn.Module):
         return x
 
 
-class Transformer(nn.Module):
+class Transformer(CausalLM):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -191,20 +192,3 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, cache=cache, input_pos=input_pos, mask=mask)
         return self.norm(x)
 
-    def forward(self, idx: torch.Tensor, *, input_pos: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """Logits (B, T, vocab_size) in fp32 when the weights are fp32."""
-        return self.lm_head(self.hidden_states(idx, input_pos=input_pos, cache=cache))
-
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
-        """(sum of next-token losses, number of target tokens) over targets != ignore_index."""
-        h = self.hidden_states(idx)
-        return self.loss_fn(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1), ignore_index)
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        seen, total = set(), 0
-        for p in self.parameters():
-            if id(p) in seen or (trainable_only and not p.requires_grad):
-                continue
-            seen.add(id(p))
-            total += p.numel()
-        return total

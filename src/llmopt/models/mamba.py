@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmopt.models.config import ModelConfig
+from llmopt.models.contract import CausalLM
 from llmopt.models.llama import RMSNorm
 from llmopt.models.loss import linear_cross_entropy
 
@@ -190,7 +191,7 @@ class MambaBlock(nn.Module):
         return x + self.mixer(self.norm(x), cache=cache)
 
 
-class Mamba(nn.Module):
+class Mamba(CausalLM):
     """Mamba language model behind the model contract: `logits = model(idx, *, input_pos=None, cache=None)`.
 
     With a `MambaCache` (`llmopt.inference.make_cache(model, batch_size)`), `input_pos` must continue the
@@ -263,24 +264,6 @@ class Mamba(nn.Module):
         for layer in self.layers:
             x = layer(x, cache=cache)
         return self.norm_f(x)
-
-    def forward(self, idx: torch.Tensor, *, input_pos: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """Logits (B, T, vocab_size)."""
-        return self.lm_head(self.hidden_states(idx, input_pos=input_pos, cache=cache))
-
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
-        """(sum of next-token losses, number of target tokens) over targets != ignore_index."""
-        h = self.hidden_states(idx)
-        return self.loss_fn(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1), ignore_index)
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        seen, total = set(), 0
-        for p in self.parameters():
-            if id(p) in seen or (trainable_only and not p.requires_grad):
-                continue
-            seen.add(id(p))
-            total += p.numel()
-        return total
 
     def set_scan(self, scan: str) -> None:
         """Switch every layer's full-sequence scan between "chunked" and "sequential" (same results)."""

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmopt.models.config import ModelConfig
+from llmopt.models.contract import CausalLM
 from llmopt.models.llama import FeedForward, RMSNorm, rotate_half
 from llmopt.models.loss import linear_cross_entropy
 
@@ -178,7 +179,7 @@ class RetNetBlock(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class RetNet(nn.Module):
+class RetNet(CausalLM):
     """RetNet language model behind the model contract: `logits = model(idx, *, input_pos=None, cache=None)`.
 
     With a `RetNetCache` (`llmopt.inference.make_cache(model, batch_size)`) positions must continue the
@@ -245,18 +246,3 @@ class RetNet(nn.Module):
             x = layer(x, pos, cache=cache)
         return self.norm(x)
 
-    def forward(self, idx: torch.Tensor, *, input_pos: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(idx, input_pos=input_pos, cache=cache))
-
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
-        h = self.hidden_states(idx)
-        return self.loss_fn(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1), ignore_index)
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        seen, total = set(), 0
-        for p in self.parameters():
-            if id(p) in seen or (trainable_only and not p.requires_grad):
-                continue
-            seen.add(id(p))
-            total += p.numel()
-        return total

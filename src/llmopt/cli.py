@@ -287,7 +287,7 @@ def cmd_techniques(args) -> int:
     import llmopt.techniques
     from llmopt.core import registered, technique_options
 
-    llmopt.techniques.load_all()
+    llmopt.load_techniques()
     rows = []
     for name, entry in registered().items():
         try:

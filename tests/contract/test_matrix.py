@@ -31,7 +31,7 @@ from llmopt.core import (
 )
 from llmopt.models import ModelConfig, build_model
 
-llmopt.techniques.load_all()
+llmopt.load_techniques()
 
 TRANSFORMS = sorted(n for n in registered("transform") if n in SETTINGS)
 OPTIMIZERS = sorted(n for n in registered("optimizer") if n in SETTINGS)

@@ -24,7 +24,7 @@ PEAK = {"peak_flops": 1e9, "min": 1e9, "max": 1e9, "size": 256, "dtype": "float3
 def _registry_loaded():
     import llmopt.techniques
 
-    llmopt.techniques.load_all()  # before any isolated_registry block, so its undo keeps the real ones
+    llmopt.load_techniques()  # before any isolated_registry block, so its undo keeps the real ones
 
 
 @pytest.fixture

@@ -87,7 +87,7 @@ def _registry():
     import llmopt.techniques
     from llmopt.core import registered
 
-    llmopt.techniques.load_all()
+    llmopt.load_techniques()
     return registered()
 
 

@@ -65,7 +65,7 @@ def apply_techniques(model: torch.nn.Module, specs: list[str], *, allow_hooks: b
     import llmopt.techniques
     from llmopt.core import apply_, lookup, parse_technique_spec
 
-    llmopt.techniques.load_all()
+    llmopt.load_techniques()
     transforms, hooks, lines = [], [], []
     for spec in specs:
         config = parse_technique_spec(spec)

@@ -20,13 +20,3 @@ for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         globals()[_name] = getattr(_module, _name)
         __all__.append(_name)
 
-
-def load_all() -> None:
-    """Import every layer that registers techniques (transforms, optimizers, inference components)."""
-    for package in ("llmopt.optim", "llmopt.inference", "llmopt.data"):
-        try:
-            importlib.import_module(package)
-        except ImportError as e:  # an optional dependency of one layer must not hide the others
-            import logging
-
-            logging.getLogger("llmopt").warning("could not import %s: %s", package, e)

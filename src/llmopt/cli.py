@@ -204,8 +204,8 @@ def cmd_demo(args) -> int:
         # the same model and data, baseline recipe vs the optimized one, interleaved in fresh processes
         preset = "tiny" if args.quick else "demo"
         console.rule(f"llmopt bench: baseline vs {DEMO_OPTIMIZED} on the {preset} model")
-        table = bench_table([DEMO_OPTIMIZED], model=preset, steps=4 if args.quick else 12,
-                            repeats=3 if args.quick else 5, out=out / "bench", force=True, peers="none")
+        table = bench_table([DEMO_OPTIMIZED], model=preset, steps=4 if args.quick else 6, repeats=3,
+                            out=out / "bench", force=True, peers="none")
         (out / "bench.md").write_text(table + "\n")
         console.print(table, markup=False, highlight=False)
     console.print(f"everything is in {out}/: config.json, tokenizer.json, model.safetensors, metrics.jsonl, "

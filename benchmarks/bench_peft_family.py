@@ -180,7 +180,7 @@ def quality(base, ids_all, steps: int) -> dict:
                 loss = model(input_ids=train[i:i + 1], labels=train[i:i + 1]).loss
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         model.eval()
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "lora_bf16_base"):
             held_loss = statistics.mean(float(model(input_ids=h[None], labels=h[None]).loss) for h in held)

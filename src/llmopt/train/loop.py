@@ -200,8 +200,10 @@ def prepare_run(run: RunConfig, out_dir: Path):
 
     reports = []
     if run.techniques:
+        import llmopt
         from llmopt.core import apply_, parse_technique_spec
 
+        llmopt.load_techniques()  # a spec names a registered technique: make sure every one is registered
         configs = [parse_technique_spec(spec) for spec in run.techniques]
         reports = apply_(model, *configs)
         reports = list(reports) if isinstance(reports, (list, tuple)) else [reports]

@@ -113,3 +113,22 @@ def tiny_retnet() -> RunConfig:
 def demo_retnet() -> RunConfig:
     """The `demo_retnet` model (~5.5M parameters) with the `demo` recipe's data, steps and optimizer."""
     return _same_run_as(demo, "demo_retnet", "demo_retnet")
+
+
+# ---- distill_draft (issue 6: a draft model for speculative decoding of SmolLM2-135M) -------------------
+@recipe
+def distill_draft() -> RunConfig:
+    """A SmolLM2-135M draft (width 256, 4 layers, SmolLM2's tokenizer; about 1/9 of its compute per token)
+    distilled from SmolLM2's top-32 next-token distributions on the bundled corpus. Run it with
+    `python -m llmopt.recipes.distill --out runs/smollm2-draft` (init_from is the teacher, not the student's
+    weights; see docs/inference.md for the time it takes)."""
+    return RunConfig(
+        recipe="distill_draft",
+        model=ModelConfig(name="smollm2-draft", vocab_size=49152, dim=256, n_layer=4, n_head=4, n_kv_head=2,
+                          head_dim=64, intermediate_size=704, rope_theta=100000.0, max_seq_len=8192),
+        init_from="smollm2-135m",
+        data=DataConfig(max_chars=360_000),  # ~100k teacher tokens (the teacher pass is most of the time)
+        train=TrainConfig(steps=300, batch_size=8, seq_len=128, eval_every=100, eval_batches=4, log_every=10,
+                          threads=1),
+        optim=OptimConfig(lr=2e-3, min_lr=2e-4, warmup_steps=20, weight_decay=0.0),
+    )

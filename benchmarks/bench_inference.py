@@ -2,8 +2,10 @@
 
     python benchmarks/bench_inference.py lookup   # plain vs prompt lookup, copy-heavy and no-copy prompts
     python benchmarks/bench_inference.py kv       # bytes, perplexity with the cache in the loop, decode at 2k
-    python benchmarks/bench_inference.py hf       # greedy tokens vs transformers generate, same weights
-    python benchmarks/bench_inference.py spec --draft RUN_DIR   # speculative decoding with a draft model
+    python benchmarks/bench_inference.py hf [--dtype bf16]   # greedy tokens and tok/s vs transformers generate
+    python benchmarks/bench_inference.py spec [--draft DIR]  # speculative decoding with the distilled draft
+                                                             # (built by the distill_draft recipe if DIR is absent)
+Add `--json docs/results/inference_WHICH.json` to store every printed row.
 
 Timed configurations run interleaved in one process, round by round; ratios are per round, reported as
 median (min-max) over the rounds. tok/s counts new tokens over the whole generate call (prefill included),
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -25,7 +29,11 @@ from llmopt.inference import (DraftModelProposer, KVCache, PromptLookupProposer,
 from llmopt.models import load_pretrained
 
 
+ROWS: list[dict] = []
+
+
 def emit(**row):
+    ROWS.append(row)
     print(json.dumps(row), flush=True)
 
 
@@ -130,27 +138,49 @@ def bench_kv(args):
 
 
 def bench_hf(args):
+    """Greedy identity and speed vs transformers generate on the same weights: prompt i runs ours then
+    theirs (odd i: theirs first), so the per-prompt time ratios are interleaved rounds."""
     from llmopt.models.hf import to_hf
 
-    model, tok = load_pretrained("smollm2-135m")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model, tok = load_pretrained("smollm2-135m", dtype=dtype)
     hf = to_hf(model).eval()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     ids = shakespeare_ids(tok)
-    same, first_diff = 0, []
+    n = args.new_tokens
+    same, first_diff, ratios = 0, [], []
+    warm = torch.tensor([ids[:32]])
+    generate(model, warm, 4)
+    with torch.no_grad():
+        hf.generate(warm, attention_mask=torch.ones_like(warm), do_sample=False, max_new_tokens=4)
     for i in range(args.prompts):
         prompt = torch.tensor([ids[i * 300:i * 300 + 32]])
-        ours = generate(model, prompt, args.new_tokens).new_tokens[0]
-        with torch.no_grad():
-            theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                 max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)[0, 32:]
-        equal = torch.equal(ours, theirs)
+
+        def ours():
+            return generate(model, prompt, n).new_tokens[0]
+
+        def theirs():
+            with torch.no_grad():
+                return hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                   max_new_tokens=n, min_new_tokens=n)[0, 32:]
+        seconds, out = {}, {}
+        for name, fn in (("ours", ours), ("theirs", theirs))[:: 1 if i % 2 == 0 else -1]:
+            start = time.perf_counter()
+            out[name] = fn()
+            seconds[name] = time.perf_counter() - start
+        equal = torch.equal(out["ours"], out["theirs"])
         same += equal
         if not equal:
-            first_diff.append(int((ours != theirs).nonzero()[0]))
-        emit(bench="hf/greedy", prompt=i, identical=equal)
-    emit(bench="hf/greedy summary", prompts=args.prompts, new_tokens=args.new_tokens, identical=same,
-         first_divergence=first_diff)
+            first_diff.append(int((out["ours"] != out["theirs"]).nonzero()[0]))
+        ratios.append(seconds["theirs"] / seconds["ours"])
+        emit(bench=f"hf/greedy {args.dtype}", prompt=i, identical=equal, ours_s=seconds["ours"],
+             transformers_s=seconds["theirs"], tok_s_ratio=ratios[-1])
+    emit(bench=f"hf/greedy {args.dtype} summary", prompts=args.prompts, prompt_tokens=32, new_tokens=n,
+         identical=same, first_divergence=first_diff, threads=torch.get_num_threads(),
+         tok_s_ratio_vs_transformers=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+         note="tok/s over the whole generate call (32-token prefill included); one ratio per prompt, "
+              "order alternating")
 
 
 def bench_spec(args):
@@ -180,10 +210,17 @@ def main():
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--draft")
     p.add_argument("--k", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", help="write every row to this JSON file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     {"lookup": bench_lookup, "kv": bench_kv, "hf": bench_hf, "spec": bench_spec}[args.which](args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": "python benchmarks/bench_inference.py " + " ".join(sys.argv[1:]),
+                       "load_average": os.getloadavg(), "rows": ROWS}, f, indent=1)
+            f.write("\n")
 
 
 if __name__ == "__main__":

@@ -189,3 +189,38 @@ def test_chunked_scan_fp32_gradients_finite_and_equal(dt_scale):
     for g, g_ref in zip(torch.autograd.grad(y.sum(), inputs), grads_ref):
         assert torch.isfinite(g).all()
         torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dt_scale", [0.1, 5.0])
+def test_cpu_scan_kernel_equals_sequential(dt_scale):
+    from llmopt.kernels.scan import selective_scan_cpu
+
+    x, dt, A, Bm, Cm, h0 = _scan_inputs(dt_scale=dt_scale)
+    y_ref, h_ref = scan_sequential(x, dt, A, Bm, Cm, h0)
+    y, h = selective_scan_cpu(x, dt, A, Bm, Cm, h0)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
+    y1, h1 = selective_scan_cpu(x[:, :1], dt[:, :1], A, Bm[:, :1], Cm[:, :1], h0)  # the decode step
+    torch.testing.assert_close(y1[:, 0], scan_step(h0, x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0])[0], atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_fused_scan_model_paths_agree_and_refuses_autograd():
+    from llmopt.kernels.scan import selective_scan_cpu, use_fused_scan_
+
+    model = _model()
+    idx = torch.randint(0, 320, (2, 40))
+    with torch.no_grad():
+        ref = model(idx)
+        assert set(use_fused_scan_(model).values()) == {"cpu"}
+        torch.testing.assert_close(model(idx), ref, atol=1e-5, rtol=1e-5)
+        cache = make_cache(model, 2)  # prefill then the decode step through the kernel
+        steps = [model(idx[:, :9], input_pos=torch.arange(9), cache=cache)]
+        for t in range(9, 40):
+            steps.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t]), cache=cache))
+    torch.testing.assert_close(torch.cat(steps, 1), ref, atol=1e-5, rtol=1e-5)
+    x, dt, A, Bm, Cm, h0 = _scan_inputs(T=4)
+    with pytest.raises(ValueError, match="no backward"):
+        selective_scan_cpu(x.requires_grad_(), dt, A, Bm, Cm, h0)
+    with pytest.raises(ValueError, match="no MambaMixer"):
+        use_fused_scan_(torch.nn.Linear(2, 2))

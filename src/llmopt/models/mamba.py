@@ -48,6 +48,7 @@ MAMBA_DEFAULTS = dict(d_state=16, d_conv=4, expand=2, dt_rank=None, chunk_size=3
                       bias=False)
 _MAX_CHUNK_DECAY = 30.0  # largest -log decay inside a chunk: exp(-S) <= e^30, and products of two such
 # factors in the backward stay below fp32's e^88
+_MAX_CHUNK_DECAY_INFERENCE = 60.0  # without a backward only exp(-S) (<= e^60) times a term must stay finite
 
 
 def mamba_settings(config: ModelConfig) -> dict:
@@ -85,20 +86,59 @@ def scan_sequential(x, dt, A, Bm, Cm, h0=None) -> tuple[torch.Tensor, torch.Tens
     return torch.stack(ys, dim=1), h
 
 
-def scan_chunked(x, dt, A, Bm, Cm, h0=None, chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def scan_chunked(x, dt, A, Bm, Cm, h0=None, chunk_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `scan_sequential`, computed a chunk of `chunk_size` steps at a time.
 
     A loop over T / chunk_size chunks (a chunk's (B, L, D, N) tensors stay in cache; the whole sequence's
-    would not), each chunk's states in one vectorized pass from cumulative log decays.
+    would not), each chunk's states in one vectorized pass from cumulative log decays. Without autograd
+    (inference, prefill) the chunks run in preallocated buffers laid out (B, L, N, D), so every pass and
+    the contraction with C vectorize along d_inner and nothing is allocated per chunk.
     """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, Bm, Cm, h0)):
+        Bsz, T, D = x.shape
+        h = x.new_zeros(Bsz, D, A.size(1)) if h0 is None else h0
+        ys = []
+        for start in range(0, T, chunk_size):
+            end = min(T, start + chunk_size)
+            y, h = _scan_chunk(x[:, start:end], dt[:, start:end], A, Bm[:, start:end], Cm[:, start:end], h)
+            ys.append(y)
+        return torch.cat(ys, dim=1), h
+    with torch.no_grad():
+        return _scan_chunked_inference(x, dt, A, Bm, Cm, h0, chunk_size)
+
+
+def _scan_chunked_inference(x, dt, A, Bm, Cm, h0, L: int):
+    """The chunked scan without autograd: in-place passes over (B, L, N, D) buffers, y contracted by a matmul."""
     Bsz, T, D = x.shape
-    h = x.new_zeros(Bsz, D, A.size(1)) if h0 is None else h0
-    ys = []
-    for start in range(0, T, chunk_size):
-        end = min(T, start + chunk_size)
-        y, h = _scan_chunk(x[:, start:end], dt[:, start:end], A, Bm[:, start:end], Cm[:, start:end], h)
-        ys.append(y)
-    return torch.cat(ys, dim=1), h
+    N = A.size(1)
+    log2e = 1.4426950408889634
+    A2 = (A.t() * log2e).contiguous()  # (N, D): exp(S) = exp2(S log2 e), and exp2 is the cheaper kernel
+    A_max = (-A).amax(dim=1)  # (D,): the largest -S of a chunk is max_d cs_L[d] A_max[d]
+    h = x.new_zeros(Bsz, N, D) if h0 is None else h0.transpose(1, 2).contiguous()  # state^T (B, N, D)
+    y = x.new_empty(Bsz, T, D)
+    w = dt * x  # (B, T, D)
+    E, U = x.new_empty(Bsz, L, N, D), x.new_empty(Bsz, L, N, D)
+    P = x.new_empty(Bsz, L, N * D)
+    causal = torch.ones(L, L, dtype=x.dtype, device=x.device).tril_()
+    for start in range(0, T, L):
+        end = min(T, start + L)
+        n = end - start
+        cs = torch.cumsum(dt[:, start:end], dim=1)  # (B, n, D): S_t = cs_t A
+        if float((cs[:, -1] * A_max).amax()) > _MAX_CHUNK_DECAY_INFERENCE:  # exp(-S) could overflow: split
+            hd = h.transpose(1, 2)
+            yc, hd = _scan_chunk(x[:, start:end], dt[:, start:end], A, Bm[:, start:end], Cm[:, start:end], hd)
+            y[:, start:end] = yc
+            h = hd.transpose(1, 2).contiguous()
+            continue
+        Ec, Uc, Pc = E[:, :n], U[:, :n], P[:, :n]
+        torch.mul(cs[:, :, None, :], A2, out=Ec).exp2_()  # (B, n, N, D) decay from the chunk start
+        torch.mul(w[:, start:end, None, :], Bm[:, start:end, :, None], out=Uc).div_(Ec)  # exp(-S_s) dt_s B_s x_s
+        for b in range(Bsz):  # prefix sums as one matmul with a triangular matrix of ones, h added as the bias
+            torch.addmm(h[b].view(1, N * D), causal[:n, :n], Uc[b].view(n, N * D), out=Pc[b])
+        hs = Pc.view(Bsz, n, N, D).mul_(Ec)  # (B, n, N, D): every state of the chunk
+        h = hs[:, -1].clone()
+        torch.matmul(Cm[:, start:end, None, :], hs, out=y[:, start:end, None, :])  # (B, n, 1, N) @ (B, n, N, D)
+    return y, h.transpose(1, 2).contiguous()
 
 
 def _scan_chunk(x, dt, A, Bm, Cm, h):
@@ -166,11 +206,11 @@ class MambaMixer(nn.Module):
         A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
         xf, Bm, Cm = x.float(), Bm.float(), Cm.float()
         h0 = None if cache is None else cache.ssm[self.layer_idx]
-        if cache is not None and T == 1:
+        if self.scan_fn is not None:  # a fused kernel, for the decode step too
+            y, h = self.scan_fn(xf, dt, A, Bm, Cm, h0)
+        elif cache is not None and T == 1:
             y, h = scan_step(h0, xf[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0])
             y = y[:, None]
-        elif self.scan_fn is not None:
-            y, h = self.scan_fn(xf, dt, A, Bm, Cm, h0)
         elif self.scan == "sequential":
             y, h = scan_sequential(xf, dt, A, Bm, Cm, h0)
         else:

@@ -1,6 +1,7 @@
 """The `llmopt` command.
 
     llmopt train RECIPE [--data PATH] [--out DIR] [--set key=value ...] [--technique NAME:opt=val ...] [--resume]
+        [--nproc N] [--mesh dp=2,tp=2,pp=2] [--engine torch|deepspeed]
     llmopt eval MODEL --data PATH [--window N] [--stride N] [--json]
     llmopt generate MODEL --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
         [--kv-cache int8|int4|int2] [--draft MODEL | --prompt-lookup] [--batch-file FILE] [--compile] [--stream]
@@ -43,12 +44,24 @@ def cmd_train(args) -> int:
     overrides = list(args.set or [])
     if args.data:
         overrides.append(f"data.path={args.data}")
+    if args.mesh:
+        overrides.append(f"dist.mesh={args.mesh}")
+    if args.engine:
+        overrides.append(f"dist.engine={args.engine}")
     run = apply_overrides(run, overrides)
     run.techniques = list(run.techniques) + list(args.technique or [])
     if args.data and not Path(args.data).exists():
         raise UsageError(f"--data {args.data}: no such file or directory")
     out = Path(args.out or f"runs/{run.recipe}")
+    if args.nproc:  # start the ranks here (checked first); each runs llmopt.train.distributed.trainer
+        from llmopt.train.distributed.launch import launch
+
+        return launch(run, out, nproc=args.nproc, resume=args.resume)
+    if run.dist.engine == "deepspeed" and not run.dist.mesh:
+        raise UsageError("--engine deepspeed needs several processes: add --nproc N (or run under torchrun with --mesh)")
     console = _console()
+    if run.dist.mesh and int(os.environ.get("RANK", "0")) != 0:
+        console.quiet = True  # under torchrun: rank 0 speaks for the world
     console.print(f"[bold]llmopt train[/] {run.recipe} -> {out}  ({run.model.name}, {run.train.steps} steps, "
                   f"batch {run.train.batch_size}x{run.train.seq_len}, {run.train.precision})")
     result = fit(run, out, resume=args.resume)
@@ -231,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.steps=200")
     t.add_argument("--technique", action="append", metavar="NAME:OPT=VAL", help="apply a technique, e.g. lora:r=8")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    t.add_argument("--nproc", type=int, help="start N processes on this machine with torchrun (gloo on CPU)")
+    t.add_argument("--mesh", help="named device mesh, e.g. dp=4, dp=2,tp=2, pp=2,dp=2,tp=2, dp_replicate=2,dp_shard=2 "
+                   "(sets dist.mesh; default with --nproc N: dp=N)")
+    t.add_argument("--engine", choices=["torch", "deepspeed"], help="torch (DDP/FSDP2/TP/PP) or DeepSpeed ZeRO")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="perplexity of a model on a text file")

@@ -120,6 +120,44 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class DistConfig:
+    """How a run is spread over processes (`llmopt.train.distributed`); the defaults are one process."""
+
+    mesh: str = ""
+    """Named mesh, outermost axis first: `dp=4`, `dp=2,tp=2`, `pp=2,dp=2,tp=2`, or HSDP's `dp_replicate=2,dp_shard=4`.
+    Empty: one process. The product must equal the world size (`--nproc` or torchrun's WORLD_SIZE)."""
+    data_parallel: Literal["fsdp", "ddp"] = "fsdp"
+    """What the `dp` axis does: FSDP2 full sharding (`fully_shard`) or DDP (gradients all-reduced). The
+    `dp_replicate` x `dp_shard` axes always mean HSDP (replicate across, shard within)."""
+    sequence_parallel: bool = True
+    """With tp > 1, also shard the norms and residual stream along the sequence (Megatron SP)."""
+    param_dtype: Literal["fp32", "bf16"] = "fp32"
+    """FSDP mixed precision: the dtype parameters are all-gathered and computed in (masters stay fp32)."""
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """FSDP mixed precision: the dtype gradients are reduce-scattered in."""
+    reshard_after_forward: bool = True
+    """FSDP: free the gathered parameters after each block's forward (ZeRO-3) or keep them until backward
+    (ZeRO-2-like: less communication, more memory). Forced off for the stages of a pipeline."""
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "zero_bubble"] = "1f1b"
+    """Pipeline schedule (torch.distributed.pipelining). The interleaved, looped and zero-bubble schedules
+    place two stages on each rank (virtual stages), so n_layer must be divisible by 2*pp."""
+    pp_microbatches: int = 0
+    """Micro-batches the pipeline splits each rank's batch into; 0 means 2*pp."""
+    engine: Literal["torch", "deepspeed"] = "torch"
+    """torch: DDP / FSDP2 / TP / PP as above. deepspeed: DeepSpeed ZeRO (`zero_stage`), dp axis only."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 1, 2 or 3 (engine=deepspeed only)."""
+    backend: str = ""
+    """Process-group backend; empty means nccl on cuda, gloo on cpu."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"dist.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        if self.pp_microbatches < 0:
+            raise ConfigError(f"dist.pp_microbatches must be >= 0, got {self.pp_microbatches}")
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     recipe: str = "custom"
     """Recipe this run came from."""
@@ -130,6 +168,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     techniques: list[str] = field(default_factory=list)
     """Techniques by registry name with options, e.g. `lora:r=8` (see `llmopt techniques`)."""
 

@@ -167,8 +167,11 @@ def autocast(precision: str, device: str):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
-def prepare_run(run: RunConfig, out_dir: Path):
-    """Text -> tokenizer -> token ids -> model (+ techniques). Returns (model, tokenizer, train_ids, val_ids, reports)."""
+def prepare_run(run: RunConfig, out_dir: Path, *, apply_techniques: bool = True):
+    """Text -> tokenizer -> token ids -> model (+ techniques). Returns (model, tokenizer, train_ids, val_ids, reports).
+
+    With apply_techniques=False the caller applies `run.techniques` itself (the distributed trainer interleaves
+    them with the pipeline split and the parallel transforms)."""
     from llmopt.data import load_text, train_tokenizer, Tokenizer
     from llmopt.models import build_model, load_pretrained
 
@@ -199,7 +202,7 @@ def prepare_run(run: RunConfig, out_dir: Path):
                          f"{run.train.seq_len}; use more text or a shorter train.seq_len")
 
     reports = []
-    if run.techniques:
+    if run.techniques and apply_techniques:
         import llmopt
         from llmopt.core import apply_, parse_technique_spec
 
@@ -227,6 +230,10 @@ def fit(run: RunConfig, out_dir: str | Path, *, resume: bool = False, hooks: Ite
     """Train `run` into `out_dir`. With `resume=True`, continue from the latest checkpoint there, bit-identically."""
     from llmopt.data import BatchLoader
 
+    if run.dist.mesh:  # a mesh: this process is one rank of a torchrun world (llmopt.train.distributed)
+        from llmopt.train.distributed.trainer import fit_distributed
+
+        return fit_distributed(run, out_dir, resume=resume, hooks=hooks, on_log=on_log)
     out_dir = Path(out_dir)
     tc, oc = run.train, run.optim
     if tc.threads:

@@ -74,3 +74,20 @@ def test_meta_and_exclude_and_errors():
     model = _model()
     report = apply_(model, WeightOnlyQuantConfig(bits=4, group_size=48))  # 48 does not divide 64
     assert not report.changed or all("48" in r or "divide" in r for r in report.skipped.values())
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32)])
+def test_cached_kernel_scales_follow_load_state_dict(bits, group):
+    """The fused kernel's scale layout is cached; loading other weights in place must rebuild it."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(64, 48, bias=False), torch.nn.Linear(64, 48, bias=False)
+    config = WeightOnlyQuantConfig(bits=bits, group_size=group)
+    qa, qb = (torch.nn.Sequential(m) for m in (a, b))
+    apply_(qa, config)
+    apply_(qb, config)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        qa(x)  # builds qa's cache with a's scales
+        qa.load_state_dict(qb.state_dict())
+        assert torch.equal(qa(x), qb(x))
+    assert not any("kernel_scales" in k for k in qa.state_dict())

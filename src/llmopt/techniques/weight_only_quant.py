@@ -130,20 +130,41 @@ class IntWeightOnlyLinear(nn.Module):
             return self.group_size == self.in_features
         return self.group_size in KERNEL_GROUP_SIZES
 
+    def _kernel_scales(self) -> torch.Tensor:
+        """The scales in the fused kernel's layout, built once and rebuilt only when qscale/qzero change.
+
+        int8: bf16 (N,); int4: bf16 (G, Np, 2) scales and zeros, rows padded like the codes. Building the
+        int4 one per call (stack + transpose + cast of every group's scale and zero) took as long as the
+        matmul itself on SmolLM2's projections. The cache key is the buffers' identity and version counter,
+        so `load_state_dict` (an in-place copy) or a `.to()` invalidates it; it is not in the state dict.
+        """
+        key = (self.qscale.data_ptr(), self.qscale._version,
+               None if self.qzero is None else (self.qzero.data_ptr(), self.qzero._version))
+        cached = self.__dict__.get("_kernel_scales_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            if self.bits == 8:
+                scales = self.qscale[:, 0].to(torch.bfloat16).contiguous()
+            else:
+                zero = self.qzero if self.qzero is not None else torch.zeros_like(self.qscale)
+                scales = torch.stack((self.qscale.t(), zero.t()), dim=-1).to(torch.bfloat16)  # (G, N, 2)
+                if self.qcodes.shape[0] != self.out_features:  # rows padded to 32: pad the scales alike
+                    scales = F.pad(scales, (0, 0, 0, self.qcodes.shape[0] - self.out_features))
+                scales = scales.contiguous()
+        self.__dict__["_kernel_scales_cache"] = (key, scales)
+        return scales
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)  # (M, K)
         if self._use_kernel(x2d):
             xb = x2d.to(torch.bfloat16)
             if self.bits == 8:
-                y = torch._weight_int8pack_mm(xb, self.qcodes, self.qscale[:, 0].to(torch.bfloat16))
+                y = torch._weight_int8pack_mm(xb, self.qcodes, self._kernel_scales())
             else:
-                zero = self.qzero if self.qzero is not None else torch.zeros_like(self.qscale)
-                scales_and_zeros = torch.stack((self.qscale.t(), zero.t()), dim=-1).to(torch.bfloat16)  # (G, N, 2)
-                if self.qcodes.shape[0] != self.out_features:  # rows padded to 32: pad the scales alike
-                    pad = self.qcodes.shape[0] - self.out_features
-                    scales_and_zeros = F.pad(scales_and_zeros, (0, 0, 0, pad))
-                y = torch._weight_int4pack_mm_for_cpu(xb, self.qcodes, self.group_size, scales_and_zeros)
-                y = y[:, :self.out_features]
+                y = torch._weight_int4pack_mm_for_cpu(xb, self.qcodes, self.group_size, self._kernel_scales())
+                if y.shape[-1] != self.out_features:
+                    y = y[:, :self.out_features]
             y = y.to(x.dtype)
         else:
             y = self._dequant_matmul(x2d)

@@ -3,22 +3,25 @@
 Every comparison is interleaved: in each round every contender runs once, each round's times are divided
 by that round's baseline time, and the median (min-max) of the per-round ratios is reported.
 
-  scan     demo_mamba forward at length 2,048 (batch 1): chunked scan vs sequential scan (baseline), and
-           transformers' `MambaForCausalLM` slow path on the same weights as a peer column. Also the
-           scan alone on one layer's shape (d_inner 512, d_state 16).
+  scan     demo_mamba forward at length 2,048 (batch 1): chunked scan and the fused CPU kernel
+           (`llmopt.kernels.scan.use_fused_scan_`) vs the sequential scan (baseline), and transformers'
+           `MambaForCausalLM` slow path on the same weights as a peer column. Also the scan alone on one
+           layer's shape (d_inner 512, d_state 16).
   decode   tokens/s of one greedy decode step after a context of 8,192 vs 128 (Mamba, RetNet), the same-size
            transformer (`demo` with max_seq_len 8,448) with a dense KV cache at 8,192, and cache bytes at
-           128 / 2,048 / 8,192 positions.
+           128 / 2,048 / 8,192 positions. `mamba_fused` is the same Mamba weights with the fused CPU scan.
   quality  validation-loss curves of runs trained with `llmopt train demo|demo_mamba|demo_retnet` (run them
            first, see docs/techniques/mamba.md), drawn in one plot with `llmopt.measure.plots.plot_curves`.
 
-    python benchmarks/bench_linear_time.py --part scan decode --rounds 5 --threads 1 --out runs/bench-linear-time.json
+    python benchmarks/bench_linear_time.py --part scan decode --rounds 5 --forward-rounds 3 --threads 1 \
+        --out docs/results/bench_linear_time.json
     python benchmarks/bench_linear_time.py --part quality --runs runs/linear_time --out runs/bench-linear-time-quality.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -28,6 +31,7 @@ import torch
 
 from llmopt.inference import make_cache
 from llmopt.models import ModelConfig, build_model
+from llmopt.kernels.scan import selective_scan_cpu, use_fused_scan_
 from llmopt.models.mamba import scan_chunked, scan_sequential
 
 
@@ -69,9 +73,11 @@ def to_hf_mamba(model):
 
 
 @torch.no_grad()
-def bench_scan(rounds: int, length: int = 2048) -> dict:
+def bench_scan(rounds: int, forward_rounds: int, length: int = 2048) -> dict:
     torch.manual_seed(0)
     model = build_model(ModelConfig.from_name("demo_mamba")).eval()
+    fused = copy.deepcopy(model)
+    use_fused_scan_(fused)
     hf = to_hf_mamba(model)
     idx = torch.randint(0, model.config.vocab_size, (1, length))
 
@@ -85,19 +91,24 @@ def bench_scan(rounds: int, length: int = 2048) -> dict:
     ref = model(idx)
     model.set_scan("chunked")
     max_diff = (model(idx) - ref).abs().max().item()
+    fused_diff = (fused(idx) - ref).abs().max().item()
     hf_diff = (hf(idx, use_cache=False).logits - ref).abs().max().item()
     forward = interleaved({"sequential_scan": ours("sequential"), "chunked_scan": ours("chunked"),
-                           "transformers_slow_path": lambda: hf(idx, use_cache=False)}, "sequential_scan", rounds)
+                           "fused_cpu_scan": lambda: fused(idx),
+                           "transformers_slow_path": lambda: hf(idx, use_cache=False)}, "sequential_scan",
+                          forward_rounds)
     D, N = model.settings["d_inner"], model.settings["d_state"]
     g = torch.Generator().manual_seed(0)
     x, dt = torch.randn(1, length, D, generator=g), torch.rand(1, length, D, generator=g) * 0.1
     A = -torch.exp(model.layers[0].mixer.A_log.float())
     Bm, Cm = torch.randn(1, length, N, generator=g), torch.randn(1, length, N, generator=g)
     scan_only = interleaved({"sequential_scan": lambda: scan_sequential(x, dt, A, Bm, Cm),
-                             "chunked_scan": lambda: scan_chunked(x, dt, A, Bm, Cm, chunk_size=model.settings["chunk_size"])},
+                             "chunked_scan": lambda: scan_chunked(x, dt, A, Bm, Cm, chunk_size=model.settings["chunk_size"]),
+                             "fused_cpu_scan": lambda: selective_scan_cpu(x, dt, A, Bm, Cm)},
                             "sequential_scan", rounds)
     return {"length": length, "model": "demo_mamba", "forward": forward, "scan_only": scan_only,
-            "max_abs_logit_diff_chunked_vs_sequential": max_diff, "max_abs_logit_diff_transformers_vs_ours": hf_diff}
+            "max_abs_logit_diff_chunked_vs_sequential": max_diff, "max_abs_logit_diff_fused_vs_sequential": fused_diff,
+            "max_abs_logit_diff_transformers_vs_ours": hf_diff}
 
 
 @torch.no_grad()
@@ -114,6 +125,8 @@ def bench_decode(rounds: int, steps: int = 16) -> dict:
     models = {"mamba": build_model(ModelConfig.from_name("demo_mamba")).eval(),
               "retnet": build_model(ModelConfig.from_name("demo_retnet")).eval(),
               "transformer": build_model(ModelConfig.from_name("demo", max_seq_len=8192 + 256)).eval()}
+    models["mamba_fused"] = copy.deepcopy(models["mamba"])
+    use_fused_scan_(models["mamba_fused"])
     caches, positions = {}, {}
     for name, model in models.items():
         for ctx in ((128, 8192) if name != "transformer" else (8192,)):
@@ -141,6 +154,8 @@ def bench_decode(rounds: int, steps: int = 16) -> dict:
         result[k]["tokens_per_second"] = steps / result[k]["median_s"]
     bytes_at = {}
     for name, model in models.items():
+        if name == "mamba_fused":
+            continue
         row = {}
         for length in (128, 2048, 8192):
             cache = make_cache(model, 1, max_len=length)
@@ -152,7 +167,10 @@ def bench_decode(rounds: int, steps: int = 16) -> dict:
     return {"steps_per_round": steps, "decode": result, "cache_bytes": bytes_at,
             "mamba_8k_over_128": result["mamba@8192"]["tokens_per_second"] / result["mamba@128"]["tokens_per_second"],
             "retnet_8k_over_128": result["retnet@8192"]["tokens_per_second"] / result["retnet@128"]["tokens_per_second"],
+            "mamba_fused_8k_over_128": result["mamba_fused@8192"]["tokens_per_second"]
+            / result["mamba_fused@128"]["tokens_per_second"],
             "mamba_vs_transformer_8k": result["mamba@8192"]["speedup"],
+            "mamba_fused_vs_transformer_8k": result["mamba_fused@8192"]["speedup"],
             "retnet_vs_transformer_8k": result["retnet@8192"]["speedup"],
             "mamba_cache_saving_8k": 1 - bytes_at["mamba"][8192] / bytes_at["transformer"][8192],
             "retnet_cache_saving_8k": 1 - bytes_at["retnet"][8192] / bytes_at["transformer"][8192]}
@@ -180,6 +198,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", nargs="+", default=["scan", "decode"], choices=["scan", "decode", "quality"])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--forward-rounds", type=int, default=3, help="rounds of the length-2,048 model forwards")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=Path, default=Path("runs/linear_time"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench-linear-time.json"))
@@ -187,7 +206,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     report = {"threads": args.threads, "rounds": args.rounds}
     if "scan" in args.part:
-        report["scan"] = bench_scan(args.rounds)
+        report["scan"] = bench_scan(args.rounds, args.forward_rounds)
         print(json.dumps(report["scan"], indent=1))
     if "decode" in args.part:
         report["decode"] = bench_decode(args.rounds)

@@ -199,7 +199,11 @@ class MambaMixer(nn.Module):
             full = torch.cat([cache.conv[self.layer_idx].to(x.dtype), x], dim=-1)  # (B, d_inner, d_conv-1+T)
             cache.conv[self.layer_idx] = full[..., -(self.d_conv - 1):].to(cache.dtype) if self.d_conv > 1 \
                 else full[..., :0]
-            x = F.conv1d(full, weight, self.conv1d.bias, groups=self.d_inner)
+            if T == 1:  # the decode step: one dot product per channel (F.conv1d's setup costs more than the math)
+                x = (full * weight[:, 0]).sum(-1, keepdim=True)  # (B, d_inner, 1)
+                x = x if self.conv1d.bias is None else x + self.conv1d.bias[:, None]
+            else:
+                x = F.conv1d(full, weight, self.conv1d.bias, groups=self.d_inner)
         x = F.silu(x).transpose(1, 2)  # (B, T, d_inner)
         dt, Bm, Cm = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(self.dt_proj(dt).float())  # (B, T, d_inner), fp32

@@ -101,4 +101,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo_mamba": dict(family="mamba", vocab_size=4096, dim=256, n_layer=8, n_head=1, max_seq_len=16384),
     "demo_retnet": dict(family="retnet", vocab_size=4096, dim=256, n_layer=6, n_head=8, intermediate_size=352,
                         max_seq_len=16384),
+    # Mamba-2 (SSD block, llmopt.models.mamba2) in the mamba family: 4 heads of 16 / 8 heads of 64.
+    "tiny_mamba2": dict(family="mamba", vocab_size=320, dim=32, n_layer=2, n_head=1, max_seq_len=16384,
+                        extra=dict(block="mamba2", headdim=16, d_state=16)),
+    "demo_mamba2": dict(family="mamba", vocab_size=4096, dim=256, n_layer=8, n_head=1, max_seq_len=16384,
+                        extra=dict(block="mamba2", headdim=64, d_state=64, chunk_size=64)),
 }

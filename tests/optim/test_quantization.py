@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llmopt.optim.quantization import dequantize_blockwise, dynamic_map, quant_map, quantize_blockwise
+from llmopt.optim.quantization import HALF_SCALE, dequantize_blockwise, dynamic_map, quant_map, quantize_blockwise
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -45,6 +45,14 @@ def test_zero_blocks_padding_and_odd_sizes():
     assert y[699] == 1.0  # a block's max element is exact
 
 
-def test_lookup_table_matches_bucketize_on_bucket_centres():
-    qmap = quant_map(True)
-    assert qmap.lut.numel() == 2 ** 19 and qmap.lut.dtype == torch.uint8
+@pytest.mark.parametrize("signed", [True, False])
+def test_lookup_table_is_the_nearest_code_of_every_half(signed):
+    qmap = quant_map(signed)
+    assert qmap.lut.numel() == 2 ** 16 and qmap.lut.dtype == torch.uint8
+    halves = torch.arange(2 ** 16, dtype=torch.int32).to(torch.uint16).view(torch.float16).float()
+    keep = halves.isfinite() & (halves.abs() <= HALF_SCALE)  # what x * HALF_SCALE / absmax can produce
+    values = halves[keep] / HALF_SCALE
+    dist = (values.unsqueeze(1) - qmap.code).abs()
+    got = dist.gather(1, qmap.lut[keep].long().unsqueeze(1)).squeeze(1)
+    # the table entry is a nearest code (a value on a decision point, up to fp32 rounding, may go either way)
+    assert (got <= dist.amin(1) + 1e-7).all()

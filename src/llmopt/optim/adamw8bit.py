@@ -12,9 +12,13 @@ the "32-bit state" half of the paper's StableEmbedding (the other half, a LayerN
 embedding and Xavier init, is an architecture change: use bitsandbytes' `StableEmbedding` for that).
 `stable_embedding_param_groups(model)` builds such groups.
 
-Speed: the update walks each parameter in chunks of `chunk_size` elements with preallocated scratch
-buffers, so the fp32 temporaries stay in cache and only param, grad and the 1-byte codes stream
-through memory. No torch.compile, no per-block Python loop.
+Speed: the update walks each parameter in chunks of `chunk_size` elements (default 262,144: large
+enough that the ~20 eager ops per chunk cost little dispatch, small enough that the fp32 scratch stays in
+the last-level cache) with preallocated scratch, so only param, grad and the 1-byte codes stream through
+memory. Per chunk: two int32 index copies + `index_select` decode the codes; one `addcmul` and one
+`mul_`/`addcmul_` give the new moments (kept divided by 1 - beta, see `_step_8bit`); the AdamW update;
+then each moment is encoded by an amax (and amin), an in-place scale, a cast to fp16 and a 64 KB table
+lookup. No torch.compile, no per-block Python loop.
 
 Numerics contract: with every tensor under `min_8bit_size` (or `optim_bits=32`) the update is
 torch.optim.AdamW's (tested to 1e-6). In 8 bits, each moment carries the quantization error of the
@@ -31,7 +35,7 @@ from typing import Any
 
 import torch
 
-from llmopt.optim.quantization import (BLOCK_SIZE, dequantize_into_, padded_numel, quant_map, quantize_into_,
+from llmopt.optim.quantization import (BLOCK_SIZE, block_absmax_, encode_blocks_, padded_numel, quant_map,
                                        restore_state_dtypes_)
 
 __all__ = ["AdamW8bit", "stable_embedding_param_groups", "state_bytes"]
@@ -42,7 +46,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, block_size: int = BLOCK_SIZE,
-                 min_8bit_size: int = 4096, optim_bits: int = 8, chunk_size: int = 1 << 16) -> None:
+                 min_8bit_size: int = 4096, optim_bits: int = 8, chunk_size: int = 1 << 18) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
         if not all(0.0 <= b < 1.0 for b in betas):
@@ -79,11 +83,13 @@ class AdamW8bit(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _buffers(self, size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        key = (size, device)
+    def _buffers(self, size: int, block_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        key = (size, block_size, device)
         if key not in self._scratch:
-            f = lambda: torch.empty(size, dtype=torch.float32, device=device)  # noqa: E731
-            self._scratch[key] = (f(), f(), f(), torch.empty(size, dtype=torch.int64, device=device))
+            f = lambda n: torch.empty(n, dtype=torch.float32, device=device)  # noqa: E731
+            nb = size // block_size
+            self._scratch[key] = (f(size), f(size), f(size), f(size), torch.empty(size, dtype=torch.int32, device=device),
+                                  torch.empty(size, dtype=torch.float16, device=device), f(nb))
         return self._scratch[key]
 
     @torch.no_grad()
@@ -116,6 +122,13 @@ class AdamW8bit(torch.optim.Optimizer):
         return loss
 
     def _step_8bit(self, p, state, group, *, lr, beta1, beta2, eps, wd, bc1, bc2_sqrt) -> None:
+        # Work with the moments divided by (1 - beta), so that each is one fused op from its codes:
+        #   m' = m / (1 - b1) = g + c_m * (absmax_m * b1 / (1 - b1))     (addcmul, block scale broadcast)
+        #   v' = v / (1 - b2) = c_v * (absmax_v * b2 / (1 - b2)) + g * g
+        # with c_m, c_v the raw codebook values. Codes are scale-free, so m' and v' are encoded as they are
+        # (scaled in place to the half range, which is why the update comes first) and only the stored absmax
+        # takes the (1 - beta) back. AdamW's constants fold into eps_hat and step_size:
+        #   p <- p (1 - lr wd) - lr / bc1 * m / (sqrt(v) / bc2 + eps) = p (1 - lr wd) + step_size m' / (sqrt(v') + eps_hat)
         bs = group["block_size"]
         signed, unsigned = quant_map(True), quant_map(False)
         if not p.is_contiguous():
@@ -123,29 +136,38 @@ class AdamW8bit(torch.optim.Optimizer):
         flat_p, flat_g = p.view(-1), p.grad.reshape(-1)
         n = flat_p.numel()
         chunk = min(self.chunk_size, padded_numel(n, bs))
-        m_buf, v_buf, d_buf, idx_buf = self._buffers(chunk, p.device)
+        m_buf, v_buf, g_buf, d_buf, idx_buf, half_buf, t_buf = self._buffers(chunk, bs, p.device)
         m_codes, m_absmax = state["exp_avg_codes"], state["exp_avg_absmax"]
         v_codes, v_absmax = state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"]
+        sqrt_1mb2 = math.sqrt(1 - beta2)
+        eps_hat = eps * bc2_sqrt / sqrt_1mb2
+        step_size = -lr * (1 - beta1) * bc2_sqrt / (bc1 * sqrt_1mb2)
+        scale_m, scale_v = m_absmax * (beta1 / (1 - beta1)), v_absmax * (beta2 / (1 - beta2))
         for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            length = stop - start
+            length = min(chunk, n - start)
             padded = padded_numel(length, bs)
-            b0, b1 = start // bs, start // bs + padded // bs
-            m, v, d, idx = m_buf[:padded], v_buf[:padded], d_buf[:padded], idx_buf[:padded]
-            dequantize_into_(m_codes[start:start + padded], m_absmax[b0:b1], signed, bs, idx, m)
-            dequantize_into_(v_codes[start:start + padded], v_absmax[b0:b1], unsigned, bs, idx, v)
-            mm, vv, dd, pp, gg = m[:length], v[:length], d[:length], flat_p[start:stop], flat_g[start:stop]
+            nb, b0 = padded // bs, start // bs
+            mc, vc = m_codes[start:start + padded], v_codes[start:start + padded]
+            ma, va = m_absmax[b0:b0 + nb], v_absmax[b0:b0 + nb]
+            m, v, idx, half = m_buf[:padded], v_buf[:padded], idx_buf[:padded], half_buf[:padded]
+            s_m, s_v, t = scale_m[b0:b0 + nb], scale_v[b0:b0 + nb], t_buf[:nb]
+            pp, g = flat_p[start:start + length], flat_g[start:start + length]
+            if padded > length:  # a partial last block: a zero-padded copy of the gradient keeps the padding 0
+                g_buf[length:padded].zero_()
+                g = g_buf[:padded]
+                g[:length].copy_(flat_g[start:start + length])
+            mb, vb, gb = m.view(nb, bs), v.view(nb, bs), g.view(nb, bs)
+            signed.decode_(mc, idx, m)
+            torch.addcmul(gb, mb, s_m.unsqueeze(1), out=mb)                     # m'
+            unsigned.decode_(vc, idx, v)
+            vb.mul_(s_v.unsqueeze(1)).addcmul_(gb, gb)                           # v'
+            denom = torch.sqrt(v[:length], out=d_buf[:length]).add_(eps_hat)
             pp.mul_(1 - lr * wd)
-            mm.lerp_(gg, 1 - beta1)
-            vv.mul_(beta2).addcmul_(gg, gg, value=1 - beta2)
-            # m_hat / (sqrt(v_hat) + eps) with the bias corrections folded into two scalars (one pass less)
-            torch.sqrt(vv, out=dd).add_(eps * bc2_sqrt)
-            pp.addcdiv_(mm, dd, value=-lr * bc2_sqrt / bc1)
-            if padded > length:  # the tail of the last block: keep the padding at zero
-                m[length:].zero_()
-                v[length:].zero_()
-            quantize_into_(m, m_codes[start:start + padded], m_absmax[b0:b1], signed, bs, idx)
-            quantize_into_(v, v_codes[start:start + padded], v_absmax[b0:b1], unsigned, bs, idx, nonnegative=True)
+            pp.addcdiv_(m[:length], denom, value=step_size)
+            encode_blocks_(mb, block_absmax_(mb, ma, t), signed, mc, idx, half, t)
+            encode_blocks_(vb, block_absmax_(vb, va, t, nonnegative=True), unsigned, vc, idx, half, t)
+        m_absmax.mul_(1 - beta1)  # the stored scales are those of m and v, not m' and v'
+        v_absmax.mul_(1 - beta2)
 
 
 def stable_embedding_param_groups(model: torch.nn.Module, **group_options: Any) -> list[dict[str, Any]]:

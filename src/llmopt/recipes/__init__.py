@@ -115,6 +115,18 @@ def demo_retnet() -> RunConfig:
     return _same_run_as(demo, "demo_retnet", "demo_retnet")
 
 
+@recipe
+def tiny_mamba2() -> RunConfig:
+    """The `tiny_mamba2` model (Mamba-2 SSD block) with the `tiny` recipe's data and steps."""
+    return _same_run_as(tiny, "tiny_mamba2", "tiny_mamba2")
+
+
+@recipe
+def demo_mamba2() -> RunConfig:
+    """The `demo_mamba2` model (Mamba-2 SSD block, ~4.5M parameters) with the `demo` recipe's data and steps."""
+    return _same_run_as(demo, "demo_mamba2", "demo_mamba2")
+
+
 # ---- distill_draft (issue 6: a draft model for speculative decoding of SmolLM2-135M) -------------------
 @recipe
 def distill_draft() -> RunConfig:
@@ -127,8 +139,8 @@ def distill_draft() -> RunConfig:
         model=ModelConfig(name="smollm2-draft", vocab_size=49152, dim=256, n_layer=4, n_head=4, n_kv_head=2,
                           head_dim=64, intermediate_size=704, rope_theta=100000.0, max_seq_len=8192),
         init_from="smollm2-135m",
-        data=DataConfig(max_chars=360_000),  # ~100k teacher tokens (the teacher pass is most of the time)
-        train=TrainConfig(steps=300, batch_size=8, seq_len=128, eval_every=100, eval_batches=4, log_every=10,
+        data=DataConfig(max_chars=240_000),  # ~65k teacher tokens (the teacher pass is most of the time)
+        train=TrainConfig(steps=240, batch_size=8, seq_len=128, eval_every=60, eval_batches=4, log_every=10,
                           threads=1),
         optim=OptimConfig(lr=2e-3, min_lr=2e-4, warmup_steps=20, weight_decay=0.0),
     )

@@ -80,6 +80,22 @@ def test_weight_norm_cache_follows_weight_changes():
     assert not torch.allclose(first, layer.row_norm())
 
 
+def test_forward_norm_cache_follows_adapter_updates():
+    layer = perturbed_layer()
+    x = torch.randn(5, 24)
+    layer(x)  # fills the cached norm
+    opt = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=0.5)
+    layer(x).square().sum().backward()
+    opt.step()  # in-place updates bump the version counters: the next forward recomputes the norm
+    fresh = DoRALinear.from_linear(nn.Linear(24, 16), r=4, alpha=8.0)
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(layer(x), fresh(x))
+    with torch.no_grad():
+        layer.lora_B.zero_()
+        fresh.lora_B.zero_()
+    assert torch.equal(layer(x), fresh(x))
+
+
 def _perturb(model):
     torch.manual_seed(0)
     with torch.no_grad():

@@ -28,7 +28,8 @@ Module names follow transformers' `MambaForCausalLM` minus its `backbone.` prefi
 same logits as the transformers slow path.
 
 Family settings (`ModelConfig.extra`): `d_state` (16), `d_conv` (4), `expand` (2), `dt_rank` (None =
-ceil(dim / 16)), `chunk_size` (32), `scan` ("chunked" or "sequential"), `conv_bias` (True), `bias` (False).
+ceil(dim / 16)), `chunk_size` (32), `scan` ("chunked" or "sequential"), `conv_bias` (True), `bias` (False),
+`block` ("mamba1", or "mamba2" for the SSD block of `llmopt.models.mamba2`), `headdim` (64; Mamba-2 only).
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ from llmopt.models.config import ModelConfig
 from llmopt.models.contract import CausalLM
 from llmopt.models.llama import RMSNorm
 from llmopt.models.loss import linear_cross_entropy
+from llmopt.models.mamba2 import Mamba2Mixer
 
 MAMBA_DEFAULTS = dict(d_state=16, d_conv=4, expand=2, dt_rank=None, chunk_size=32, scan="chunked", conv_bias=True,
-                      bias=False)
+                      bias=False, block="mamba1", headdim=64)
 _MAX_CHUNK_DECAY = 30.0  # largest -log decay inside a chunk: exp(-S) <= e^30, and products of two such
 # factors in the backward stay below fp32's e^88
 _MAX_CHUNK_DECAY_INFERENCE = 60.0  # without a backward only exp(-S) (<= e^60) times a term must stay finite
@@ -65,6 +67,13 @@ def mamba_settings(config: ModelConfig) -> dict:
     if s["scan"] not in ("chunked", "sequential"):
         raise ValueError(f"model.extra.scan must be 'chunked' or 'sequential', got {s['scan']!r}")
     s["d_inner"] = s["expand"] * config.dim
+    if s["block"] not in ("mamba1", "mamba2"):
+        raise ValueError(f"model.extra.block must be 'mamba1' or 'mamba2', got {s['block']!r}")
+    if s["block"] == "mamba2":
+        if int(s["headdim"]) <= 0 or s["d_inner"] % int(s["headdim"]):
+            raise ValueError(f"model.extra.headdim={s['headdim']} must divide d_inner = expand * dim = {s['d_inner']}")
+        s["n_heads"] = s["d_inner"] // s["headdim"]
+        s["conv_dim"] = s["d_inner"] + 2 * s["d_state"]  # the conv runs over (x, B, C)
     return s
 
 
@@ -229,7 +238,8 @@ class MambaBlock(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.mixer = MambaMixer(config, layer_idx)
+        s = mamba_settings(config)
+        self.mixer = MambaMixer(config, layer_idx) if s["block"] == "mamba1" else Mamba2Mixer(config, layer_idx, s)
 
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
         return x + self.mixer(self.norm(x), cache=cache)
@@ -248,6 +258,10 @@ class Mamba(CausalLM):
             raise ValueError(f"Mamba needs model.family='mamba', got {config.family!r}")
         self.config = config
         self.settings = mamba_settings(config)
+        """The resolved family settings; `make_cache` sizes a `MambaCache` from d_inner / d_state / d_conv."""
+        if self.settings["block"] == "mamba2":  # the cache's conv state spans (x, B, C): conv_dim channels
+            self.settings = {**self.settings, "d_inner": self.settings["conv_dim"],
+                             "mixer_d_inner": self.settings["d_inner"]}
         self.embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(MambaBlock(config, i) for i in range(config.n_layer))
         self.norm_f = RMSNorm(config.dim, config.norm_eps)
@@ -282,6 +296,9 @@ class Mamba(CausalLM):
                     module.bias.zero_()
         for layer in self.layers:
             m = layer.mixer
+            if isinstance(m, Mamba2Mixer):
+                m.init_ssm_(generator)
+                continue
             A = torch.arange(1, m.d_state + 1, dtype=torch.float32, device=m.A_log.device)
             m.A_log.copy_(torch.log(A).expand(m.d_inner, -1))
             m.D.fill_(1.0)

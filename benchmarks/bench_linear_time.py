@@ -7,6 +7,8 @@ by that round's baseline time, and the median (min-max) of the per-round ratios 
            (`llmopt.kernels.scan.use_fused_scan_`) vs the sequential scan (baseline), and transformers'
            `MambaForCausalLM` slow path on the same weights as a peer column. Also the scan alone on one
            layer's shape (d_inner 512, d_state 16).
+  ssd      the Mamba-2 SSD scan alone on one demo_mamba2 layer's shape (8 heads of 64, d_state 64) at length
+           2,048: chunked matrix form (chunk 64) vs the sequential recurrence (baseline).
   decode   tokens/s of one greedy decode step after a context of 8,192 vs 128 (Mamba, RetNet), the same-size
            transformer (`demo` with max_seq_len 8,448) with a dense KV cache at 8,192, and cache bytes at
            128 / 2,048 / 8,192 positions. `mamba_fused` is the same Mamba weights with the fused CPU scan.
@@ -112,6 +114,23 @@ def bench_scan(rounds: int, forward_rounds: int, length: int = 2048) -> dict:
 
 
 @torch.no_grad()
+def bench_ssd(rounds: int, length: int = 2048) -> dict:
+    from llmopt.models.mamba2 import ssd_chunked, ssd_sequential
+
+    g = torch.Generator().manual_seed(0)
+    H, P, N = 8, 64, 64
+    x, dt = torch.randn(1, length, H, P, generator=g), torch.rand(1, length, H, generator=g) * 0.1
+    a = -(torch.rand(H, generator=g) * 15 + 1)
+    Bm, Cm = torch.randn(1, length, N, generator=g), torch.randn(1, length, N, generator=g)
+    y_ref, _ = ssd_sequential(x, dt, a, Bm, Cm)
+    y, _ = ssd_chunked(x, dt, a, Bm, Cm, chunk_size=64)
+    out = interleaved({"sequential_ssd": lambda: ssd_sequential(x, dt, a, Bm, Cm),
+                       "chunked_ssd": lambda: ssd_chunked(x, dt, a, Bm, Cm, chunk_size=64)}, "sequential_ssd", rounds)
+    return {"length": length, "heads": H, "headdim": P, "d_state": N, "chunk": 64, "scan_only": out,
+            "max_abs_diff_chunked_vs_sequential": (y - y_ref).abs().max().item()}
+
+
+@torch.no_grad()
 def _fill(model, cache, length: int, piece: int = 512) -> None:
     for start in range(0, length, piece):
         end = min(length, start + piece)
@@ -196,7 +215,7 @@ def bench_quality(runs_dir: Path, plot_path: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", nargs="+", default=["scan", "decode"], choices=["scan", "decode", "quality"])
+    parser.add_argument("--part", nargs="+", default=["scan", "decode"], choices=["scan", "ssd", "decode", "quality"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--forward-rounds", type=int, default=3, help="rounds of the length-2,048 model forwards")
     parser.add_argument("--threads", type=int, default=1)
@@ -208,6 +227,9 @@ def main() -> None:
     if "scan" in args.part:
         report["scan"] = bench_scan(args.rounds, args.forward_rounds)
         print(json.dumps(report["scan"], indent=1))
+    if "ssd" in args.part:
+        report["ssd"] = bench_ssd(args.rounds)
+        print(json.dumps(report["ssd"], indent=1))
     if "decode" in args.part:
         report["decode"] = bench_decode(args.rounds)
         print(json.dumps({k: v for k, v in report["decode"].items()}, indent=1))

@@ -177,6 +177,7 @@ def fit_distributed(run: RunConfig, out_dir: str | Path, *, resume: bool = False
             engine = ddp_engine(model, _dp_group(ctx))
     rank_model.train()
     optimizer = build_optimizer(rank_model, oc)
+    _split_groups_by_kind(optimizer)
     params = [p for p in rank_model.parameters() if p.requires_grad]
 
     # ---- pipeline schedule ----------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def fit_distributed(run: RunConfig, out_dir: str | Path, *, resume: bool = False
                                        loss_fn=lambda out, y: pipe.logits_loss(out, y)[0] * loss_scale["value"])
         holds_last = any(p.lm_head is not None for p in parts)
         holds_first = any(p.embed_tokens is not None for p in parts)
-        tied_grp = pipe.tied_group(ctx.mesh, pp) if tied else None
+        tied_grp = pipe.tied_group(ctx.mesh, pp, dc.pp_schedule) if tied else None
         if tied and (holds_first or holds_last):
             tied_params = pipe.tied_params(parts)
     # parameters counted once in the global gradient norm: the last stage's copy of a tied head is skipped
@@ -328,6 +329,20 @@ def fit_distributed(run: RunConfig, out_dir: str | Path, *, resume: bool = False
     dist.barrier()
     return FitResult(out_dir=out_dir, steps=step, final_train_loss=last_loss, final_val_loss=val_loss,
                      tokens_seen=ts.tokens_seen, seconds=time.perf_counter() - t_start, history=history)
+
+
+def _split_groups_by_kind(optimizer) -> None:
+    """Foreach optimizers cannot mix DTensors (tensor-parallel weights) and plain tensors (the replicated
+    embedding and head) in one call: give each kind its own param group, same hyperparameters."""
+    from torch.distributed.tensor import DTensor
+
+    groups = []
+    for g in optimizer.param_groups:
+        for is_dt in (True, False):
+            ps = [p for p in g["params"] if isinstance(p, DTensor) == is_dt]
+            if ps:
+                groups.append({**g, "params": ps})
+    optimizer.param_groups = groups
 
 
 def _is_pp_root(ctx: DistContext) -> bool:

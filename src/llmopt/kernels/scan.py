@@ -117,7 +117,9 @@ def selective_scan_cpu(x, dt, A, Bm, Cm, h0=None):
     N = A.size(1)
     x, dt, Bm, Cm = (t.float().contiguous() for t in (x, dt, Bm, Cm))
     At = A.float().t().contiguous()  # (N, D)
-    h = x.new_zeros(Bsz, N, D) if h0 is None else h0.float().transpose(1, 2).contiguous()
+    h = x.new_zeros(Bsz, N, D)  # the kernel updates the state in place: always a fresh buffer, h0 is never written
+    if h0 is not None:
+        h.copy_(h0.transpose(1, 2))
     y, w = torch.empty_like(x), x.new_empty(D)
     ptr = [ctypes.c_void_p(t.data_ptr()) for t in (x, dt, At, Bm, Cm, h, y, w)]
     lib.selective_scan_fwd(*ptr, Bsz, T, D, N)

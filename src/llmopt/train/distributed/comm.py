@@ -66,10 +66,13 @@ class CommCounter(TorchDispatchMode):
         self.bytes: dict[str, int] = defaultdict(int)
         self.calls: dict[str, int] = defaultdict(int)
         self.enabled = True
+        self.steps = 0
+        """Optimizer steps counted (the trainer adds one per step), for per-step figures."""
 
     def reset(self) -> None:
         self.bytes.clear()
         self.calls.clear()
+        self.steps = 0
 
     def add(self, kind: str, nbytes: int) -> None:
         if self.enabled:

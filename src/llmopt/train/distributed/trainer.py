@@ -96,8 +96,11 @@ def _dp_group(ctx: DistContext):
 
 
 def fit_distributed(run: RunConfig, out_dir: str | Path, *, resume: bool = False, hooks=(), on_log=None,
-                    comm_counter=None):
-    """Train `run` on the mesh `run.dist.mesh` (this process is one rank of a torchrun world)."""
+                    comm_counter=None, on_end=None):
+    """Train `run` on the mesh `run.dist.mesh` (this process is one rank of a torchrun world).
+
+    comm_counter: a CommCounter active around each step's forward, backward, reductions and optimizer step.
+    on_end(rank_model, optimizer): called after the last step (e.g. to account this rank's bytes)."""
     from llmopt.core import Stage, apply_, parse_technique_spec
     from llmopt.core.registry import entry_for_config
     from llmopt.data import BatchLoader
@@ -294,6 +297,8 @@ def fit_distributed(run: RunConfig, out_dir: str | Path, *, resume: bool = False
                 call_hooks(hooks, "before_optimizer_step", ts)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            if comm_counter is not None:
+                comm_counter.steps += 1
             call_hooks(hooks, "after_optimizer_step", ts)
             dist.all_reduce(local_loss)
             loss = float(local_loss) / (tp * dp)
@@ -324,6 +329,8 @@ def fit_distributed(run: RunConfig, out_dir: str | Path, *, resume: bool = False
                 checkpoint(step)
     if metrics_file is not None:
         metrics_file.close()
+    if on_end is not None:
+        on_end(rank_model, optimizer)
     export_full_model(rank_model, out_dir / "model.safetensors",
                       pp_group=ctx.groups["pp"] if pp > 1 else None, is_pp_root=_is_pp_root(ctx))
     dist.barrier()

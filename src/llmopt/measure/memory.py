@@ -175,11 +175,28 @@ class AccountedMemory:
         return {**asdict(self), "total": self.total}
 
 
+def _python_tensor_keys() -> dict:
+    """{storage key: storage} of every tensor object the garbage collector tracks (each a plain tensor)."""
+    import gc
+
+    found: dict = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor):  # type(), not isinstance: some proxies warn on __class__
+            for leaf in plain_tensors(obj):
+                key = _storage_key(leaf)
+                if key is not None and key not in found:
+                    found[key] = leaf.untyped_storage()
+    return found
+
+
 def saved_activation_bytes(fn: Callable[[], Any], model_tensors: Iterable[torch.Tensor] = ()) -> tuple[Any, int, int]:
     """Run `fn()` under saved-tensor hooks: (its return value, activation bytes, saved model-tensor bytes).
 
     A storage saved several times counts once; storages of `model_tensors` (parameters, buffers) are
-    counted separately as the second number.
+    counted separately as the second number. Besides what autograd saves through the hooks, tensors that
+    `fn` created and that are still alive as Python objects when it returns are counted: selective
+    activation checkpointing (`torch.utils.checkpoint.create_selective_checkpoint_contexts`) keeps the
+    outputs it must save in its own cache, out of sight of saved-tensor hooks.
     """
     _, model_keys = storage_bytes(model_tensors)
     saved: dict = {}
@@ -193,8 +210,16 @@ def saved_activation_bytes(fn: Callable[[], Any], model_tensors: Iterable[torch.
                 keep_alive.append(leaf.untyped_storage())
         return t
 
+    before = _python_tensor_keys()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         value = fn()
+    returned = {_storage_key(leaf) for t in (value if isinstance(value, (tuple, list)) else (value,))
+                if isinstance(t, torch.Tensor) for leaf in plain_tensors(t)}
+    for key, storage in _python_tensor_keys().items():
+        if key not in before and key not in returned and key not in saved:
+            saved[key] = True
+            keep_alive.append(storage)
+    del before
     activations = sum(k[2] for k in saved if k not in model_keys)
     of_model = sum(k[2] for k in saved if k in model_keys)
     del keep_alive

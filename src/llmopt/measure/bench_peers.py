@@ -213,3 +213,179 @@ register_peer("transformers", "train", "llmopt.measure.bench_peers:transformers_
 register_peer("transformers", "generate", "llmopt.measure.bench_peers:transformers_generate",
               description="LlamaForCausalLM.generate(do_sample=False, max_new_tokens=N, min_new_tokens=N) on the "
                           "same weights")
+
+
+# ---- fine-tuning and optimizer peers (issue 5) --------------------------------------------------
+# Each trains the bench's own llmopt base model (same weights, data, loop and hyperparameters as the
+# baseline) with one piece swapped for the other library's: PEFT's adapters instead of ours, or another
+# optimizer through `llmopt.optim.register_external_optimizer`. The adapter peers use LoRAConfig's
+# defaults (r=8, alpha=16, dropout 0, every Linear but lm_head), as `llmopt bench lora` does.
+def _adapter_targets(model: torch.nn.Module) -> list[str]:
+    """Full names of the nn.Linear modules our adapters take by default (all-linear minus lm_head)."""
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] != "lm_head"]
+
+
+def _nf4_linear(linear: torch.nn.Linear) -> torch.nn.Module:
+    """bitsandbytes Linear4bit (NF4, double-quantized scales, fp32 compute) holding `linear`'s weight."""
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4",
+                          device="meta")
+    q.weight = bnb.nn.Params4bit(linear.weight.data.to("cpu", torch.float32).clone(), requires_grad=False,
+                                 quant_type="nf4", compress_statistics=True)
+    if linear.bias is not None:
+        q.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    return q.to(linear.weight.device)  # the move quantizes
+
+
+def _peft_train(*, run, data_path, warmup_steps, steps, eval_every, peak_flops, dora=False, nf4=False):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from llmopt.measure.workloads import build_base_model, load_data, train_and_measure
+    from llmopt.train import RunConfig
+
+    cfg = RunConfig.from_dict(run)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    train_ids, val_ids = load_data(data_path)
+    model = build_base_model(cfg)
+    targets = _adapter_targets(model)
+    if nf4:
+        for name in targets:
+            parent, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, leaf, _nf4_linear(getattr(owner, leaf)))
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets, use_dora=dora)
+    model = inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():  # PEFT's own rule, stated: only the adapters train
+        p.requires_grad_("lora_" in name)
+    figures = train_and_measure(model, cfg, train_ids, val_ids, hooks=[], warmup_steps=warmup_steps, steps=steps,
+                                eval_every=eval_every, peak_flops=peak_flops)
+    what = "bitsandbytes Linear4bit (nf4, double quant) + " if nf4 else ""
+    figures["applied"] = [f"{what}peft inject_adapter_in_model LoraConfig(r=8, lora_alpha=16, use_dora={dora}) "
+                          f"on {len(targets)} Linear"]
+    return figures
+
+
+def peft_lora_train(*, run, techniques, data_path, warmup_steps, steps, eval_every, peak_flops=None):
+    """PEFT LoRA (r=8, alpha=16) on the bench's llmopt model, in place of ours."""
+    return _peft_train(run=run, data_path=data_path, warmup_steps=warmup_steps, steps=steps, eval_every=eval_every,
+                       peak_flops=peak_flops)
+
+
+def peft_dora_train(*, run, techniques, data_path, warmup_steps, steps, eval_every, peak_flops=None):
+    """PEFT DoRA (use_dora=True) on the bench's llmopt model."""
+    return _peft_train(run=run, data_path=data_path, warmup_steps=warmup_steps, steps=steps, eval_every=eval_every,
+                       peak_flops=peak_flops, dora=True)
+
+
+def bnb_qlora_train(*, run, techniques, data_path, warmup_steps, steps, eval_every, peak_flops=None):
+    """bitsandbytes Linear4bit (NF4 + double quant) base weights with PEFT LoRA on top."""
+    return _peft_train(run=run, data_path=data_path, warmup_steps=warmup_steps, steps=steps, eval_every=eval_every,
+                       peak_flops=peak_flops, nf4=True)
+
+
+def _bnb_adamw8bit(groups, oc, model):
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(groups, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps)
+
+
+def _torchao_adamw8bit(groups, oc, model):
+    from torchao.optim import AdamW8bit
+
+    return AdamW8bit(groups, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps)
+
+
+def _galore_torch(groups, oc, model):
+    import galore_torch
+
+    from llmopt.optim import galore_param_groups
+
+    ours = galore_param_groups(model, rank=oc.rank, update_proj_gap=oc.update_proj_gap, scale=oc.scale,
+                               weight_decay=oc.weight_decay)
+    # galore-torch treats every group with a "rank" key as projected and reads its own key names
+    peer = [{"params": g["params"], "weight_decay": g.get("weight_decay", 0.0), "rank": oc.rank,
+             "update_proj_gap": oc.update_proj_gap, "scale": oc.scale, "proj_type": "std"}
+            if g.get("rank") else {"params": g["params"], "weight_decay": g.get("weight_decay", 0.0)} for g in ours]
+    return galore_torch.GaLoreAdamW(peer, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps)
+
+
+def _torch_optimizer_lamb(groups, oc, model):
+    import torch_optimizer
+
+    return torch_optimizer.Lamb(groups, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps)
+
+
+def _torch_optimizer_novograd(groups, oc, model):
+    import torch_optimizer
+
+    return torch_optimizer.NovoGrad(groups, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps)
+
+
+_OPTIMIZER_PEERS = {"bnb_adamw8bit": _bnb_adamw8bit, "torchao_adamw8bit": _torchao_adamw8bit,
+                    "galore_torch": _galore_torch, "torch_optimizer_lamb": _torch_optimizer_lamb,
+                    "torch_optimizer_novograd": _torch_optimizer_novograd}
+
+
+def _optimizer_peer_train(name, *, run, data_path, warmup_steps, steps, eval_every, peak_flops):
+    from llmopt.optim import register_external_optimizer
+
+    from llmopt.measure.workloads import run_train
+
+    register_external_optimizer(name, _OPTIMIZER_PEERS[name])
+    run = dict(run, optim=dict(run["optim"], name=name))
+    figures = run_train(run=run, techniques=[], data_path=data_path, warmup_steps=warmup_steps, steps=steps,
+                        eval_every=eval_every, peak_flops=peak_flops)
+    figures["applied"] = [f"optimizer {name} (same lr, betas, eps as the baseline)"]
+    return figures
+
+
+def bnb_adamw8bit_train(*, run, techniques, data_path, warmup_steps, steps, eval_every, peak_flops=None):
+    """bitsandbytes AdamW8bit (its CPU kernels) in llmopt's loop."""
+    return _optimizer_peer_train("bnb_adamw8bit", run=run, data_path=data_path, warmup_steps=warmup_steps,
+                                 steps=steps, eval_every=eval_every, peak_flops=peak_flops)
+
+
+def torchao_adamw8bit_train(*, run, techniques, data_path, warmup_steps, steps, eval_every, peak_flops=None):
+    """torchao AdamW8bit (torch.compile per parameter shape: the first step compiles) in llmopt's loop."""
+    return _optimizer_peer_train("torchao_adamw8bit", run=run, data_path=data_path, warmup_steps=warmup_steps,
+                                 steps=steps, eval_every=eval_every, peak_flops=peak_flops)
+
+
+def galore_torch_train(*, run, techniques, data_path, warmup_steps, steps, eval_every, peak_flops=None):
+    """galore-torch GaLoreAdamW (full SVD refresh) on the weights our galore projects, same rank/gap/scale."""
+    return _optimizer_peer_train("galore_torch", run=run, data_path=data_path, warmup_steps=warmup_steps,
+                                 steps=steps, eval_every=eval_every, peak_flops=peak_flops)
+
+
+def torch_optimizer_lamb_train(*, run, techniques, data_path, warmup_steps, steps, eval_every, peak_flops=None):
+    """torch-optimizer's Lamb in llmopt's loop."""
+    return _optimizer_peer_train("torch_optimizer_lamb", run=run, data_path=data_path, warmup_steps=warmup_steps,
+                                 steps=steps, eval_every=eval_every, peak_flops=peak_flops)
+
+
+def torch_optimizer_novograd_train(*, run, techniques, data_path, warmup_steps, steps, eval_every, peak_flops=None):
+    """torch-optimizer's NovoGrad in llmopt's loop."""
+    return _optimizer_peer_train("torch_optimizer_novograd", run=run, data_path=data_path, warmup_steps=warmup_steps,
+                                 steps=steps, eval_every=eval_every, peak_flops=peak_flops)
+
+
+_M = "llmopt.measure.bench_peers:"
+register_peer("peft_lora", "train", _M + "peft_lora_train", requires=["peft"], techniques=["lora"],
+              description="PEFT LoraConfig(r=8, lora_alpha=16) injected into the same llmopt model")
+register_peer("peft_dora", "train", _M + "peft_dora_train", requires=["peft"], techniques=["dora"],
+              description="PEFT LoraConfig(use_dora=True) injected into the same llmopt model")
+register_peer("bnb_qlora", "train", _M + "bnb_qlora_train", requires=["peft", "bitsandbytes"], techniques=["qlora"],
+              description="bitsandbytes Linear4bit (nf4, double quant, fp32 compute) + PEFT LoRA r=8")
+register_peer("bnb_adamw8bit", "train", _M + "bnb_adamw8bit_train", requires=["bitsandbytes"],
+              techniques=["adamw8bit"], description="bitsandbytes AdamW8bit (CPU kernels)")
+register_peer("torchao_adamw8bit", "train", _M + "torchao_adamw8bit_train", requires=["torchao"],
+              techniques=["adamw8bit"], description="torchao AdamW8bit (compiles per parameter shape)")
+register_peer("galore_torch", "train", _M + "galore_torch_train", requires=["galore_torch"], techniques=["galore"],
+              description="galore-torch GaLoreAdamW, same rank, update gap, scale and projected weights")
+register_peer("torch_optimizer_lamb", "train", _M + "torch_optimizer_lamb_train", requires=["torch_optimizer"],
+              techniques=["lamb"], description="torch-optimizer Lamb")
+register_peer("torch_optimizer_novograd", "train", _M + "torch_optimizer_novograd_train",
+              requires=["torch_optimizer"], techniques=["novograd"], description="torch-optimizer NovoGrad")

@@ -31,8 +31,8 @@ from llmopt.optim.sgd import sgd_finetune_optimizer, sgd_finetune_param_groups
 
 __all__ = ["AdamW8bit", "CLIP_MODES", "GaLoreAdamW", "Lamb", "NovoGrad", "build", "clip_gradients_",
            "dequantize_blockwise", "dynamic_map", "galore_param_groups", "quantize_blockwise",
-           "randomized_range_finder", "sgd", "sgd_finetune_optimizer", "sgd_finetune_param_groups",
-           "stable_embedding_param_groups", "state_bytes"]
+           "randomized_range_finder", "register_external_optimizer", "sgd", "sgd_finetune_optimizer",
+           "sgd_finetune_param_groups", "stable_embedding_param_groups", "state_bytes"]
 
 
 def sgd(params, lr: float = 1e-2, momentum: float = 0.9, nesterov: bool = False,
@@ -43,6 +43,17 @@ def sgd(params, lr: float = 1e-2, momentum: float = 0.9, nesterov: bool = False,
 
 
 OPTIMIZERS = ("sgd", "lamb", "novograd", "adamw8bit", "galore")
+
+_EXTERNAL: dict[str, Any] = {}
+
+
+def register_external_optimizer(name: str, builder) -> None:
+    """Let `build` (so `optim.name=NAME` in llmopt's loop) make another library's optimizer:
+    `builder(param_groups, optim_config, model)` returns it. `llmopt.measure.bench_peers` registers the
+    peers of `llmopt bench` this way (bnb_adamw8bit, torchao_adamw8bit, galore_torch, ...)."""
+    if name in OPTIMIZERS or name == "adamw":
+        raise ValueError(f"{name!r} is an llmopt optimizer; give the external one another name")
+    _EXTERNAL[name] = builder
 
 
 def build(name: str, param_groups: list[dict[str, Any]], optim_config, model: torch.nn.Module | None = None
@@ -85,6 +96,8 @@ def build(name: str, param_groups: list[dict[str, Any]], optim_config, model: to
             raise ValueError("galore needs to know which weights to project: pass model= or param groups from "
                              "galore_param_groups(model, rank=...)")
         return GaLoreAdamW(param_groups, lr=oc.lr, betas=betas, eps=oc.eps, block_size=oc.block_size)
+    if name in _EXTERNAL:
+        return _EXTERNAL[name](param_groups, oc, model)
     raise ValueError(f"unknown optimizer {name!r} (optim.name); choose adamw or one of: {', '.join(OPTIMIZERS)}")
 
 

@@ -36,6 +36,8 @@ def add_bench_parsers(sub) -> None:
     b.add_argument("--data", help="a text file or directory of .txt files (default: the bundled corpus)")
     b.add_argument("--peers", default="all", help="peer libraries as extra columns: all (installed ones), none, "
                                                    "or names separated by commas")
+    b.add_argument("--nproc", type=int, help="distributed bench: NAMEs are modes (ddp fsdp hsdp tp pp pp_gpipe dp_tp "
+                                             "pp_dp pp_dp_tp) or meshes (dp=2,tp=2) on N processes, against one process")
     b.set_defaults(fn=cmd_bench)
 
     r = sub.add_parser("report", help="re-render a bench report, or compare two benches")
@@ -56,6 +58,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from llmopt.measure.bench import bench
 
     console = _console()
+    if args.nproc:
+        from llmopt.measure.bench_dist import bench_distributed
+
+        out = args.out or f"runs/bench-dist-{args.nproc}"
+        console.print(f"[bold]llmopt bench[/] {' '.join(args.names)} on {args.model}, {args.nproc} processes")
+        bench_distributed(args.names, nproc=args.nproc, model=args.model, steps=args.steps or 10, out=out,
+                          overrides=args.set, force=args.force)
+        console.print((Path(out) / "report.md").read_text())
+        return 0
     console.print(f"[bold]llmopt bench[/] {' '.join(args.names)} on {args.model}")
     result = bench(args.names, model=args.model, workload=args.workload, repeats=args.repeats, steps=args.steps,
                    warmup=args.warmup, out=args.out, force=args.force, overrides=list(args.set or []),

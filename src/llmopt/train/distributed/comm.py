@@ -113,39 +113,106 @@ class CommCounter(TorchDispatchMode):
 
 
 # ---- analytic formulas --------------------------------------------------------------------------------------------
-def expected_bytes(mode: str, *, model_config, spec, train_config, dist_config, param_numel: int,
-                   block_param_numel: int, other_param_numel: int, elem: int = 4, n_sync_params: int = 0,
-                   microbatches: int = 1) -> dict[str, float]:
-    """Bytes per optimizer step that `mode` must move, from the model and batch shapes alone.
+def _padded(shape, n: int) -> int:
+    """Elements of a parameter FSDP2 shards over n ranks (dim 0 padded to a multiple of n)."""
+    rows = -(-shape[0] // n) * n
+    rest = 1
+    for d in shape[1:]:
+        rest *= d
+    return rows * rest
 
-    param_numel: parameters of the model (tied weights once); block_param_numel: of one decoder block;
-    other_param_numel: those outside the blocks (embedding, final norm, untied head). Formulas (payload
-    convention of CommCounter; B = this rank's sequences, T = seq_len, D = dim, L = layers):
-      ddp:   all-reduce of every gradient once per step: 4P.
-      fsdp:  all-gather of every parameter in forward and again in backward for the resharded blocks (all but
-             the last), the root's parameters once; reduce-scatter of every gradient: 4P.
-      tp+sp: per block, forward: 2 all-gathers and 2 reduce-scatters of B*T*D activations; backward the same
-             again; plus the final norm's gather (fwd) and its reverse slicing (no comm).
-      pp:    per micro-batch boundary: activations B_mb*T*D sent forward and gradients back, per stage edge.
+
+def _tp_local(name: str, shape, tp: int) -> tuple:
+    """Shape of a block parameter on one tensor-parallel rank (column-split: dim 0; row-split: dim 1)."""
+    if tp == 1:
+        return tuple(shape)
+    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")):
+        return (shape[0] // tp, *shape[1:])
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        return (shape[0], shape[1] // tp)
+    return tuple(shape)
+
+
+def expected_rank0_bytes(model_config, spec, train_config, dist_config, *, elem: int = 4) -> dict[str, float]:
+    """Bytes per optimizer step that rank 0 (first pipeline stage, data and tensor coordinate 0) must move, by
+    kind, from the model's parameter shapes and the batch shape alone (payload convention of CommCounter).
+
+    Terms (B = rank's sequences per step, T = seq_len, D = dim, Ls = layers of rank 0's stage,
+    act = B*T*D*4 bytes, P = parameter elements; FSDP sizes are padded to the shard count):
+      DDP            all-reduce P once per step.
+      FSDP / HSDP    all-gather: each resharded block twice (forward, backward), the last block and the root
+                     once more, the rest of the root twice; with pipeline stages (no resharding) once.
+                     reduce-scatter: every gradient once. HSDP adds an all-reduce of the shard across replicas.
+      TP + SP        all-gather (4*Ls + 2)*act: per block 2 in forward (before attention and MLP) and 2 in
+                     backward, plus the stage's entry (backward) and exit (forward); reduce-scatter 4*Ls*act;
+                     all-reduce of the norm weights' partial gradients, 2*Ls*D.
+      PP             send act forward, receive act of gradients; tied embedding: all-reduce of V*D.
+      clipping       one scalar all-reduce per sharded gradient (4 bytes) and, with pp, one float64 (8 bytes).
     """
-    B = train_config.batch_size // spec.dp_size
-    T, D, L = train_config.seq_len, model_config.dim, model_config.n_layer
-    act = B * T * D * elem
-    out: dict[str, float] = {}
-    if mode == "ddp":
-        out["all_reduce"] = param_numel * elem
-    elif mode in ("fsdp", "hsdp"):
-        reshard = dist_config.reshard_after_forward
-        gathered_blocks = L * block_param_numel * (2 if reshard else 1) - (block_param_numel if reshard else 0)
-        out["all_gather"] = (gathered_blocks + other_param_numel) * elem
-        out["reduce_scatter"] = param_numel * elem
+    import torch
+
+    from llmopt.models import build_model
+
+    model = build_model(model_config, device="meta")
+    tp, pp, dp = spec.tp, spec.pp, spec.dp_size
+    mode = ("hsdp" if spec.hsdp else dist_config.data_parallel) if dp > 1 else None
+    n_stages = pp * (2 if dist_config.pp_schedule in ("interleaved_1f1b", "looped_bfs") and pp > 1 else 1)
+    L, D = model_config.n_layer, model_config.dim
+    stages = [0, pp] if n_stages > pp else [0]
+    layer_ids = [i for s in stages for i in range(s * L // n_stages, (s + 1) * L // n_stages)]
+    Ls = len(layer_ids)
+    has_head = (n_stages - 1) in stages
+    tied = model_config.tie_embeddings
+    B = train_config.batch_size // dp
+    T = train_config.seq_len
+    act = B * T * D * elem * train_config.grad_accum
+    out: dict[str, float] = {"all_reduce": 0.0, "all_gather": 0.0, "reduce_scatter": 0.0, "send": 0.0, "recv": 0.0}
+
+    blocks: list[list[tuple]] = []  # per block: local parameter shapes after tensor parallel
+    for i in layer_ids:
+        prefix = f"layers.{i}."
+        blocks.append([_tp_local(n, p.shape, tp) for n, p in model.named_parameters() if n.startswith(prefix)])
+    root = [tuple(model.embed_tokens.weight.shape)]  # the first stage always holds the embedding
+    if has_head:
+        root.append(tuple(model.norm.weight.shape))
+        if not tied or pp > 1:  # an untied head, or the last stage's own copy of a tied one
+            root.append(tuple(model.lm_head.weight.shape))
+    n_tensors = sum(len(b) for b in blocks) + len(root)
+    if mode in ("fsdp", "hsdp"):
+        shard = spec.dp_shard if mode == "hsdp" else dp
+        blk = [sum(_padded(s, shard) for s in b) for b in blocks]
+        rt = sum(_padded(s, shard) for s in root)
+        reshard = dist_config.reshard_after_forward and pp == 1
+        k = train_config.grad_accum
+        if reshard:  # every block but the last gathered in forward and backward; the root twice
+            gathered = k * (2 * sum(blk[:-1]) + blk[-1] + 2 * rt)
+        else:
+            gathered = sum(blk) + rt
+        out["all_gather"] += gathered * elem
+        out["reduce_scatter"] += (sum(blk) + rt) * elem
         if mode == "hsdp":
-            out["all_reduce"] = param_numel * elem / spec.dp_shard  # the shards, across replicas
-    elif mode == "tp":
-        out["all_gather"] = (2 * L + 1) * act + 2 * L * act  # fwd: 2 per block + final norm; bwd: 2 per block
-        out["reduce_scatter"] = 2 * L * act + 2 * L * act
-    elif mode == "pp":
-        edges = spec.pp - 1
-        out["send"] = 2 * edges * act  # activations forward, gradients backward, summed over micro-batches
-        out["recv"] = 2 * edges * act
-    return out
+            out["all_reduce"] += (sum(blk) + rt) * elem / shard
+        out["all_reduce"] += n_tensors * elem  # clipping: a scalar norm per sharded gradient
+    elif mode == "ddp":
+        out["all_reduce"] += sum(sum(int(torch.Size(s).numel()) for s in b) for b in blocks) * elem
+        out["all_reduce"] += sum(int(torch.Size(s).numel()) for s in root) * elem
+    if tp > 1:
+        sp = dist_config.sequence_parallel
+        if sp:
+            out["all_gather"] += (4 * Ls + 2) * act
+            out["reduce_scatter"] += 4 * Ls * act
+            out["all_reduce"] += 2 * Ls * D * elem
+        else:
+            out["all_reduce"] += 4 * Ls * act
+        if mode is None:  # each column/row-split gradient adds a scalar norm all-reduce (7 Linears per block)
+            out["all_reduce"] += 7 * Ls * elem
+    if pp > 1:
+        edges = len(stages) * 2 - (1 if 0 in stages else 0) - (1 if has_head else 0)
+        out["send"] += edges * act
+        out["recv"] += edges * act
+        if tied:
+            V = model_config.vocab_size
+            out["all_reduce"] += (_padded((V, D), spec.dp_shard if mode == "hsdp" else dp) // (
+                spec.dp_shard if mode == "hsdp" else dp) if mode in ("fsdp", "hsdp") else V * D) * elem
+        out["all_reduce"] += 8
+    return {k: v for k, v in out.items() if v}

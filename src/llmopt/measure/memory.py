@@ -179,13 +179,21 @@ def _python_tensor_keys() -> dict:
     """{storage key: storage} of every tensor object the garbage collector tracks (each a plain tensor)."""
     import gc
 
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
     found: dict = {}
     for obj in gc.get_objects():
-        if issubclass(type(obj), torch.Tensor):  # type(), not isinstance: some proxies warn on __class__
+        kind = type(obj)  # type(), not isinstance: some proxies warn on __class__
+        if not issubclass(kind, torch.Tensor) or issubclass(kind, (FakeTensor, FunctionalTensor)):
+            continue
+        try:  # fake/functional tensors that torch.compile keeps around have no data pointer
             for leaf in plain_tensors(obj):
                 key = _storage_key(leaf)
                 if key is not None and key not in found:
                     found[key] = leaf.untyped_storage()
+        except (RuntimeError, NotImplementedError, AttributeError):
+            continue
     return found
 
 

@@ -24,7 +24,8 @@ import time
 import torch
 
 from llmopt.data.corpus import default_corpus_text
-from llmopt.inference import (DraftModelProposer, KVCache, PromptLookupProposer, generate, make_cache,
+from llmopt.inference import (DraftModelProposer, KVCache, PromptLookupProposer, decode_one_token, generate,
+                              make_cache,
                               make_quantized_cache, speculative_generate)
 from llmopt.models import load_pretrained
 
@@ -60,22 +61,39 @@ def shakespeare_ids(tokenizer):
 
 
 def bench_lookup(args):
+    """Plain greedy vs prompt lookup (ours, adaptive k <= 10) vs transformers' prompt lookup (10 tokens), on
+    a copy-heavy prompt (a passage given twice, then its start: the continuation copies it) and on a prompt
+    with nothing to copy."""
+    from llmopt.models.hf import to_hf
+
     model, tok = load_pretrained("smollm2-135m")
+    hf = to_hf(model).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
     ids = shakespeare_ids(tok)
     passage = ids[2000:2150]
     newline = tok.encode("\n\n")
     copy_prompt = passage + newline + passage + newline + passage[:20]
     plain_prompt = ids[:128]
+    n = args.new_tokens
+
+    def theirs(prompt):
+        x = torch.tensor([prompt])
+        with torch.no_grad():
+            return hf.generate(x, attention_mask=torch.ones_like(x), prompt_lookup_num_tokens=10, do_sample=False,
+                               max_new_tokens=n, min_new_tokens=n)[0, len(prompt):]
+
     for label, prompt in (("copy-heavy", copy_prompt), ("no-copy", plain_prompt)):
-        n = args.new_tokens
         configs = {
             "plain": lambda p=prompt: generate(model, [p], n),
             "prompt_lookup": lambda p=prompt: speculative_generate(model, [p], n, proposer=PromptLookupProposer(),
                                                                     k=10),
+            "transformers_prompt_lookup": lambda p=prompt: theirs(p),
         }
         out = rounds_table(f"lookup/{label} ({len(prompt)} prompt + {n} new)", configs, args.rounds, "plain")
         spec = out["prompt_lookup"]
         emit(bench=f"lookup/{label}", identical=torch.equal(out["plain"].tokens, spec.tokens),
+             transformers_identical=torch.equal(out["plain"].new_tokens[0], out["transformers_prompt_lookup"]),
              target_forwards=spec.target_forwards, plain_forwards=n, acceptance=spec.acceptance_rate,
              accepted=spec.accepted, proposed=spec.proposed)
 
@@ -100,7 +118,8 @@ def bench_kv(args):
     L = args.context
     fp16 = KVCache(c.n_layer, 1, c.n_kv_head, L, c.head_dim, torch.float16).bytes_per_token
     for bits in (8, 4, 2):
-        q16 = make_quantized_cache(model, 1, L, bits=bits, dtype=torch.float16, residual_length=args.residual)
+        q16 = make_quantized_cache(model, 1, L, bits=bits, dtype=torch.float16, residual_length=args.residual,
+                                   group_size=args.group)
         emit(bench="kv/bytes", bits=bits, context=L, bytes_per_token=q16.bytes_per_token,
              fp16_bytes_per_token=fp16, ratio_vs_fp16=q16.bytes_per_token / fp16,
              worst_case_ratio=max(q16.bytes_at(n) / n for n in range(L - 64, L + 1)) / fp16)
@@ -108,38 +127,48 @@ def bench_kv(args):
     text = default_corpus_text()
     ids = torch.tensor(tok.encode(text[-int(len(text) * 0.05):]))
     windows = [ids[i * L:(i + 1) * L][None] for i in range(args.windows)]
+    caches = {"fp32": make_cache(model, 1, L)}
+    caches.update({f"int{b}": make_quantized_cache(model, 1, L, bits=b, residual_length=args.residual,
+                                                   group_size=args.group)
+                   for b in (8, 4, 2)})
     nll = {}
-    for name in ("fp32", "int8", "int4", "int2"):
-        values = []
-        for w in windows:
-            cache = (make_cache(model, 1, L) if name == "fp32" else
-                     make_quantized_cache(model, 1, L, bits=int(name[3:]), residual_length=args.residual))
-            values.append(_nll_with_cache(model, w, cache, args.chunk))
-        nll[name] = sum(values) / len(values)
-        emit(bench="kv/perplexity", cache=name, windows=len(windows), tokens_per_window=L, chunk=args.chunk,
+    for name, cache in caches.items():
+        nll[name] = sum(_nll_with_cache(model, w, cache, args.chunk) for w in windows) / len(windows)
+        emit(bench="kv/perplexity", cache=name, residual=args.residual, group=args.group, windows=len(windows),
+             tokens_per_window=L, chunk=args.chunk,
              nll=nll[name], ppl=float(torch.tensor(nll[name]).exp()),
              ppl_ratio_vs_fp32=float(torch.tensor(nll[name] - nll["fp32"]).exp()))
-    # decode speed at L context: prefill L - new tokens, then decode `new` tokens
-    new = 32
-    prompt = ids[: L - new][None]
-    caches = {"fp32": make_cache(model, 1, L), "int4": make_quantized_cache(model, 1, L, bits=4,
-                                                                            residual_length=args.residual),
-              "int2": make_quantized_cache(model, 1, L, bits=2, residual_length=args.residual)}
+    # decode at L context: every cache still holds the last window's L - 1 tokens; each round rolls it back to
+    # L - 64 (a group boundary) and times `new` greedy decode steps from there (the caches rotate per round)
+    if args.no_decode:
+        return
+    new, start_pos = 32, L - 64
     decode_s = {k: [] for k in caches}
-    for r in range(args.rounds):
-        for name in (list(caches)[r % 3:] + list(caches)[: r % 3]):
-            result = generate(model, prompt, new, cache=caches[name])
-            decode_s[name].append(result.decode_seconds)
+    with torch.no_grad():
+        for r in range(args.rounds):
+            for name in list(caches)[r % len(caches):] + list(caches)[: r % len(caches)]:
+                cache = caches[name]
+                cache.truncate(start_pos)
+                token = windows[-1][:, start_pos:start_pos + 1]
+                t0 = time.perf_counter()
+                for pos in range(start_pos, start_pos + new):
+                    token, _ = decode_one_token(model, token, torch.tensor([pos]), cache)
+                decode_s[name].append(time.perf_counter() - t0)
     for name in caches:
         ratios = [b / t for b, t in zip(decode_s["fp32"], decode_s[name])]
-        emit(bench=f"kv/decode at {L} context ({new} new tokens, decode steps only)", cache=name,
-             median_decode_tok_s=(new - 1) / statistics.median(decode_s[name]),
+        emit(bench=f"kv/decode at {start_pos} context ({new} decode steps)", cache=name,
+             median_decode_tok_s=new / statistics.median(decode_s[name]),
              tok_s_ratio_vs_fp32=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
 
 
 def bench_hf(args):
-    """Greedy identity and speed vs transformers generate on the same weights: prompt i runs ours then
-    theirs (odd i: theirs first), so the per-prompt time ratios are interleaved rounds."""
+    """Greedy identity and speed vs transformers generate on the same weights.
+
+    Identity: `--prompts` prompts of 32 held-in Shakespeare tokens, `--new-tokens` greedy tokens each, as
+    one batch on each side (equal lengths: no padding), compared row by row. Speed: batch 1, one prompt,
+    `--speed-tokens` new tokens, ours and theirs alternating for `--rounds` rounds (order flipped every
+    round); tok/s over the whole generate call (32-token prefill included), one ratio per round.
+    """
     from llmopt.models.hf import to_hf
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -148,54 +177,98 @@ def bench_hf(args):
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     ids = shakespeare_ids(tok)
-    n = args.new_tokens
-    same, first_diff, ratios = 0, [], []
-    warm = torch.tensor([ids[:32]])
-    generate(model, warm, 4)
-    with torch.no_grad():
-        hf.generate(warm, attention_mask=torch.ones_like(warm), do_sample=False, max_new_tokens=4)
-    for i in range(args.prompts):
-        prompt = torch.tensor([ids[i * 300:i * 300 + 32]])
 
-        def ours():
-            return generate(model, prompt, n).new_tokens[0]
+    def theirs(prompt, n):
+        with torch.no_grad():
+            return hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                               max_new_tokens=n, min_new_tokens=n)[:, prompt.size(1):]
 
-        def theirs():
-            with torch.no_grad():
-                return hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                   max_new_tokens=n, min_new_tokens=n)[0, 32:]
-        seconds, out = {}, {}
-        for name, fn in (("ours", ours), ("theirs", theirs))[:: 1 if i % 2 == 0 else -1]:
+    if args.prompts:
+        prompts = torch.tensor([ids[i * 300:i * 300 + 32] for i in range(args.prompts)])  # (P, 32)
+        ours_out = generate(model, prompts, args.new_tokens).new_tokens
+        theirs_out = theirs(prompts, args.new_tokens)
+        same = [bool(torch.equal(a, b)) for a, b in zip(ours_out, theirs_out)]
+        first_diff = [int((a != b).nonzero()[0]) for a, b, e in zip(ours_out, theirs_out, same) if not e]
+        emit(bench=f"hf/greedy identity {args.dtype}", prompts=args.prompts, prompt_tokens=32,
+             new_tokens=args.new_tokens, identical=sum(same), first_divergence=first_diff)
+
+    prompt = torch.tensor([ids[:32]])
+    n = args.speed_tokens
+    generate(model, prompt, 4), theirs(prompt, 4)  # warm-up
+    ratios, seconds = [], {"ours": [], "theirs": []}
+    for r in range(args.rounds):
+        for name in ("ours", "theirs")[:: 1 if r % 2 == 0 else -1]:
             start = time.perf_counter()
-            out[name] = fn()
-            seconds[name] = time.perf_counter() - start
-        equal = torch.equal(out["ours"], out["theirs"])
-        same += equal
-        if not equal:
-            first_diff.append(int((out["ours"] != out["theirs"]).nonzero()[0]))
-        ratios.append(seconds["theirs"] / seconds["ours"])
-        emit(bench=f"hf/greedy {args.dtype}", prompt=i, identical=equal, ours_s=seconds["ours"],
-             transformers_s=seconds["theirs"], tok_s_ratio=ratios[-1])
-    emit(bench=f"hf/greedy {args.dtype} summary", prompts=args.prompts, prompt_tokens=32, new_tokens=n,
-         identical=same, first_divergence=first_diff, threads=torch.get_num_threads(),
+            generate(model, prompt, n) if name == "ours" else theirs(prompt, n)
+            seconds[name].append(time.perf_counter() - start)
+        ratios.append(seconds["theirs"][-1] / seconds["ours"][-1])
+    emit(bench=f"hf/speed {args.dtype}", rounds=args.rounds, prompt_tokens=32, new_tokens=n,
+         threads=torch.get_num_threads(), ours_median_s=statistics.median(seconds["ours"]),
+         transformers_median_s=statistics.median(seconds["theirs"]),
          tok_s_ratio_vs_transformers=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
-         note="tok/s over the whole generate call (32-token prefill included); one ratio per prompt, "
-              "order alternating")
+         ratios=ratios)
+
+
+CODE_PROMPT = """def merge_sorted(a, b):
+    \"\"\"Merge two sorted lists into one sorted list.\"\"\"
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+"""
+
+
+def load_draft(path):
+    """The distilled SmolLM2 draft at `path`, built there by the `distill_draft` recipe if absent."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        from llmopt.recipes import get_recipe
+        from llmopt.recipes.distill import distill
+
+        emit(bench="spec/draft", building=str(path), recipe="distill_draft")
+        distill(get_recipe("distill_draft"), path, on_log=lambda r: print(json.dumps(r), flush=True))
+    draft, _ = load_pretrained(path)
+    info = json.loads((path / "distill.json").read_text()) if (path / "distill.json").is_file() else {}
+    emit(bench="spec/draft", path=str(path), params=draft.num_parameters(),
+         **{k: info[k] for k in ("teacher_tokens", "student_tokens", "teacher_seconds", "train_seconds",
+                                 "total_seconds", "final") if k in info})
+    return draft
 
 
 def bench_spec(args):
+    """Plain greedy vs speculative decoding with the distilled draft (adaptive k) vs transformers assisted
+    generation with the same draft, on held-out Shakespeare (the draft's domain) and on Python code (the
+    draft disagrees: adaptive k must keep the loss small)."""
+    from llmopt.models.hf import to_hf
+
     model, tok = load_pretrained("smollm2-135m")
-    draft, _ = load_pretrained(args.draft)
-    ids = shakespeare_ids(tok)
-    prompt = ids[:128]
+    draft = load_draft(args.draft or "runs/smollm2-draft")
+    hf, hf_draft = to_hf(model).eval(), to_hf(draft).eval()
+    for m in (hf, hf_draft):
+        m.generation_config.eos_token_id = None
+        m.generation_config.pad_token_id = 0
+    text = default_corpus_text()
+    heldout = tok.encode(text[-30_000:])  # the corpus tail: outside every distillation window
+    prompts = {"shakespeare": heldout[1000:1064], "code (draft disagrees)": tok.encode(CODE_PROMPT)}
     n = args.new_tokens
-    configs = {"plain": lambda: generate(model, [prompt], n),
-               "speculative": lambda: speculative_generate(model, [prompt], n, proposer=DraftModelProposer(draft),
-                                                           k=args.k)}
-    out = rounds_table(f"spec (128 prompt + {n} new)", configs, args.rounds, "plain")
-    spec = out["speculative"]
-    emit(bench="spec", identical=torch.equal(out["plain"].tokens, spec.tokens), **{
-        k: v for k, v in spec.summary().items() if k in ("acceptance_rate", "target_forwards", "mean_k")})
+
+    def assisted(prompt):
+        x = torch.tensor([prompt])
+        with torch.no_grad():
+            return hf.generate(x, attention_mask=torch.ones_like(x), assistant_model=hf_draft, do_sample=False,
+                               max_new_tokens=n, min_new_tokens=n)[0, len(prompt):]
+
+    for label, prompt in prompts.items():
+        configs = {"plain": lambda p=prompt: generate(model, [p], n),
+                   "speculative": lambda p=prompt: speculative_generate(model, [p], n,
+                                                                        proposer=DraftModelProposer(draft), k=args.k),
+                   "transformers_assisted": lambda p=prompt: assisted(p)}
+        out = rounds_table(f"spec/{label} ({len(prompt)} prompt + {n} new)", configs, args.rounds, "plain")
+        spec = out["speculative"]
+        emit(bench=f"spec/{label}", identical=torch.equal(out["plain"].tokens, spec.tokens),
+             transformers_identical=torch.equal(out["plain"].new_tokens[0], out["transformers_assisted"]),
+             **{k: v for k, v in spec.summary().items()
+                if k in ("acceptance_rate", "proposed", "accepted", "target_forwards", "mean_k")})
 
 
 def main():
@@ -207,7 +280,10 @@ def main():
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--residual", type=int, default=0)
+    p.add_argument("--group", type=int, default=64)
+    p.add_argument("--no-decode", action="store_true", help="kv: perplexity and bytes only")
     p.add_argument("--prompts", type=int, default=20)
+    p.add_argument("--speed-tokens", type=int, default=32)
     p.add_argument("--draft")
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")

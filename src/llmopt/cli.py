@@ -287,6 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-bench", action="store_true", help="skip the closing baseline-vs-optimized bench table")
     d.set_defaults(fn=cmd_demo)
 
+    pl = sub.add_parser("plan", help="memory and communication per rank of every mesh for N processes")
+    pl.add_argument("model", help="model preset: tiny, demo, smollm2-135m, ...")
+    pl.add_argument("--nproc", type=int, required=True, help="number of processes (GPUs) to plan for")
+    pl.add_argument("--batch-size", type=int, default=32, help="global sequences per optimizer step")
+    pl.add_argument("--seq-len", type=int, default=2048)
+    pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="model.* or dist.* override")
+    pl.add_argument("--json", action="store_true", help="print JSON")
+    pl.set_defaults(fn=cmd_plan)
+
     tq = sub.add_parser("techniques", help="list every registered technique, one line each")
     tq.add_argument("--json", action="store_true", help="print a JSON list")
     tq.set_defaults(fn=cmd_techniques)
@@ -298,6 +307,25 @@ def build_parser() -> argparse.ArgumentParser:
     if add_bench_parsers is not None:
         add_bench_parsers(sub)
     return p
+
+
+def cmd_plan(args) -> int:
+    from llmopt.models import ModelConfig
+    from llmopt.train.config import RunConfig, apply_overrides
+    from llmopt.train.distributed.plan import plan, render_plan
+
+    if args.nproc < 1:
+        raise UsageError(f"--nproc {args.nproc} must be at least 1")
+    run = RunConfig(model=ModelConfig.from_name(args.model))
+    run = apply_overrides(run, [f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}",
+                                *(args.set or [])])
+    rows = plan(run.model, args.nproc, run.train, run.dist)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(render_plan(rows, title=f"{args.model} on {args.nproc} ranks, batch {args.batch_size} x "
+                                      f"{args.seq_len}, fp32 AdamW"))
+    return 0
 
 
 def cmd_techniques(args) -> int:

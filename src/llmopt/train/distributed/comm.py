@@ -133,6 +133,30 @@ def _tp_local(name: str, shape, tp: int) -> tuple:
     return tuple(shape)
 
 
+def rank0_shapes(model_config, spec, dist_config):
+    """Parameter shapes rank 0 holds after the pipeline split and tensor parallel, before data-parallel sharding:
+    (per-block lists of shapes, shapes outside the blocks, layers held, whether it holds the head, pipeline
+    edges it talks over)."""
+    from llmopt.models import build_model
+
+    model = build_model(model_config, device="meta")
+    tp, pp = spec.tp, spec.pp
+    n_stages = pp * (2 if dist_config.pp_schedule in ("interleaved_1f1b", "looped_bfs") and pp > 1 else 1)
+    L = model_config.n_layer
+    stages = [0, pp] if n_stages > pp else [0]
+    layer_ids = [i for s in stages for i in range(s * L // n_stages, (s + 1) * L // n_stages)]
+    has_head = (n_stages - 1) in stages
+    blocks = [[_tp_local(n, p.shape, tp) for n, p in model.named_parameters() if n.startswith(f"layers.{i}.")]
+              for i in layer_ids]
+    root = [tuple(model.embed_tokens.weight.shape)]  # the first stage always holds the embedding
+    if has_head:
+        root.append(tuple(model.norm.weight.shape))
+        if not model_config.tie_embeddings or pp > 1:  # an untied head, or the last stage's own copy
+            root.append(tuple(model.lm_head.weight.shape))
+    edges = len(stages) * 2 - (1 if 0 in stages else 0) - (1 if has_head else 0) if pp > 1 else 0
+    return blocks, root, len(layer_ids), has_head, edges
+
+
 def expected_rank0_bytes(model_config, spec, train_config, dist_config, *, elem: int = 4) -> dict[str, float]:
     """Bytes per optimizer step that rank 0 (first pipeline stage, data and tensor coordinate 0) must move, by
     kind, from the model's parameter shapes and the batch shape alone (payload convention of CommCounter).
@@ -151,32 +175,15 @@ def expected_rank0_bytes(model_config, spec, train_config, dist_config, *, elem:
     """
     import torch
 
-    from llmopt.models import build_model
-
-    model = build_model(model_config, device="meta")
     tp, pp, dp = spec.tp, spec.pp, spec.dp_size
     mode = ("hsdp" if spec.hsdp else dist_config.data_parallel) if dp > 1 else None
-    n_stages = pp * (2 if dist_config.pp_schedule in ("interleaved_1f1b", "looped_bfs") and pp > 1 else 1)
-    L, D = model_config.n_layer, model_config.dim
-    stages = [0, pp] if n_stages > pp else [0]
-    layer_ids = [i for s in stages for i in range(s * L // n_stages, (s + 1) * L // n_stages)]
-    Ls = len(layer_ids)
-    has_head = (n_stages - 1) in stages
+    blocks, root, Ls, has_head, edges = rank0_shapes(model_config, spec, dist_config)
+    D = model_config.dim
     tied = model_config.tie_embeddings
     B = train_config.batch_size // dp
     T = train_config.seq_len
     act = B * T * D * elem * train_config.grad_accum
     out: dict[str, float] = {"all_reduce": 0.0, "all_gather": 0.0, "reduce_scatter": 0.0, "send": 0.0, "recv": 0.0}
-
-    blocks: list[list[tuple]] = []  # per block: local parameter shapes after tensor parallel
-    for i in layer_ids:
-        prefix = f"layers.{i}."
-        blocks.append([_tp_local(n, p.shape, tp) for n, p in model.named_parameters() if n.startswith(prefix)])
-    root = [tuple(model.embed_tokens.weight.shape)]  # the first stage always holds the embedding
-    if has_head:
-        root.append(tuple(model.norm.weight.shape))
-        if not tied or pp > 1:  # an untied head, or the last stage's own copy of a tied one
-            root.append(tuple(model.lm_head.weight.shape))
     n_tensors = sum(len(b) for b in blocks) + len(root)
     if mode in ("fsdp", "hsdp"):
         shard = spec.dp_shard if mode == "hsdp" else dp
@@ -207,7 +214,6 @@ def expected_rank0_bytes(model_config, spec, train_config, dist_config, *, elem:
         if mode is None:  # each column/row-split gradient adds a scalar norm all-reduce (7 Linears per block)
             out["all_reduce"] += 7 * Ls * elem
     if pp > 1:
-        edges = len(stages) * 2 - (1 if 0 in stages else 0) - (1 if has_head else 0)
         out["send"] += edges * act
         out["recv"] += edges * act
         if tied:

@@ -33,7 +33,7 @@ import torch
 
 from llmopt.models.mamba import scan_chunked, scan_sequential
 
-__all__ = ["scan_chunked", "scan_sequential", "selective_scan_cpu", "selective_scan_triton", "use_fused_scan_",
+__all__ = ["mamba_decode_step_cpu", "scan_chunked", "scan_sequential", "selective_scan_cpu", "selective_scan_triton", "use_fused_scan_",
            "use_triton_scan_"]
 
 
@@ -73,6 +73,53 @@ void selective_scan_fwd(const float* restrict x, const float* restrict dt, const
     }
   }
 }
+
+/* Decode step, part 1: the causal conv over the last d_conv inputs, then SiLU.
+   x: (B, D) new input (stride sx between rows); conv: (B, D, K-1) state, shifted in place; w: (D, K); bias: (D) or 0;
+   xc: (B, D) out. */
+void mamba_conv_step(const float* restrict x, long sx, float* restrict conv, const float* restrict w,
+                     const float* restrict bias, float* restrict xc, long Bsz, long D, long K) {
+  for (long b = 0; b < Bsz; b++) {
+    for (long d = 0; d < D; d++) {
+      float* st = conv + (b * D + d) * (K - 1);
+      const float* wd = w + d * K;
+      const float xv = x[b * sx + d];
+      float acc = bias ? bias[d] : 0.f;
+      for (long k = 0; k < K - 1; k++) acc += st[k] * wd[k];
+      acc += xv * wd[K - 1];
+      for (long k = 0; k + 1 < K - 1; k++) st[k] = st[k + 1];
+      if (K > 1) st[K - 2] = xv;
+      xc[b * D + d] = acc / (1.f + expf(-acc));
+    }
+  }
+}
+
+/* Decode step, part 2: dt = softplus(dt_lin), h = exp(dt A) h + dt x B, y = (C.h + Dskip x) silu(z).
+   dt_lin: (B, D) (stride sdt); A_log: (D, N); Bm, Cm: (B, N) (stride sbc); xc: (B, D); z: (B, D) (stride sz);
+   Dskip: (D); h: (B, D, N) in place; y: (B, D) out. */
+void mamba_ssm_step(const float* restrict dt_lin, long sdt, const float* restrict A_log, const float* restrict Bm,
+                    const float* restrict Cm, long sbc, const float* restrict xc, const float* restrict z, long sz,
+                    const float* restrict Dskip, float* restrict h, float* restrict y, long Bsz, long D, long N) {
+  for (long b = 0; b < Bsz; b++) {
+    const float* bt = Bm + b * sbc;
+    const float* ct = Cm + b * sbc;
+    for (long d = 0; d < D; d++) {
+      const float u = dt_lin[b * sdt + d];
+      const float dt = u > 20.f ? u : log1pf(expf(u));  /* torch's softplus threshold */
+      const float xv = xc[b * D + d], w = dt * xv;
+      const float* al = A_log + d * N;
+      float* hd = h + (b * D + d) * N;
+      float acc = 0.f;
+      for (long n = 0; n < N; n++) {
+        const float v = expf(-dt * expf(al[n])) * hd[n] + w * bt[n];
+        hd[n] = v;
+        acc += v * ct[n];
+      }
+      const float zv = z[b * sz + d];
+      y[b * D + d] = (acc + Dskip[d] * xv) * (zv / (1.f + expf(-zv)));
+    }
+  }
+}
 """
 
 
@@ -104,6 +151,11 @@ def _c_library():
     handle = ctypes.CDLL(str(lib))
     handle.selective_scan_fwd.restype = None
     handle.selective_scan_fwd.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 4
+    vp, lg = ctypes.c_void_p, ctypes.c_long
+    handle.mamba_conv_step.restype = None
+    handle.mamba_conv_step.argtypes = [vp, lg, vp, vp, vp, vp, lg, lg, lg]
+    handle.mamba_ssm_step.restype = None
+    handle.mamba_ssm_step.argtypes = [vp, lg, vp, vp, vp, lg, vp, vp, lg, vp, vp, vp, lg, lg, lg]
     return handle
 
 
@@ -126,9 +178,41 @@ def selective_scan_cpu(x, dt, A, Bm, Cm, h0=None):
     return y, h.transpose(1, 2).contiguous()
 
 
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+@torch.no_grad()
+def mamba_decode_step_cpu(mixer, hidden: torch.Tensor, cache) -> torch.Tensor | None:
+    """One decode step of a `MambaMixer` (hidden (B, 1, dim) -> (B, 1, dim)) with two C kernels around its three
+    projections: conv + SiLU, then softplus + the SSM step + skip + gate, reading and updating the cache's
+    states in place. Returns None (the caller takes the torch path) for anything but fp32 CPU tensors."""
+    i, D, N, K = mixer.layer_idx, mixer.d_inner, mixer.d_state, mixer.d_conv
+    if hidden.dtype != torch.float32 or hidden.device.type != "cpu" or cache.dtype != torch.float32:
+        return None
+    lib = _c_library()
+    Bsz = hidden.size(0)
+    for states in (cache.conv, cache.ssm):  # the torch path may leave a strided view behind; the kernels need rows
+        if not states[i].is_contiguous():
+            states[i] = states[i].contiguous()
+    xz = mixer.in_proj(hidden[:, 0])  # (B, 2 D): x then z
+    xc = xz.new_empty(Bsz, D)
+    bias = mixer.conv1d.bias
+    lib.mamba_conv_step(_ptr(xz), xz.stride(0), _ptr(cache.conv[i]), _ptr(mixer.conv1d.weight),
+                        _ptr(bias) if bias is not None else None, _ptr(xc), Bsz, D, K)
+    xdbl = mixer.x_proj(xc)  # (B, dt_rank + 2 N)
+    dt_lin = mixer.dt_proj(xdbl[:, :mixer.dt_rank])  # (B, D), before softplus
+    Bm, Cm = xdbl[:, mixer.dt_rank:mixer.dt_rank + N], xdbl[:, mixer.dt_rank + N:]
+    y = xz.new_empty(Bsz, D)
+    lib.mamba_ssm_step(_ptr(dt_lin), dt_lin.stride(0), _ptr(mixer.A_log), _ptr(Bm), _ptr(Cm), xdbl.stride(0),
+                       _ptr(xc), _ptr(xz[:, D:]), xz.stride(0), _ptr(mixer.D), _ptr(cache.ssm[i]), _ptr(y), Bsz, D, N)
+    return mixer.out_proj(y)[:, None]
+
+
 def use_fused_scan_(model) -> dict:
     """Make every Mamba layer's scan (full sequence and decode step) the fused kernel of its device: the C
-    kernel on CPU, the Triton kernel on CUDA. Inference only (no backward). Returns {layer fqn: kernel}."""
+    kernel on CPU (and the whole decode step between the projections: `mamba_decode_step_cpu`), the Triton
+    kernel on CUDA. Inference only (no backward). Returns {layer fqn: kernel}."""
     from llmopt.models.mamba import MambaMixer
 
     changed = {}
@@ -136,6 +220,7 @@ def use_fused_scan_(model) -> dict:
         if isinstance(module, MambaMixer):
             cuda = module.A_log.device.type == "cuda"
             module.scan_fn = selective_scan_triton if cuda else selective_scan_cpu
+            module.step_fn = None if cuda else mamba_decode_step_cpu
             changed[name] = "triton" if cuda else "cpu"
     if not changed:
         raise ValueError("use_fused_scan_ found no MambaMixer in the model; it applies to family='mamba' models")

@@ -195,10 +195,17 @@ class MambaMixer(nn.Module):
         self.scan_fn = None
         """Optional replacement of the full-sequence scan (same contract as `scan_chunked`), e.g. the Triton
         kernel installed by `llmopt.kernels.scan.use_triton_scan_`."""
+        self.step_fn = None
+        """Optional fused decode step, (mixer, hidden (B, 1, dim), cache) -> (B, 1, dim) or None (not handled),
+        e.g. `llmopt.kernels.scan.mamba_decode_step_cpu` installed by `use_fused_scan_`."""
 
     def forward(self, hidden: torch.Tensor, cache=None) -> torch.Tensor:
         B, T, _ = hidden.shape
         dtype = hidden.dtype
+        if self.step_fn is not None and cache is not None and T == 1:
+            out = self.step_fn(self, hidden, cache)
+            if out is not None:
+                return out
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, T, d_inner) each
         x = x.transpose(1, 2)  # (B, d_inner, T)
         weight = self.conv1d.weight  # (d_inner, 1, d_conv)

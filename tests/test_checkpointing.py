@@ -110,3 +110,32 @@ def test_revert_and_config_errors():
     meta = build_model(ModelConfig.from_name("tiny"), device="meta")
     with pytest.raises(ValueError, match="meta"):
         apply_(meta, ActivationCheckpointingConfig(policy="budget", budget_bytes=10))
+
+
+def test_budget_covers_the_whole_step_as_accounted():
+    """budget_bytes is for the step's saved activations, including what lies outside the blocks (loss,
+    embedding, final norm); the accounted activations (measure: saved-tensor hooks plus selective
+    checkpointing's own cache) of the planned model fit it, and selective counts as more than full."""
+    from llmopt.measure.memory import account_training_step
+
+    x = torch.randint(0, 320, (8, 129), generator=torch.Generator().manual_seed(0))
+
+    def activations(model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        return account_training_step(model, opt, lambda: (lambda s, n: s / n)(*model.loss(x[:, :-1], x[:, 1:]))
+                                     ).activations
+
+    base = activations(_model())
+    sizes = {}
+    for policy in ("full", "selective"):
+        model = _model()
+        apply_(model, ActivationCheckpointingConfig(policy=policy))
+        sizes[policy] = activations(model)
+    assert sizes["full"] < sizes["selective"] < base
+    budget = int(0.5 * base)
+    model = _model()
+    report = apply_(model, ActivationCheckpointingConfig(policy="budget", budget_bytes=budget, probe_seq_len=128))
+    assert activations(model) <= budget
+    assert "outside the blocks" in report.notes[-1]
+    with pytest.raises(ValueError, match="outside the blocks"):
+        apply_(_model(), ActivationCheckpointingConfig(policy="budget", budget_bytes=1024, probe_seq_len=128))

@@ -17,8 +17,10 @@ store relative to their FLOPs) and recomputes everything else (norms, RoPE, SiLU
 "budget" measures, once at apply time on a probe batch (`probe_batch_size` x `probe_seq_len` tokens),
 the bytes each block saves for backward under no / selective / full checkpointing (saved-tensor hooks,
 unique storages, parameters excluded), then picks per block, greedily: selective first (it costs
-almost no matmul FLOPs), then full, until the blocks' saved bytes fit `budget_bytes`. Saved bytes scale
-with batch x sequence, so give the probe the shape you train with.
+almost no matmul FLOPs), then full, until the step's saved bytes fit `budget_bytes`. The budget is for the
+whole step: what the model saves outside the blocks (embedding, final norm, loss; measured once with every
+block fully checkpointed) is subtracted first. Saved bytes scale with batch x sequence, so give the probe
+the shape you train with.
 
 With a KV cache (inference) or under `torch.no_grad()` the block runs plainly.
 
@@ -65,7 +67,8 @@ class ActivationCheckpointingConfig(TechniqueConfig):
     """"full": recompute whole blocks; "selective": keep matmul/attention outputs, recompute the rest;
     "budget": choose per block (none / selective / full) so that saved activations fit budget_bytes."""
     budget_bytes: int | None = None
-    """policy="budget": bytes the blocks' saved activations may take at the probe shape."""
+    """policy="budget": bytes the whole training step may save for backward at the probe shape: the blocks
+    plus what lies outside them (embedding, final norm, loss), which checkpointing the blocks cannot reduce."""
     probe_batch_size: int = 8
     """policy="budget": batch size of the probe that measures each block's saved bytes."""
     probe_seq_len: int = 128
@@ -197,6 +200,28 @@ def probe_blocks(model: nn.Module, blocks: list[tuple[str, nn.Module]], batch_si
     return result
 
 
+def probe_outside_blocks(model: nn.Module, blocks: list[tuple[str, nn.Module]], probe: dict[str, dict[str, float]],
+                         batch_size: int, seq_len: int) -> float | None:
+    """Saved bytes of a training forward outside the blocks (embedding, final norm, loss), or None if the
+    model has no `loss(idx, targets)`. Measured with every block fully checkpointed: then the blocks save
+    only their inputs (`probe[fqn]["full"]`, distinct storages), and the rest is what lies outside."""
+    if not callable(getattr(model, "loss", None)):
+        return None
+    seq_len = min(seq_len, getattr(getattr(model, "config", None), "max_seq_len", seq_len))
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 2)
+    device = next(model.parameters()).device
+    x = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    exclude = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    for _, block in blocks:
+        wrap_block_(block, "full")
+    try:
+        total = _saved_bytes(lambda: model.loss(x[:, :-1], x[:, 1:])[0], exclude)
+    finally:
+        for _, block in blocks:
+            unwrap_block_(block)
+    return max(0.0, total - sum(probe[fqn]["full"] for fqn, _ in blocks))
+
+
 def plan_budget(probe: dict[str, dict[str, float]], budget: int) -> dict[str, str]:
     """Greedy per-block policy: selective where needed (cheapest recompute), then full, until saved bytes fit."""
     plan = {fqn: "none" for fqn in probe}
@@ -236,8 +261,15 @@ def apply_checkpointing(model: nn.Module, config: ActivationCheckpointingConfig,
         raise ValueError("policy='budget' measures the blocks on a probe batch, which a meta-device model cannot "
                          "run; apply it after the weights are materialized, or use policy='full'/'selective'")
     probe = None if on_meta else probe_blocks(model, blocks, config.probe_batch_size, config.probe_seq_len)
+    outside = None
     if config.policy == "budget":
-        plan = plan_budget(probe, config.budget_bytes)
+        outside = probe_outside_blocks(model, blocks, probe, config.probe_batch_size, config.probe_seq_len)
+        blocks_budget = config.budget_bytes - (outside or 0.0)
+        if blocks_budget < 0:
+            raise ValueError(f"budget_bytes={config.budget_bytes} is below what the step saves outside the blocks "
+                             f"({int(outside)} bytes: embedding, final norm, loss) at the probe shape; raise the "
+                             "budget, or shrink the loss's activations first (fused_ops' chunked cross-entropy)")
+        plan = plan_budget(probe, blocks_budget)
     else:
         plan = {fqn: config.policy for fqn, _ in blocks}
     for fqn, block in blocks:
@@ -259,6 +291,13 @@ def apply_checkpointing(model: nn.Module, config: ActivationCheckpointingConfig,
             f"backward instead of {before / 2**20:.2f} MiB ({counts['full']} full, {counts['selective']} selective, "
             f"{counts['none']} plain); recompute +{recompute / 1e9:.3f} GFLOP per step "
             f"(+{100 * recompute / max(3 * forward, 1):.0f}% of the blocks' forward+backward matmul FLOPs)")
+        if config.policy == "budget":
+            if outside is None:
+                report.notes.append("the model has no loss(idx, targets): the budget covered the blocks only")
+            else:
+                report.notes.append(f"budget {config.budget_bytes / 2**20:.2f} MiB for the step: {outside / 2**20:.2f} "
+                                    f"MiB outside the blocks + {after / 2**20:.2f} MiB in them = "
+                                    f"{(outside + after) / config.budget_bytes:.3f}x of the budget")
     return report
 
 

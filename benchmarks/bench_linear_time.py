@@ -12,12 +12,13 @@ by that round's baseline time, and the median (min-max) of the per-round ratios 
   decode   tokens/s of one greedy decode step after a context of 8,192 vs 128 (Mamba, RetNet), the same-size
            transformer (`demo` with max_seq_len 8,448) with a dense KV cache at 8,192, and cache bytes at
            128 / 2,048 / 8,192 positions. `mamba_fused` is the same Mamba weights with the fused CPU scan.
-  quality  validation-loss curves of runs trained with `llmopt train demo|demo_mamba|demo_retnet` (run them
-           first, see docs/techniques/mamba.md), drawn in one plot with `llmopt.measure.plots.plot_curves`.
+  quality  validation-loss curves of runs trained with `llmopt train demo|demo_mamba|demo_retnet` (and
+           demo_mamba2 when present; run them first, see docs/results/linear_time_quality.md), drawn in one
+           plot with `llmopt.measure.plots.plot_curves`.
 
     python benchmarks/bench_linear_time.py --part scan decode --rounds 5 --forward-rounds 3 --threads 1 \
         --out docs/results/bench_linear_time.json
-    python benchmarks/bench_linear_time.py --part quality --runs runs/linear_time --out runs/bench-linear-time-quality.json
+    python benchmarks/bench_linear_time.py --part quality --runs runs/lt100 --out docs/results/linear_time_quality.json
 """
 
 from __future__ import annotations
@@ -199,7 +200,9 @@ def bench_quality(runs_dir: Path, plot_path: Path) -> dict:
     from llmopt.measure.plots import plot_curves
 
     curves, final = {}, {}
-    for name in ("demo", "demo_mamba", "demo_retnet"):
+    for name in ("demo", "demo_mamba", "demo_retnet", "demo_mamba2"):
+        if name == "demo_mamba2" and not (runs_dir / name / "metrics.jsonl").exists():
+            continue  # optional fourth curve
         points = []
         for line in (runs_dir / name / "metrics.jsonl").read_text().splitlines():
             row = json.loads(line)

@@ -329,47 +329,31 @@ _OPTIMIZER_PEERS = {"bnb_adamw8bit": _bnb_adamw8bit, "torchao_adamw8bit": _torch
                     "torch_optimizer_novograd": _torch_optimizer_novograd}
 
 
-def _optimizer_peer_train(name, *, run, data_path, warmup_steps, steps, eval_every, peak_flops):
-    from llmopt.optim import register_external_optimizer
+def _optimizer_peer(name: str, doc: str):
+    """The train-workload peer function that runs the baseline with optimizer `name` of `_OPTIMIZER_PEERS`."""
+    def train(*, run, techniques, data_path, warmup_steps, steps, eval_every, peak_flops=None):
+        from llmopt.measure.workloads import run_train
+        from llmopt.optim import register_external_optimizer
 
-    from llmopt.measure.workloads import run_train
-
-    register_external_optimizer(name, _OPTIMIZER_PEERS[name])
-    run = dict(run, optim=dict(run["optim"], name=name))
-    figures = run_train(run=run, techniques=[], data_path=data_path, warmup_steps=warmup_steps, steps=steps,
-                        eval_every=eval_every, peak_flops=peak_flops)
-    figures["applied"] = [f"optimizer {name} (same lr, betas, eps as the baseline)"]
-    return figures
-
-
-def bnb_adamw8bit_train(*, run, techniques, data_path, warmup_steps, steps, eval_every, peak_flops=None):
-    """bitsandbytes AdamW8bit (its CPU kernels) in llmopt's loop."""
-    return _optimizer_peer_train("bnb_adamw8bit", run=run, data_path=data_path, warmup_steps=warmup_steps,
-                                 steps=steps, eval_every=eval_every, peak_flops=peak_flops)
+        register_external_optimizer(name, _OPTIMIZER_PEERS[name])
+        run = dict(run, optim=dict(run["optim"], name=name))
+        figures = run_train(run=run, techniques=[], data_path=data_path, warmup_steps=warmup_steps, steps=steps,
+                            eval_every=eval_every, peak_flops=peak_flops)
+        figures["applied"] = [f"optimizer {name} (same lr, betas, eps and weight-decay groups as the baseline)"]
+        return figures
+    train.__name__ = train.__qualname__ = f"{name}_train"
+    train.__doc__ = doc
+    return train
 
 
-def torchao_adamw8bit_train(*, run, techniques, data_path, warmup_steps, steps, eval_every, peak_flops=None):
-    """torchao AdamW8bit (torch.compile per parameter shape: the first step compiles) in llmopt's loop."""
-    return _optimizer_peer_train("torchao_adamw8bit", run=run, data_path=data_path, warmup_steps=warmup_steps,
-                                 steps=steps, eval_every=eval_every, peak_flops=peak_flops)
-
-
-def galore_torch_train(*, run, techniques, data_path, warmup_steps, steps, eval_every, peak_flops=None):
-    """galore-torch GaLoreAdamW (full SVD refresh) on the weights our galore projects, same rank/gap/scale."""
-    return _optimizer_peer_train("galore_torch", run=run, data_path=data_path, warmup_steps=warmup_steps,
-                                 steps=steps, eval_every=eval_every, peak_flops=peak_flops)
-
-
-def torch_optimizer_lamb_train(*, run, techniques, data_path, warmup_steps, steps, eval_every, peak_flops=None):
-    """torch-optimizer's Lamb in llmopt's loop."""
-    return _optimizer_peer_train("torch_optimizer_lamb", run=run, data_path=data_path, warmup_steps=warmup_steps,
-                                 steps=steps, eval_every=eval_every, peak_flops=peak_flops)
-
-
-def torch_optimizer_novograd_train(*, run, techniques, data_path, warmup_steps, steps, eval_every, peak_flops=None):
-    """torch-optimizer's NovoGrad in llmopt's loop."""
-    return _optimizer_peer_train("torch_optimizer_novograd", run=run, data_path=data_path, warmup_steps=warmup_steps,
-                                 steps=steps, eval_every=eval_every, peak_flops=peak_flops)
+bnb_adamw8bit_train = _optimizer_peer("bnb_adamw8bit", "bitsandbytes AdamW8bit (its CPU kernels) in llmopt's loop.")
+torchao_adamw8bit_train = _optimizer_peer("torchao_adamw8bit", "torchao AdamW8bit (torch.compile per parameter "
+                                                               "shape: the first step compiles) in llmopt's loop.")
+galore_torch_train = _optimizer_peer("galore_torch", "galore-torch GaLoreAdamW (full SVD refresh) on the weights "
+                                                     "our galore projects, same rank, gap and scale.")
+torch_optimizer_lamb_train = _optimizer_peer("torch_optimizer_lamb", "torch-optimizer's Lamb in llmopt's loop.")
+torch_optimizer_novograd_train = _optimizer_peer("torch_optimizer_novograd",
+                                                 "torch-optimizer's NovoGrad in llmopt's loop.")
 
 
 _M = "llmopt.measure.bench_peers:"

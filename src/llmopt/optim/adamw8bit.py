@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from llmopt.optim._step import adam_state, closure_loss, params_with_grad
 from llmopt.optim.quantization import (BLOCK_SIZE, block_absmax_, encode_blocks_, padded_numel, quant_map,
                                        restore_state_dtypes_)
 
@@ -79,8 +80,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 state[f"{name}_absmax"] = torch.zeros(n // group["block_size"], dtype=torch.float32,
                                                       device=p.device)
         else:
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            adam_state(state, p)
         return state
 
     def _buffers(self, size: int, block_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -94,18 +94,11 @@ class AdamW8bit(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamW8bit does not support sparse gradients")
+            for p in params_with_grad(group, "AdamW8bit"):
                 state = self.state[p] if self.state[p] else self._init_state(p, group)
                 state["step"] += 1
                 step = float(state["step"])

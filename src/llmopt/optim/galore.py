@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from llmopt.optim._step import adam_state, closure_loss
 from llmopt.optim.quantization import BLOCK_SIZE, dequantize_blockwise, quantize_blockwise, restore_state_dtypes_
 
 __all__ = ["GaLoreAdamW", "galore_param_groups", "randomized_range_finder"]
@@ -101,10 +102,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         index = 0
         for group in self.param_groups:
             for p in group["params"]:
@@ -118,11 +116,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _adamw(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
+        state = adam_state(self.state[p], p)
         state["step"] += 1
         step = float(state["step"])
         p.mul_(1 - group["lr"] * group["weight_decay"])

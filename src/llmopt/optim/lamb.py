@@ -25,6 +25,8 @@ from collections.abc import Iterable
 
 import torch
 
+from llmopt.optim._step import adam_state, closure_loss, params_with_grad
+
 __all__ = ["Lamb"]
 
 
@@ -44,22 +46,11 @@ class Lamb(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Lamb does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
+            for p in params_with_grad(group, "Lamb"):
+                state = adam_state(self.state[p], p)
                 state["step"] += 1
                 step = float(state["step"])
                 m, v, g = state["exp_avg"], state["exp_avg_sq"], p.grad

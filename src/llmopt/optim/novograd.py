@@ -25,6 +25,8 @@ from collections.abc import Iterable
 
 import torch
 
+from llmopt.optim._step import closure_loss, params_with_grad
+
 __all__ = ["NovoGrad"]
 
 
@@ -42,17 +44,10 @@ class NovoGrad(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("NovoGrad does not support sparse gradients")
+            for p in params_with_grad(group, "NovoGrad"):
                 state = self.state[p]
                 g = p.grad
                 norm_sq = torch.sum(g * g)

@@ -154,13 +154,13 @@ def quantized_linear_bytes(model) -> dict:
             "bits_per_param": 8 * nf4 / logical}
 
 
-def quality(base, ids_all, steps: int) -> dict:
-    """Loss after `steps` steps (lr 1e-4) of LoRA on bf16 base weights vs our QLoRA (fp32 compute)."""
+def quality(base, ids_all, steps: int, seq_len: int = 128, n_eval: int = 4) -> dict:
+    """Loss after `steps` steps (lr 1e-4, batch 1 x seq_len) of LoRA on bf16 base weights vs our QLoRA (fp32
+    compute); held-out loss on `n_eval` later windows before training (the quantization gap alone) and after."""
     from llmopt import apply_
     from llmopt.techniques import LoRAConfig, QLoRAConfig
 
-    n_eval = 4
-    windows = ids_all[: (steps + n_eval) * 128].view(-1, 128)
+    windows = ids_all[: (steps + n_eval) * seq_len].view(-1, seq_len)
     train, held = windows[:steps], windows[steps:steps + n_eval]
     out = {}
     for name, make in (("lora_bf16_base", lambda m: apply_(m.to(torch.bfloat16), LoRAConfig(r=8, target=tuple(PROJ)))),
@@ -172,6 +172,12 @@ def quality(base, ids_all, steps: int) -> dict:
             if p.requires_grad:
                 p.data = p.data.float()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def held_out() -> float:
+            model.eval()
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "lora_bf16_base"):
+                return statistics.mean(float(model(input_ids=h[None], labels=h[None]).loss) for h in held)
+        held_before = held_out()
         model.train()
         losses = []
         for i in range(steps):
@@ -181,11 +187,16 @@ def quality(base, ids_all, steps: int) -> dict:
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
-        model.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "lora_bf16_base"):
-            held_loss = statistics.mean(float(model(input_ids=h[None], labels=h[None]).loss) for h in held)
-        out[name] = {"first_loss": losses[0], "last5_train_loss": statistics.mean(losses[-5:]), "held_out_loss": held_loss}
+            if (i + 1) % 10 == 0:
+                print(f"  quality {name}: step {i + 1}/{steps}, loss {losses[-1]:.4f}", file=sys.stderr)
+        held_loss = held_out()
+        out[name] = {"first_loss": losses[0], "last5_train_loss": statistics.mean(losses[-5:]),
+                     "last10_train_loss": statistics.mean(losses[-10:]), "held_out_before": held_before,
+                     "held_out_loss": held_loss}
+    out["held_out_ratio_before_training"] = out["qlora"]["held_out_before"] / out["lora_bf16_base"]["held_out_before"]
     out["held_out_ratio_qlora_vs_lora_bf16"] = out["qlora"]["held_out_loss"] / out["lora_bf16_base"]["held_out_loss"]
+    out["last10_train_ratio"] = out["qlora"]["last10_train_loss"] / out["lora_bf16_base"]["last10_train_loss"]
+    out["setup"] = {"steps": steps, "seq_len": seq_len, "held_out_windows": n_eval, "lr": 1e-4, "batch": 1}
     return out
 
 
@@ -195,6 +206,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quality-steps", type=int, default=20, help="0 skips the loss comparison")
+    ap.add_argument("--quality-seq-len", type=int, default=128, help="tokens per quality step (batch 1)")
+    ap.add_argument("--quality-eval", type=int, default=4, help="held-out windows for the quality comparison")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -239,7 +252,7 @@ def main(argv=None) -> int:
             b["sum_vs_full"] = b["sum_bytes"] / full["sum_bytes"]
     del steps
     if args.quality_steps:
-        results["quality"] = quality(base, ids_all, args.quality_steps)
+        results["quality"] = quality(base, ids_all, args.quality_steps, args.quality_seq_len, args.quality_eval)
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

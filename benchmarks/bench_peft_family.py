@@ -233,7 +233,7 @@ def main(argv=None) -> int:
         print(f"built {name}: first loss {first:.4f}", file=sys.stderr)
 
     times = {n: [] for n in names}
-    for r in range(args.rounds):
+    for r in range(args.rounds if names else 0):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             t = time.perf_counter()

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py ce          # N=2048, V=32k: peak memory and step time vs F.cross_entropy(h @ W.T)
     python benchmarks/bench_kernels.py attention   # T=2048, 4096: saved bytes vs materialized scores; time vs SDPA math
+    python benchmarks/bench_kernels.py train --variants fused_ops compile   # demo train step vs eager, in one process
     python benchmarks/bench_kernels.py all --rounds 5 --json out.json
 
 Interleaved A B A B rounds; each figure is the median over rounds of the per-round ratio. Peak memory
@@ -153,9 +154,66 @@ def bench_attention(rounds: int, threads: int, lengths=(2048, 4096)) -> dict:
     return {"shape": {"B": B, "nh": H, "nkv": Hk, "hd": hd}, **results}
 
 
+# ---- whole-model train step ------------------------------------------------------------------------------
+
+def bench_train(rounds: int, threads: int, variants: list[str], model: str = "demo", batch: int = 16,
+                seq_len: int = 128) -> dict:
+    """Eager vs each variant (a `+`-joined list of technique specs), one process, same weights and batches.
+
+    Every model is built from the same seed and steps on the same batch; each round times one AdamW step
+    of each model in a rotated order, so load from other jobs hits all of them alike. Compile time is paid
+    in the untimed warm-up steps. Ratio = variant step time / eager step time of the same round.
+    """
+    import llmopt
+    from llmopt.core import apply_, parse_technique_spec
+    from llmopt.models import ModelConfig, build_model
+
+    torch.set_num_threads(threads)
+    llmopt.load_techniques()
+    names = ["eager", *variants]
+    models, opts = {}, {}
+    for name in names:
+        torch.manual_seed(0)
+        m = build_model(ModelConfig.from_name(model))
+        if name != "eager":
+            apply_(m, *[parse_technique_spec(spec) for spec in name.split("+")])
+        models[name], opts[name] = m, torch.optim.AdamW(m.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, models["eager"].config.vocab_size, (batch, seq_len + 1), generator=g)
+    losses = {}
+
+    def step(name):
+        m, opt = models[name], opts[name]
+        start = time.perf_counter()
+        loss_sum, n = m.loss(x[:, :-1], x[:, 1:])
+        (loss_sum / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.setdefault(name, float(loss_sum / n))
+        return time.perf_counter() - start
+
+    for name in names:  # warm-up (compiles)
+        for _ in range(2):
+            step(name)
+    ratios = {name: [] for name in variants}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        t = {name: step(name) for name in order}
+        for name in variants:
+            ratios[name].append(t["eager"] / t[name])
+        print(f"train round {r}: " + ", ".join(f"{k} {v:.3f}s" for k, v in t.items()), flush=True)
+    return {"model": model, "batch": [batch, seq_len], "threads": threads,
+            "first_step_loss": losses,
+            "speedup_vs_eager_median": {k: statistics.median(v) for k, v in ratios.items()},
+            "speedup_vs_eager_band": {k: [min(v), max(v)] for k, v in ratios.items()},
+            "speedups": ratios}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["ce", "attention", "all"])
+    parser.add_argument("what", choices=["ce", "attention", "train", "all"])
+    parser.add_argument("--variants", nargs="+", default=["fused_ops"],
+                        help="train: technique specs (joined by +) to time against eager")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write the results here")
@@ -165,6 +223,8 @@ def main() -> None:
         results["fused_linear_cross_entropy"] = bench_ce(args.rounds, args.threads)
     if args.what in ("attention", "all"):
         results["flash_attention"] = bench_attention(args.rounds, args.threads)
+    if args.what == "train":
+        results["train_step"] = bench_train(args.rounds, args.threads, args.variants)
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:

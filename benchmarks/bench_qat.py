@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-chars", type=int, default=2_000_000)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -91,15 +91,21 @@ def main() -> None:
     print(f"qat {results['qat']:.4f} (fake {results['qat_fake']:.4f}) recovery {results['recovery']:.2f}", flush=True)
 
     try:
-        from torchao.quantization.qat import Int8DynActInt4WeightQATQuantizer
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+        from torchao.quantization.granularity import PerGroup
+        from torchao.quantization.qat import QATConfig as TorchaoQATConfig
     except ImportError as e:
         results["torchao"] = f"not installed: {e}"
     else:
-        quantizer = Int8DynActInt4WeightQATQuantizer(groupsize=32)
-        peer = quantizer.prepare(copy.deepcopy(model))
-        peer.loss = peer.loss  # llmopt model: the prepared model keeps .loss
+        # The same format as ours (int4 symmetric group-32 weights, int8 dynamic per-token activations; torchao's
+        # activations are asymmetric) on the same Linears: lm_head stays full precision in both.
+        base = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32))
+        only_blocks = lambda mod, fqn: isinstance(mod, torch.nn.Linear) and not fqn.endswith("lm_head")  # noqa: E731
+        peer = copy.deepcopy(model)
+        quantize_(peer, TorchaoQATConfig(base, step="prepare"), filter_fn=only_blocks)
         train(peer, args.steps, seed=2, lr_peak=args.lr, warmup=5)
-        peer = quantizer.convert(peer)
+        results["torchao_qat_fake"] = val(peer)
+        quantize_(peer, TorchaoQATConfig(base, step="convert"), filter_fn=only_blocks)
         results["torchao_qat"] = val(peer)
         results["torchao_recovery"] = (results["ptq"] - results["torchao_qat"]) / gap if gap else float("nan")
         print(f"torchao qat {results['torchao_qat']:.4f} recovery {results['torchao_recovery']:.2f}", flush=True)

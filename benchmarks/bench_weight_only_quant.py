@@ -7,7 +7,11 @@ All variants are built from the same fp32 weights in one process and timed inter
 int4 g32, ... then again), `--rounds` times; the table gives medians and the ratio of medians.
 Perplexity: non-overlapping windows over the first `--ppl-tokens` tokens of the bundled corpus
 (the model's own tokenizer). Decode: greedy `llmopt.inference.generate`, batch 1, `--new-tokens`
-after a `--prompt-len` prompt; tokens/s of the decode phase. Weight bytes: every parameter and buffer
+after a `--prompt-len` prompt; tokens/s of the decode phase. Because whole `generate` calls are seconds
+apart, a loaded machine moves each call's speed by 2x or more; the bench therefore also interleaves
+*single decode steps* (`--token-steps` of them): each variant decodes its own greedy continuation with
+its own cache, one `decode_one_token` each in rotated order, and the figure is the median over steps of
+the per-step ratio fp32 time / variant time, with its 25-75% band. Weight bytes: every parameter and buffer
 of the Linear and Embedding modules (tied tables once), against fp32.
 """
 
@@ -40,6 +44,31 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+@torch.no_grad()
+def interleaved_decode_steps(variants: dict, prompt: torch.Tensor, steps: int) -> dict[str, list[float]]:
+    """{variant: [fp32 step seconds / variant step seconds, per decode step]}, steps interleaved in rotated order."""
+    from llmopt.inference.generate import decode_one_token, make_cache, prefill
+
+    names = list(variants)
+    state = {}
+    for name, model in variants.items():
+        cache = make_cache(model, 1, prompt.size(1) + steps + 1)
+        logits = prefill(model, prompt, cache)
+        state[name] = [logits.argmax(-1, keepdim=True), cache]
+    ratios: dict[str, list[float]] = {name: [] for name in names if name != "fp32"}
+    for i in range(steps):
+        pos = torch.tensor([prompt.size(1) + i])
+        seconds = {}
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            token, cache = state[name]
+            t0 = time.perf_counter()
+            state[name][0], _ = decode_one_token(variants[name], token, pos, cache)
+            seconds[name] = time.perf_counter() - t0
+        for name in ratios:
+            ratios[name].append(seconds["fp32"] / seconds[name])
+    return ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
@@ -50,6 +79,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--ppl-tokens", type=int, default=4096)
     parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--token-steps", type=int, default=64)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,6 +118,12 @@ def main() -> None:
             rows[name]["decode"].append(result.decode_tokens_per_second)
             rows[name]["tokens"] = result.new_tokens[0].tolist()
             print(f"{name}: decode {result.decode_tokens_per_second:.1f} tok/s", flush=True)
+    token_ratios = interleaved_decode_steps(variants, prompt, args.token_steps)
+    for name, ratios in token_ratios.items():
+        q = statistics.quantiles(ratios, n=4)
+        rows[name].update(step_speedup_median=statistics.median(ratios), step_speedup_band=[q[0], q[2]])
+        print(f"{name}: per-step decode speed-up vs fp32 {statistics.median(ratios):.2f}x "
+              f"(25-75%: {q[0]:.2f}-{q[2]:.2f}, {len(ratios)} steps)", flush=True)
     ref = rows["fp32"]
     ref_decode = statistics.median(ref["decode"])
     print(f"model {args.model}, {args.threads} thread(s), {args.rounds} interleaved rounds, ppl over "

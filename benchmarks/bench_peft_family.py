@@ -239,14 +239,14 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             steps[name][1]()
             times[name].append(time.perf_counter() - t)
-    results["step_s_median"] = {n: statistics.median(v) for n, v in times.items()}
+    results["step_s_median"] = {n: statistics.median(v) for n, v in times.items() if v}
     results["ratios"] = {}
     for a, b in RATIOS:
         if a in times and b in times:
             per_round = [x / y for x, y in zip(times[a], times[b])]
             results["ratios"][f"{a}/{b}"] = {"median": statistics.median(per_round), "min": min(per_round),
                                              "max": max(per_round)}
-    full = results["bytes"].get("full")
+    full = results.get("bytes", {}).get("full")
     if full:
         for n, b in results["bytes"].items():
             b["sum_vs_full"] = b["sum_bytes"] / full["sum_bytes"]

@@ -85,12 +85,11 @@ class DoRALinear(LoRALinear):
 
     @torch.no_grad()
     def _row_norm_given(self, wa: torch.Tensor) -> torch.Tensor:
-        """The row norm from W A^T (out, r), however it was computed."""
+        """The row norm from W A^T (out, r): ||W_i||^2 + s <B_i, 2 (W A^T)_i + s B_i (A A^T)>, in four ops."""
         a, b, s = self.lora_A, self.lora_B, self.scale
-        cross = (wa.to(b.dtype) * b).sum(dim=1)  # <W_i, (BA)_i>
-        ba_sq = ((b @ (a @ a.t())) * b).sum(dim=1)  # ||(BA)_i||^2, via (r, r)
-        sq = self._row_sq_of_weight() + (2 * s) * cross + (s * s) * ba_sq
-        return sq.clamp_min(0).sqrt()
+        u = torch.addmm(wa.to(b.dtype), b, a @ a.t(), beta=2, alpha=s)  # 2 W A^T + s B A A^T, (out, r)
+        sq = torch.add(self._row_sq_of_weight(), torch.linalg.vecdot(b, u), alpha=s)
+        return sq.clamp_min_(0).sqrt_()
 
     @torch.no_grad()
     def row_norm(self) -> torch.Tensor:

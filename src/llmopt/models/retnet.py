@@ -112,13 +112,19 @@ def retention_recurrent(q, k, v, log_gamma, state=None):
     return torch.stack(outs, dim=2), state
 
 
-def rotary(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate_half layout) of x (B, H, T, d) at integer positions pos (T,)."""
-    d = x.size(-1)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+def rotary_tables(pos: torch.Tensor, d: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (T, d) fp32, of the rotary embedding at integer positions pos (T,)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) / d))
     freqs = pos.to(torch.float32)[:, None] * inv_freq  # (T, d/2)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return x * emb.cos().to(x.dtype) + rotate_half(x) * emb.sin().to(x.dtype)
+    return emb.cos(), emb.sin()
+
+
+def rotary(x: torch.Tensor, pos: torch.Tensor, theta: float, tables=None) -> torch.Tensor:
+    """Rotary embedding (rotate_half layout) of x (B, H, T, d) at integer positions pos (T,); `tables` =
+    `rotary_tables(pos, d, theta)` when the caller has them (the model computes them once per forward)."""
+    cos, sin = rotary_tables(pos, x.size(-1), theta) if tables is None else tables
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
 
 
 # ---- the model ------------------------------------------------------------------------------------
@@ -140,15 +146,21 @@ class MultiScaleRetention(nn.Module):
         """Optional replacement of the full-sequence form (same contract as `retention_chunkwise` without
         chunk_size), e.g. the Triton kernel installed by `llmopt.kernels.retention.use_triton_retention_`."""
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache=None, shared: dict | None = None) -> torch.Tensor:
+        """`shared` (optional): {"rope": rotary_tables(pos, ...), "log_gamma": head_decays(...)} computed once
+        per model forward instead of once per layer (a decode step is a few hundred small ops)."""
         B, T, _ = x.shape
         dtype = x.dtype
+        shared = shared or {}
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, d)
         k = self.k_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_head, self.value_dim).transpose(1, 2)  # (B, H, T, dv)
-        q = rotary(q.float(), pos, self.theta) * self.head_dim ** -0.5
-        k, v = rotary(k.float(), pos, self.theta), v.float()
-        log_gamma = head_decays(self.n_head).to(q.device)  # not a buffer: nothing to rebuild after loading
+        rope = shared.get("rope")
+        q = rotary(q.float(), pos, self.theta, rope) * self.head_dim ** -0.5
+        k, v = rotary(k.float(), pos, self.theta, rope), v.float()
+        log_gamma = shared.get("log_gamma")
+        if log_gamma is None:  # not a buffer: nothing to rebuild after loading
+            log_gamma = head_decays(self.n_head).to(q.device)
         state = None if cache is None else cache.state[self.layer_idx]
         if cache is not None and T == 1:
             y, state = retention_recurrent_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], log_gamma, state)
@@ -174,8 +186,8 @@ class RetNetBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache=None) -> torch.Tensor:
-        x = x + self.retention(self.input_layernorm(x), pos, cache=cache)
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache=None, shared: dict | None = None) -> torch.Tensor:
+        x = x + self.retention(self.input_layernorm(x), pos, cache=cache, shared=shared)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -242,7 +254,10 @@ class RetNet(CausalLM):
             cache.advance(input_pos, batch_size=B)
             pos = input_pos
         x = self.embed_tokens(idx)  # (B, T, dim)
+        c = self.config
+        shared = {"rope": rotary_tables(pos, c.head_dim, c.rope_theta),
+                  "log_gamma": head_decays(c.n_head).to(idx.device)}  # the same in every layer
         for layer in self.layers:
-            x = layer(x, pos, cache=cache)
+            x = layer(x, pos, cache=cache, shared=shared)
         return self.norm(x)
 

@@ -93,3 +93,29 @@ def test_unknown_name_and_galore_without_model_raise():
         build("adamax", [], OptimConfig(name="adamax"))
     with pytest.raises(ValueError, match="pass model="):
         build("galore", [{"params": [torch.nn.Parameter(torch.zeros(4, 4))]}], OptimConfig(name="galore"))
+
+
+def test_external_optimizer_builds_by_name_and_cannot_shadow_ours(tiny_model):
+    from llmopt.optim import register_external_optimizer
+
+    register_external_optimizer("test_external_sgd", lambda groups, oc, model: torch.optim.SGD(groups, lr=oc.lr))
+    opt = build_optimizer(tiny_model, OptimConfig(name="test_external_sgd", lr=0.5))
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["lr"] == 0.5
+    with pytest.raises(ValueError, match="llmopt optimizer"):
+        register_external_optimizer("lamb", lambda groups, oc, model: None)
+
+
+@pytest.mark.parametrize("peer", ["bnb_adamw8bit", "galore_torch", "torch_optimizer_lamb", "torch_optimizer_novograd"])
+def test_bench_peer_optimizers_build_and_step(peer, tiny_model):
+    from llmopt.measure import bench_peers
+    from llmopt.optim import register_external_optimizer
+
+    module = {"bnb_adamw8bit": "bitsandbytes", "galore_torch": "galore_torch"}.get(peer, "torch_optimizer")
+    pytest.importorskip(module)
+    register_external_optimizer(peer, bench_peers._OPTIMIZER_PEERS[peer])
+    opt = build_optimizer(tiny_model, OptimConfig(name=peer, lr=1e-3, rank=8, update_proj_gap=2))
+    before = [p.detach().clone() for p in tiny_model.parameters()]
+    for p in tiny_model.parameters():
+        p.grad = torch.randn_like(p) * 1e-2
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))

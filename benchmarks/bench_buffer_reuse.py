@@ -1,6 +1,7 @@
 """Peak RSS with variable-length batches: default vs buffer_reuse (bucketing + arena cap + malloc_trim).
 
     .venv/bin/python benchmarks/bench_buffer_reuse.py --model demo --steps 30 --repeats 3
+    .venv/bin/python benchmarks/bench_buffer_reuse.py --variants buffer_reuse buffer_reuse:mmap_threshold=none
 
 Each run is a fresh subprocess (`llmopt.measure.memory.run_in_subprocess`, peak = the child's VmHWM),
 default and buffer_reuse interleaved. A run trains `--steps` AdamW steps on batches whose sequence
@@ -15,7 +16,7 @@ import argparse
 import statistics
 
 
-def one_run(*, model: str, steps: int, batch_size: int, max_len: int, reuse: bool, threads: int) -> dict:
+def one_run(*, model: str, steps: int, batch_size: int, max_len: int, spec: str | None, threads: int) -> dict:
     import random
     import time
 
@@ -23,14 +24,16 @@ def one_run(*, model: str, steps: int, batch_size: int, max_len: int, reuse: boo
 
     torch.set_num_threads(threads)
     import llmopt.techniques  # noqa: F401
-    from llmopt.core import apply_, call_hooks
+    from llmopt.core import apply_, call_hooks, parse_technique_spec
     from llmopt.models import ModelConfig, build_model
-    from llmopt.techniques.buffer_reuse import BufferReuseConfig
 
     torch.manual_seed(0)
     m = build_model(ModelConfig.from_name(model))
-    hooks = list(apply_(m, BufferReuseConfig()).hooks) if reuse else []
+    hooks = list(apply_(m, parse_technique_spec(spec)).hooks) if spec else []
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    from llmopt.techniques.buffer_reuse import rss_bytes
+
+    rss_before = rss_bytes()  # torch, the model and its weights: what the step's memory sits on
     rng = random.Random(0)
     state = type("S", (), {})()
     state.model, state.metrics = m, {}
@@ -51,7 +54,7 @@ def one_run(*, model: str, steps: int, batch_size: int, max_len: int, reuse: boo
 
     x = torch.randint(0, m.config.vocab_size, (batch_size, max_len + 1))
     acc = account_training_step(m, opt, lambda: (lambda s, n: s / n)(*m.loss(x[:, :-1], x[:, 1:])))
-    return {"step_s": statistics.median(times), "live_lower_bound": acc.total}
+    return {"step_s": statistics.median(times), "live_lower_bound": acc.total, "rss_before": rss_before}
 
 
 def main() -> None:
@@ -64,25 +67,36 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--variants", nargs="+", default=["buffer_reuse"], help="technique specs to compare with default")
+    p.add_argument("--json", help="write the rows here")
     a = p.parse_args()
-    rows = {"default": [], "buffer_reuse": []}
-    for _ in range(a.repeats):
-        for name in rows:
+    rows = {name: [] for name in ["default", *a.variants]}
+    for r in range(a.repeats):
+        names = list(rows)
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotated order
             out = run_in_subprocess("bench_buffer_reuse:one_run", dict(model=a.model, steps=a.steps,
-                                    batch_size=a.batch_size, max_len=a.max_len, reuse=name != "default",
+                                    batch_size=a.batch_size, max_len=a.max_len,
+                                    spec=None if name == "default" else name,
                                     threads=a.threads))
             assert out["ok"], out
             rows[name].append({"peak": out["peak_rss_bytes"], **out["result"]})
             print(name, rows[name][-1], flush=True)
-    base_peak = statistics.median(r["peak"] for r in rows["default"])
-    base_step = statistics.median(r["step_s"] for r in rows["default"])
-    print("| run | peak RSS MiB | vs default | step s | vs default | live lower bound MiB |")
+    print("| run | peak RSS MiB | peak vs default (per round) | peak above start MiB | vs live lower bound | "
+          "step time vs default (per round) |")
     print("|---|---|---|---|---|---|")
     for name, rs in rows.items():
-        peak = statistics.median(r["peak"] for r in rs)
-        step = statistics.median(r["step_s"] for r in rs)
-        print(f"| {name} | {peak / 2**20:.0f} | {peak / base_peak:.2f}x | {step:.3f} | {step / base_step:.2f}x | "
-              f"{rs[0]['live_lower_bound'] / 2**20:.0f} |")
+        peak = [r["peak"] / d["peak"] for r, d in zip(rs, rows["default"])]
+        step = [r["step_s"] / d["step_s"] for r, d in zip(rs, rows["default"])]
+        above = statistics.median(r["peak"] - r["rss_before"] for r in rs)
+        bound = rs[0]["live_lower_bound"]
+        print(f"| {name} | {statistics.median(r['peak'] for r in rs) / 2**20:.0f} | {statistics.median(peak):.2f}x "
+              f"({min(peak):.2f}-{max(peak):.2f}) | {above / 2**20:.0f} | {above / bound:.2f}x of {bound / 2**20:.0f} MiB | "
+              f"{statistics.median(step):.2f}x ({min(step):.2f}-{max(step):.2f}) |")
+    if a.json:
+        import json
+
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

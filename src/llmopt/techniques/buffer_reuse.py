@@ -41,6 +41,8 @@ from llmopt.techniques.compile import bucket_lengths, bucket_pad
 
 M_ARENA_MAX = -8
 """glibc's mallopt parameter number for the arena cap (malloc.h)."""
+M_MMAP_THRESHOLD = -3
+"""glibc's mallopt parameter number for the mmap threshold (malloc.h)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,12 +61,19 @@ class BufferReuseConfig(TechniqueConfig):
     """CPU/glibc: call malloc_trim(0) after every this many optimizer steps (0: never)."""
     malloc_arenas: int | None = 2
     """CPU/glibc: cap malloc arenas at this number (mallopt M_ARENA_MAX); None leaves glibc's default."""
+    mmap_threshold: int | None = 256 * 1024
+    """CPU/glibc: serve every allocation of at least this many bytes with its own mmap, returned to the OS
+    on free (mallopt M_MMAP_THRESHOLD). Setting it also freezes it: by default glibc raises the threshold
+    to the size of each mmap'ed block freed (up to 32 MiB), after which freed activations of a few MiB
+    stay in the heap and the resident set grows. None leaves glibc's dynamic threshold."""
 
     def __post_init__(self) -> None:
         if self.bucket_multiple <= 0 or self.trim_every < 0:
             raise ValueError("bucket_multiple must be positive and trim_every >= 0")
         if self.malloc_arenas is not None and self.malloc_arenas <= 0:
             raise ValueError("malloc_arenas must be positive or None")
+        if self.mmap_threshold is not None and not 0 < self.mmap_threshold <= 32 * 2**20:
+            raise ValueError(f"mmap_threshold must be in (0, 32 MiB] (glibc's limit) or None, got {self.mmap_threshold}")
 
 
 def _libc():
@@ -104,7 +113,7 @@ class BufferReuseHook(Hook):
         state.metrics["rss_bytes"] = rss_bytes()
 
 
-def configure_allocator(device_type: str, malloc_arenas: int | None) -> list[str]:
+def configure_allocator(device_type: str, malloc_arenas: int | None, mmap_threshold: int | None = None) -> list[str]:
     """Apply the allocator settings that matter on this device; one note per setting (what was done or why not)."""
     notes = []
     if device_type == "cuda" or torch.cuda.is_available():
@@ -123,6 +132,10 @@ def configure_allocator(device_type: str, malloc_arenas: int | None) -> list[str
     elif malloc_arenas is not None:
         ok = libc.mallopt(M_ARENA_MAX, malloc_arenas)
         notes.append(f"glibc mallopt(M_ARENA_MAX, {malloc_arenas}) {'set' if ok else 'refused'}")
+    if libc is not None and mmap_threshold is not None:
+        ok = libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+        notes.append(f"glibc mallopt(M_MMAP_THRESHOLD, {mmap_threshold}) {'set' if ok else 'refused'} (fixed: "
+                     "blocks of that size and more go back to the OS when freed)")
     return notes
 
 
@@ -135,7 +148,7 @@ def apply_buffer_reuse(model: nn.Module, config: BufferReuseConfig, *, filter_fn
     report.hooks.append(BufferReuseHook(buckets, pad_id=config.pad_id, trim_every=config.trim_every))
     device = next(model.parameters()).device.type if next(model.parameters(), None) is not None else "cpu"
     if device != "meta":
-        report.notes.extend(configure_allocator(device, config.malloc_arenas))
+        report.notes.extend(configure_allocator(device, config.malloc_arenas, config.mmap_threshold))
     report.notes.append(f"{len(buckets)} bucket lengths up to {max_len} ({config.bucketing})")
     return report
 

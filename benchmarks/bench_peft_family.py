@@ -188,7 +188,8 @@ def quality(base, ids_all, steps: int, seq_len: int = 128, n_eval: int = 4, bf16
 
         def held_out() -> float:
             model.eval()
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and name == "lora_bf16_base"):
+            bf16 = autocast and name == "lora_bf16_base"
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 return statistics.mean(float(model(input_ids=h[None], labels=h[None]).loss) for h in held)
         held_before = held_out()
         model.train()
@@ -224,7 +225,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quality-seq-len", type=int, default=128, help="tokens per quality step (batch 1)")
     ap.add_argument("--quality-eval", type=int, default=4, help="held-out windows for the quality comparison")
     ap.add_argument("--quality-fp32-compute", action="store_true",
-                    help="LoRA reference on bf16-rounded weights computed in fp32 (bf16 matmuls are ~10x slower on CPU)")
+                    help="LoRA reference on bf16-rounded weights computed in fp32 (bf16 matmuls are ~10x slower "
+                         "on CPU)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -88,7 +88,8 @@ class AdamW8bit(torch.optim.Optimizer):
         if key not in self._scratch:
             f = lambda n: torch.empty(n, dtype=torch.float32, device=device)  # noqa: E731
             nb = size // block_size
-            self._scratch[key] = (f(size), f(size), f(size), f(size), torch.empty(size, dtype=torch.int32, device=device),
+            self._scratch[key] = (f(size), f(size), f(size), f(size),
+                                  torch.empty(size, dtype=torch.int32, device=device),
                                   torch.empty(size, dtype=torch.float16, device=device), f(nb))
         return self._scratch[key]
 
@@ -121,7 +122,8 @@ class AdamW8bit(torch.optim.Optimizer):
         # with c_m, c_v the raw codebook values. Codes are scale-free, so m' and v' are encoded as they are
         # (scaled in place to the half range, which is why the update comes first) and only the stored absmax
         # takes the (1 - beta) back. AdamW's constants fold into eps_hat and step_size:
-        #   p <- p (1 - lr wd) - lr / bc1 * m / (sqrt(v) / bc2 + eps) = p (1 - lr wd) + step_size m' / (sqrt(v') + eps_hat)
+        #   p <- p (1 - lr wd) - lr / bc1 * m / (sqrt(v) / bc2 + eps)
+        #      = p (1 - lr wd) + step_size * m' / (sqrt(v') + eps_hat)
         bs = group["block_size"]
         signed, unsigned = quant_map(True), quant_map(False)
         if not p.is_contiguous():

@@ -185,7 +185,19 @@ def test_adaptive_k_switches_off_a_useless_proposer():
         k = control.next_k()
         control.observe(k, 0, k + 1, 1.0 + 0.05 * k, 0.3 * k)  # never accepted, draft costs 0.3 target
     ks = [control.next_k() for _ in range(16)]
-    assert ks.count(0) >= 12 and max(ks) <= 1  # off, with a 1-token probe every 4th round
+    assert ks.count(0) >= 12 and max(ks) <= 1  # off, with rare 1-token probes
+    waits = []  # plain rounds before each rejected probe: a probe every 4th, 8th, 16th round (the cap)
+    control = AdaptiveK(8, probe_every=4, max_probe_every=16)
+    idle = 0
+    for _ in range(200):
+        k = control.next_k()
+        if k == 1 and control.probing:
+            waits.append(idle)
+            idle = 0
+        elif k == 0:
+            idle += 1
+        control.observe(k, 0, k + 1, 1.0 + 0.05 * k, 0.3 * k)
+    assert waits[:3] == [3, 7, 15] and waits[-3:] == [15, 15, 15]
     good = AdaptiveK(8)
     for _ in range(30):
         k = good.next_k()

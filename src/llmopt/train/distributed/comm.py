@@ -211,8 +211,9 @@ def expected_rank0_bytes(model_config, spec, train_config, dist_config, *, elem:
             out["all_reduce"] += 2 * Ls * D * elem
         else:
             out["all_reduce"] += 4 * Ls * act
-        if mode is None:  # each column/row-split gradient adds a scalar norm all-reduce (7 Linears per block)
-            out["all_reduce"] += 7 * Ls * elem
+        # each column/row-split gradient adds a scalar norm all-reduce over tp (7 Linears per block); with FSDP
+        # this comes on top of the one over dp that every sharded gradient has
+        out["all_reduce"] += 7 * Ls * elem
     if pp > 1:
         out["send"] += edges * act
         out["recv"] += edges * act

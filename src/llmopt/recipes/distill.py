@@ -136,7 +136,8 @@ def distill(run: RunConfig, out_dir: str | Path, *, top_k: int = 32, val_windows
     summary = {"teacher": run.init_from, "student": run.model.to_dict(), "top_k": top_k,
                "teacher_tokens": targets.inputs.numel(), "teacher_top_k_mass": round(targets.mass, 4),
                "student_tokens": tc.steps * tc.batch_size * tc.seq_len, "threads": torch.get_num_threads(),
-               "teacher_seconds": round(teacher_seconds, 1), "teacher_targets_reused": cached, "train_seconds": round(train_seconds, 1),
+               "teacher_seconds": round(teacher_seconds, 1), "teacher_targets_reused": cached,
+               "train_seconds": round(train_seconds, 1),
                "total_seconds": round(time.perf_counter() - t_start, 1), "final": history[-1],
                "history": history, "run": run.to_dict()}
     (out_dir / "distill.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -41,6 +41,10 @@ def test_mesh_checked_against_world_model_and_batch():
         validate(MeshSpec.parse("pp=2"), world_size=2, model_config=ModelConfig.from_name("tiny", n_layer=6),
                  train_config=tc,
                  dist_config=DistConfig(pp_schedule="interleaved_1f1b"))
+    with pytest.raises(MeshError, match="DDP over tensor-parallel"):
+        validate(MeshSpec.parse("dp=2,tp=2"), world_size=4, dist_config=DistConfig(data_parallel="ddp"))
+    with pytest.raises(MeshError, match="two stages per rank"):
+        validate(MeshSpec.parse("pp=2,dp=2"), world_size=4, dist_config=DistConfig(pp_schedule="looped_bfs"))
     validate(MeshSpec.parse("pp=2,dp=2,tp=2"), world_size=8, model_config=mc, train_config=tc,
              dist_config=DistConfig())
 

@@ -126,6 +126,13 @@ def validate(spec: MeshSpec, *, world_size: int, model_config=None, train_config
             if tc.grad_accum > 1:
                 raise MeshError("with pp > 1 the pipeline's micro-batches replace gradient accumulation: set "
                                 "train.grad_accum=1 and raise dist.pp_microbatches")
+    if dist_config is not None and spec.tp > 1 and spec.dp_size > 1 and not spec.hsdp and \
+            dist_config.data_parallel == "ddp":
+        raise MeshError("DDP over tensor-parallel (DTensor) weights is not supported; use dist.data_parallel=fsdp "
+                        "with tp > 1")
+    if dist_config is not None and spec.pp > 1 and spec.dp_size > 1 and _virtual_stages_per_rank(dist_config) > 1:
+        raise MeshError(f"dist.pp_schedule={dist_config.pp_schedule} runs two stages per rank, written for pp x tp "
+                        "meshes; with data parallel use pp_schedule=gpipe or 1f1b")
     if dist_config is not None and dist_config.engine == "deepspeed" and (spec.tp > 1 or spec.pp > 1 or spec.hsdp):
         raise MeshError("engine=deepspeed runs ZeRO over a plain dp axis; use --mesh dp=N with it")
 

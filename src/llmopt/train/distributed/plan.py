@@ -68,7 +68,8 @@ def candidate_meshes(model_config, nproc: int, dist_config) -> list[tuple[str, M
             except MeshError:
                 continue
             if dp > 1:
-                out.append(("ddp", spec, "ddp"))
+                if tp == 1:  # DDP does not run over tensor-parallel weights
+                    out.append(("ddp", spec, "ddp"))
                 out.append(("fsdp", spec, "fsdp"))
                 if dp >= 4 and dp % 2 == 0 and pp == 1 and tp == 1:
                     out.append(("hsdp", MeshSpec(dp_replicate=2, dp_shard=dp // 2), "fsdp"))

@@ -295,7 +295,23 @@ def _bnb_adamw8bit(groups, oc, model):
 def _torchao_adamw8bit(groups, oc, model):
     from torchao.optim import AdamW8bit
 
-    return AdamW8bit(groups, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps)
+    class TorchaoAdamW8bit(AdamW8bit):
+        """torchao keeps each group's lr as a tensor (its compiled step reads it) and refuses a float, which
+        is what llmopt's loop writes for the schedule: put the float back into the group's own tensor."""
+
+        def step(self, closure=None):
+            for group, lr in zip(self.param_groups, self._lr_tensors):
+                if not isinstance(group["lr"], torch.Tensor):
+                    lr.fill_(group["lr"])
+                    group["lr"] = lr
+            return super().step(closure)
+
+    opt = TorchaoAdamW8bit(groups, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps)
+    opt._lr_tensors = [g["lr"] if isinstance(g["lr"], torch.Tensor) else torch.tensor(float(g["lr"]))
+                       for g in opt.param_groups]
+    for group, lr in zip(opt.param_groups, opt._lr_tensors):
+        group["lr"] = lr
+    return opt
 
 
 def _galore_torch(groups, oc, model):

@@ -12,7 +12,8 @@ def load_techniques() -> None:
     import importlib
     import logging
 
-    for package in ("llmopt.techniques", "llmopt.optim", "llmopt.inference", "llmopt.data"):
+    for package in ("llmopt.techniques", "llmopt.optim", "llmopt.inference", "llmopt.data",
+                    "llmopt.train.distributed.parallelize"):
         try:
             importlib.import_module(package)
         except ImportError as e:  # an optional dependency of one layer must not hide the others

@@ -167,12 +167,28 @@ SETTINGS["compile"] = ContractCase(
 )
 
 
+DIST_SKIP = {k: "needs a process group and a device mesh; every mode is tested with real gloo processes in "
+              "tests/distributed/test_distributed.py" for k in ("apply", "forward_backward", "numerics", "meta",
+                                                               "state_dict", "hooks_state", "double_apply",
+                                                               "no_match", "revert", "trainable")}
+"""The generic single-process tests that a parallel transform cannot run without a process group."""
+
+
 # ---- curriculum --------------------------------------------------------------------------------------
 from llmopt.techniques.curriculum import CurriculumConfig  # noqa: E402
 
 SETTINGS["curriculum"] = ContractCase(
     config=lambda: CurriculumConfig(kind="difficulty", start_fraction=0.3, pacing_steps=6),
     skip={"no_match": "adds only a loop hook: there is nothing in the model that could fail to match"},
+)
+
+
+# ---- data_parallel (FSDP2 / HSDP) --------------------------------------------------------------------
+from llmopt.train.distributed.parallelize import DataParallelConfig, TensorParallelConfig  # noqa: E402
+
+SETTINGS["data_parallel"] = ContractCase(
+    config=lambda: DataParallelConfig(mode="fsdp"),
+    skip=DIST_SKIP,
 )
 
 
@@ -314,6 +330,13 @@ SETTINGS["sgd"] = ContractCase()
 # ---- speculative (inference) ------------------------------------------------------------------------
 # tests/test_inference_speculative.py: greedy equals generate_reference; sampling keeps the target distribution.
 SETTINGS["speculative"] = ContractCase()
+
+
+# ---- tensor_parallel ---------------------------------------------------------------------------------
+SETTINGS["tensor_parallel"] = ContractCase(
+    config=lambda: TensorParallelConfig(sequence_parallel=True),
+    skip=DIST_SKIP,
+)
 
 
 # ---- weight_only_quant -------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def world4(tmp_path_factory):
         _job(tmp, "fsdp4", "dp=4", "train.ckpt_every=10", count_comm=True),
         _job(tmp, "hsdp", "dp_replicate=2,dp_shard=2", count_comm=True),
         _job(tmp, "dp_tp", "dp=2,tp=2", count_comm=True),
-        _job(tmp, "pp_dp_ddp", "pp=2,dp=2", "dist.data_parallel=ddp"),
+        _job(tmp, "pp_dp_ddp", "pp=2,dp=2", "dist.data_parallel=ddp", count_comm=True),
         _job(tmp, "pp_tp_interleaved", "pp=2,tp=2", "model.n_layer=4", "dist.pp_schedule=interleaved_1f1b"),
     ])
 
@@ -109,7 +109,7 @@ def test_communication_matches_the_formulas(world2, world4):
     from llmopt.train.distributed.mesh import MeshSpec
 
     for tmp, results, names in ((world2[0], world2[1], ["pp_1f1b"]), (world4[0], world4[1], ["fsdp4", "hsdp",
-                                                                                          "dp_tp"])):
+                                                                                          "dp_tp", "pp_dp_ddp"])):
         for name in names:
             run = RunConfig.from_dict(json.loads((tmp / name / "config.json").read_text())["run"])
             expected = expected_rank0_bytes(run.model, MeshSpec.parse(run.dist.mesh), run.train, run.dist)

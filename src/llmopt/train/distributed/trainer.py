@@ -262,6 +262,7 @@ def fit_distributed(run: RunConfig, out_dir: str | Path, *, resume: bool = False
                         "world_size": ctx.world, "mesh": str(spec)})
 
     counter = comm_counter if comm_counter is not None else contextlib.nullcontext()
+    first_step = step  # the first step is a warm-up for counting: pipeline shape inference, lazy FSDP init
     with loader:
         while step < tc.steps:
             ts.step, ts.metrics = step, {}
@@ -270,6 +271,8 @@ def fit_distributed(run: RunConfig, out_dir: str | Path, *, resume: bool = False
                 group["lr"] = lr
             batches = [call_hooks(hooks, "before_forward", ts, next(loader)) for _ in range(tc.grad_accum)]
             step_tokens = sum(int((y != -100).sum()) for _, y in batches)  # of the global batch: no comm needed
+            if comm_counter is not None:
+                comm_counter.enabled = step > first_step
             scale = dp / step_tokens
             local_loss = torch.zeros((), dtype=torch.float64)
             with counter:
@@ -297,7 +300,7 @@ def fit_distributed(run: RunConfig, out_dir: str | Path, *, resume: bool = False
                 call_hooks(hooks, "before_optimizer_step", ts)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            if comm_counter is not None:
+            if comm_counter is not None and comm_counter.enabled:
                 comm_counter.steps += 1
             call_hooks(hooks, "after_optimizer_step", ts)
             dist.all_reduce(local_loss)

@@ -53,6 +53,14 @@ def cmd_train(args) -> int:
     if args.data and not Path(args.data).exists():
         raise UsageError(f"--data {args.data}: no such file or directory")
     out = Path(args.out or f"runs/{run.recipe}")
+    if run.recipe == "distill_draft":  # a student trained on the teacher's top-k targets, not plain next-token
+        from llmopt.recipes.distill import distill
+
+        if args.nproc or run.dist.mesh or args.resume:
+            raise UsageError("distill_draft runs in one process without --resume; drop --nproc/--mesh/--resume")
+        distill(run, out)
+        _console().print(f"done: draft in {out} (see {out / 'distill.json'})")
+        return 0
     if args.nproc:  # start the ranks here (checked first); each runs llmopt.train.distributed.trainer
         from llmopt.train.distributed.launch import launch
 

@@ -245,7 +245,7 @@ def fit_distributed(run: RunConfig, out_dir: str | Path, *, resume: bool = False
                         losses: list = []
                         _run_schedule(schedule, parts, x, y, losses, train=False)
                         if holds_last:
-                            total[0] += float(sum(float(v) for v in losses))
+                            total[0] += float(sum(float(v.detach()) for v in losses))
                             total[1] += int((y != -100).sum())
                     else:
                         loss_sum, n = (engine.module.model if engine is not None else model).loss(x, y)
@@ -285,7 +285,7 @@ def fit_distributed(run: RunConfig, out_dir: str | Path, *, resume: bool = False
                         with autocast(tc.precision, tc.device):
                             _run_schedule(schedule, parts, x, y, losses, train=True)
                         if holds_last:
-                            local_loss += float(sum(float(v) for v in losses))
+                            local_loss += float(sum(float(v.detach()) for v in losses))
                         continue
                     sync = _no_sync(engine, model, mode, enabled=not last_micro)
                     with sync, autocast(tc.precision, tc.device):

@@ -28,3 +28,16 @@ def test_bucketing_pads_with_ignored_targets_and_keeps_the_loss_exact():
     call_hooks(report.hooks, "after_optimizer_step", state)
     assert state.metrics["rss_bytes"] > 0
     assert any("M_ARENA_MAX" in note or "glibc" in note for note in report.notes)
+
+
+def test_mmap_threshold_is_set_and_reported_and_validated():
+    import pytest
+
+    from llmopt.techniques.buffer_reuse import _libc
+
+    model = build_model(ModelConfig.from_name("tiny"))
+    report = apply_(model, BufferReuseConfig(mmap_threshold=256 * 1024))
+    if _libc() is not None:
+        assert any("M_MMAP_THRESHOLD, 262144) set" in note for note in report.notes)
+    with pytest.raises(ValueError, match="mmap_threshold"):
+        BufferReuseConfig(mmap_threshold=64 * 2**20)

@@ -1,3 +1,9 @@
+"""Accounted saved-activation bytes of one demo train step (8x128): baseline, full, selective, budget = 50% of baseline.
+
+    .venv/bin/python benchmarks/bench_checkpointing_bytes.py    # writes docs/results/checkpointing_accounted_demo.json
+
+Exact (saved-tensor hooks plus tensors a forward leaves alive, `llmopt.measure.memory`), so repeatable on a loaded machine.
+"""
 import torch, copy, json
 torch.set_num_threads(1)
 import llmopt; llmopt.load_techniques()

@@ -135,6 +135,10 @@ def test_resume_on_fewer_processes_continues_the_same_losses(world4, reference, 
     uninterrupted = _losses(world4[1]["fsdp4"])
     worst = max(abs(resumed[s] - uninterrupted[s]) for s in resumed)
     assert worst < TOL, f"resumed on 2 ranks differs by {worst:.2e}"
+    from llmopt.models import load_pretrained
+
+    model, _ = load_pretrained(str(dst))  # the FSDP run's export is a plain run directory (no parallel configs)
+    assert model.applied_techniques == []
 
 
 def test_three_d_mesh_on_eight_processes_and_full_export(reference, tmp_path):

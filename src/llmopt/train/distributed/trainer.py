@@ -29,6 +29,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
@@ -211,7 +212,11 @@ def fit_distributed(run: RunConfig, out_dir: str | Path, *, resume: bool = False
         loader.load_state_dict(state["data"])
     elif ctx.is_main:
         tokenizer.save(out_dir)
-        _write_config(out_dir, run, model)
+        # the run directory's model.safetensors is the full, unsharded model: record only the techniques that
+        # change the model itself (LoRA, checkpointing, ...), not how it was split over ranks
+        kept = [c for c in getattr(rank_model, "applied_techniques", [])
+                if not isinstance(c, (TensorParallelConfig, DataParallelConfig))]
+        _write_config(out_dir, run, SimpleNamespace(applied_techniques=kept))
     ts = TrainState(step=step, model=rank_model, optimizer=optimizer, scaler=None, config=run,
                     tokens_seen=tokens_seen, train_ids=train_ids)
     history: list[dict[str, Any]] = []

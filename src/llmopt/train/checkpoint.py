@@ -203,18 +203,35 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     return path
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """The checkpoint's state.json, or a one-line CheckpointError when it is missing or corrupt."""
+    state_file = Path(path) / "state.json"
+    try:
+        return json.loads(state_file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{state_file}: missing; {path} is not a complete checkpoint") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{state_file}: corrupt JSON ({e}); use an earlier checkpoint") from None
+
+
+def check_model_config(path: Path, saved: dict, expected_model_config: dict) -> None:
+    """Refuse (one line) a checkpoint written for another model shape."""
+    diff = sorted(k for k in set(saved) | set(expected_model_config)
+                  if k != "name" and saved.get(k) != expected_model_config.get(k))
+    if diff:
+        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs run {expected_model_config.get(k)!r}"
+                            for k in diff[:3])
+        raise CheckpointError(f"{path}: checkpoint is for a different model ({details}); resume with the same "
+                              "model config or start a new --out directory")
+
+
 def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scaler: torch.amp.GradScaler | None = None, expected_model_config: dict | None = None,
                     restore_rng: bool = True) -> dict[str, Any]:
     """Verify and load a checkpoint directory into model/optimizer/scaler; return its state.json dict."""
     path = Path(path)
     state_file = path / "state.json"
-    try:
-        state = json.loads(state_file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{state_file}: missing; {path} is not a complete checkpoint") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{state_file}: corrupt JSON ({e}); use an earlier checkpoint") from None
+    state = read_state(path)
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{state_file}: format version {state.get('format_version')} is not "
                               f"{FORMAT_VERSION}; it was written by another llmopt version")
@@ -226,14 +243,7 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torc
             raise CheckpointError(f"{file}: contents do not match the recorded sha256 (corrupt or truncated); "
                                   "use an earlier checkpoint")
     if expected_model_config is not None:
-        saved = state["run_config"].get("model", {})
-        diff = sorted(k for k in set(saved) | set(expected_model_config)
-                      if k != "name" and saved.get(k) != expected_model_config.get(k))
-        if diff:
-            details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs run {expected_model_config.get(k)!r}"
-                                for k in diff[:3])
-            raise CheckpointError(f"{path}: checkpoint is for a different model ({details}); resume with the same "
-                                  "model config or start a new --out directory")
+        check_model_config(path, state["run_config"].get("model", {}), expected_model_config)
     load_weights(model, path / "model.safetensors")
     tensors = load_file(str(path / "optimizer.safetensors"))
     if optimizer is not None:

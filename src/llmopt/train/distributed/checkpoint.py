@@ -13,7 +13,6 @@ points at it, as for single-process checkpoints.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llmopt.train.checkpoint import CheckpointError, _write_json_atomic, _write_text_atomic
+from llmopt.train.checkpoint import (CheckpointError, _write_json_atomic, _write_text_atomic, check_model_config,
+                                     read_state)
 
 FORMAT = "llmopt-dcp-1"
 
@@ -60,23 +60,12 @@ def load_dcp(path: str | Path, *, model: torch.nn.Module, optimizer, expected_mo
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     path = Path(path)
-    try:
-        state = json.loads((path / "state.json").read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path / 'state.json'}: missing; {path} is not a complete checkpoint") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path / 'state.json'}: corrupt JSON ({e}); use an earlier checkpoint") from None
+    state = read_state(path)
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a distributed (DCP) checkpoint; resume it without --mesh/--nproc, "
                               "or start a new --out directory")
     if expected_model_config is not None:
-        saved = state.get("run_config", {}).get("model", {})
-        diff = sorted(k for k in set(saved) | set(expected_model_config)
-                      if k != "name" and saved.get(k) != expected_model_config.get(k))
-        if diff:
-            raise CheckpointError(f"{path}: checkpoint is for a different model ({diff[0]}: checkpoint "
-                                  f"{saved.get(diff[0])!r} vs run {expected_model_config.get(diff[0])!r}); resume "
-                                  "with the same model config")
+        check_model_config(path, state.get("run_config", {}).get("model", {}), expected_model_config)
     msd, osd = get_state_dict(model, optimizer)
     target = {"model": msd, "optim": osd}
     try:

@@ -72,7 +72,12 @@ def cmd_train(args) -> int:
         console.quiet = True  # under torchrun: rank 0 speaks for the world
     console.print(f"[bold]llmopt train[/] {run.recipe} -> {out}  ({run.model.name}, {run.train.steps} steps, "
                   f"batch {run.train.batch_size}x{run.train.seq_len}, {run.train.precision})")
-    result = fit(run, out, resume=args.resume)
+    if run.dist.mesh:  # under torchrun (or a cluster launcher): this process is one rank
+        from llmopt.train.distributed.trainer import fit_distributed
+
+        result = fit_distributed(run, out, resume=args.resume)
+    else:
+        result = fit(run, out, resume=args.resume)
     val = f"{result.final_val_loss:.4f} (ppl {math.exp(result.final_val_loss):.2f})" if result.final_val_loss else "-"
     console.print(f"done: {result.steps} steps, train loss {result.final_train_loss:.4f}, val loss {val}, "
                   f"{result.tokens_seen / result.seconds:.0f} tok/s; weights in {out / 'model.safetensors'}")

@@ -230,10 +230,9 @@ def fit(run: RunConfig, out_dir: str | Path, *, resume: bool = False, hooks: Ite
     """Train `run` into `out_dir`. With `resume=True`, continue from the latest checkpoint there, bit-identically."""
     from llmopt.data import BatchLoader
 
-    if run.dist.mesh:  # a mesh: this process is one rank of a torchrun world (llmopt.train.distributed)
-        from llmopt.train.distributed.trainer import fit_distributed
-
-        return fit_distributed(run, out_dir, resume=resume, hooks=hooks, on_log=on_log)
+    if run.dist.mesh:
+        raise ValueError(f"dist.mesh={run.dist.mesh!r} is a distributed run: use `llmopt train ... --nproc N` or "
+                         "llmopt.train.distributed.trainer.fit_distributed under torchrun")
     out_dir = Path(out_dir)
     tc, oc = run.train, run.optim
     if tc.threads:

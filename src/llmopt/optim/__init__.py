@@ -36,8 +36,11 @@ __all__ = ["AdamW8bit", "CLIP_MODES", "GaLoreAdamW", "Lamb", "NovoGrad", "build"
 
 
 def sgd(params, lr: float = 1e-2, momentum: float = 0.9, nesterov: bool = False,
-        weight_decay: float = 0.0) -> torch.optim.SGD:
+        weight_decay: float = 0.0, freeze_embeddings: bool = False) -> torch.optim.SGD:
     """SGD with momentum (or Nesterov); with llmopt's trainer, optim.freeze_embeddings=true freezes embeddings."""
+    if freeze_embeddings:  # the option exists for `llmopt bench sgd:freeze_embeddings=true` and --technique
+        raise ValueError("freeze_embeddings needs the model, not only its parameters: use "
+                         "llmopt.optim.sgd_finetune_optimizer(model, lr=...) or optim.freeze_embeddings=true")
     return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
                            weight_decay=weight_decay, foreach=True)
 

@@ -72,6 +72,8 @@ def test_builtin_optimizer_and_override_candidates():
     assert (c.workload, c.techniques, c.overrides) == ("train", (), ("optim.name=sgd",))
     c = resolve_candidate("sgd:lr=0.1,momentum=0.8")  # the registered sgd's momentum is the loop's beta1
     assert c.overrides == ("optim.name=sgd", "optim.lr=0.1", "optim.beta1=0.8")
+    c = resolve_candidate("sgd:freeze_embeddings=true")  # the fine-tuning recipe's switch
+    assert "optim.freeze_embeddings=True" in c.overrides or "optim.freeze_embeddings=true" in c.overrides
     c = resolve_candidate("adamw:lr=0.1,beta2=0.99")  # the loop's own optimizer, options from OptimConfig
     assert c.overrides == ("optim.name=adamw", "optim.lr=0.1", "optim.beta2=0.99")
     c = resolve_candidate("train.grad_clip=none")

@@ -8,6 +8,8 @@ from llmopt.inference import generate, generate_reference, make_cache
 from llmopt.models import ModelConfig, build_model
 from llmopt.models.mamba2 import ssd_chunked, ssd_sequential, ssd_step
 
+from test_mamba import _paths_agree  # the same three-path check as Mamba-1
+
 
 def _ssd_inputs(B=2, T=70, H=3, P=4, N=5, dt_scale=0.1, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -50,23 +52,6 @@ def test_chunked_ssd_gradients_equal_sequential(dt_scale):
 def _model(**over):
     torch.manual_seed(0)
     return build_model(ModelConfig.from_name("tiny_mamba2", **{"init_std": 0.2, **over})).eval()
-
-
-def _paths_agree(model, idx):
-    with torch.no_grad():
-        model.set_scan("chunked")
-        chunked = model(idx)
-        model.set_scan("sequential")
-        sequential = model(idx)
-        model.set_scan("chunked")
-        cache = make_cache(model, idx.size(0))
-        prompt = 9
-        steps = [model(idx[:, :prompt], input_pos=torch.arange(prompt), cache=cache)]
-        for t in range(prompt, idx.size(1)):
-            steps.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t]), cache=cache))
-    torch.testing.assert_close(chunked, sequential, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.cat(steps, 1), sequential, atol=1e-5, rtol=1e-5)
-    assert chunked.std() > 0.1  # non-trivial logits
 
 
 def test_model_paths_agree_random_weights():

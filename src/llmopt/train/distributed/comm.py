@@ -98,9 +98,7 @@ class CommCounter(TorchDispatchMode):
                 payload = _nbytes(args[1])  # (output, input(s), ...): the full input
             else:
                 payload = _nbytes(args[0])
-        elif kind in ("send", "recv", "broadcast", "all_reduce"):
-            payload = _nbytes(args[0])
-        else:
+        else:  # all-reduce, send, recv, broadcast, all-to-all: the tensor(s) given
             payload = _nbytes(args[0])
         self.add(kind, payload)
 

@@ -140,7 +140,7 @@ def validate(spec: MeshSpec, *, world_size: int, model_config=None, train_config
 def _virtual_stages_per_rank(dist_config) -> int:
     if dist_config is None:
         return 1
-    return 2 if dist_config.pp_schedule in ("interleaved_1f1b", "looped_bfs", "zero_bubble") else 1
+    return 2 if dist_config.pp_schedule in ("interleaved_1f1b", "looped_bfs") else 1
 
 
 def microbatches(spec: MeshSpec, dist_config) -> int:

@@ -6,9 +6,8 @@
 single-file export use the full model's keys whatever the layout. Stage i of S holds layers
 [i*L/S, (i+1)*L/S); the first stage also the embedding, the last the final norm and the output head.
 
-Schedules (Huang et al. 2019 GPipe; Narayanan et al. 2019/2021 1F1B and interleaved; Qi et al. 2024 zero
-bubble): `gpipe`, `1f1b` (one stage per rank); `interleaved_1f1b`, `looped_bfs` (two stages per rank,
-stage s on rank s % pp).
+Schedules (Huang et al. 2019 GPipe; Narayanan et al. 2019/2021 1F1B and interleaved): `gpipe`, `1f1b` (one
+stage per rank); `interleaved_1f1b`, `looped_bfs` (two stages per rank, stage s on rank s % pp).
 
 Tied embeddings: the last stage gets its own copy of the embedding matrix as its output head, and after
 each backward the two gradients are summed over the pipeline group (Megatron's embedding group), so both
@@ -22,10 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B",
-             "looped_bfs": "ScheduleLoopedBFS", "zero_bubble": "ScheduleZBVZeroBubble"}
-MULTI_STAGE = ("interleaved_1f1b", "looped_bfs", "zero_bubble")
-# zero_bubble (ZBV) trains here, but torch 2.13's ScheduleZBVZeroBubble.eval() fails ("can't steal_bwd_input"),
-# so the run config does not offer it; the V placement code stays for when it does.
+             "looped_bfs": "ScheduleLoopedBFS"}
+MULTI_STAGE = ("interleaved_1f1b", "looped_bfs")
+# not offered: torch 2.13's ScheduleZBVZeroBubble trains here but its eval() fails ("can't steal_bwd_input")
 
 
 class PipelineStageModel(nn.Module):
@@ -61,8 +59,6 @@ def stage_ids(pp_rank: int, pp: int, schedule: str) -> list[int]:
     """The stage indices this rank runs."""
     if schedule not in MULTI_STAGE:
         return [pp_rank]
-    if schedule == "zero_bubble":
-        return [pp_rank, 2 * pp - 1 - pp_rank]
     return [pp_rank, pp_rank + pp]
 
 
@@ -113,16 +109,15 @@ def tied_params(modules: list[nn.Module]) -> list[nn.Parameter]:
     return out
 
 
-def tied_group(mesh, pp: int, schedule: str):
-    """The process group of the ranks holding the first and the last stage at this rank's (dp, tp) coordinate,
-    or None when one rank holds both (zero_bubble's V). Every rank must call this (new_group is collective)."""
+def tied_group(mesh, pp: int):
+    """The process group of the ranks holding the first and the last stage (pipeline ranks 0 and pp-1) at this
+    rank's (dp, tp) coordinate. Every rank must call this (new_group is collective)."""
     import torch.distributed as dist
 
-    last = 0 if schedule == "zero_bubble" else pp - 1  # the pp rank of the last stage
     grid = mesh.mesh.reshape(pp, -1)  # (pp, everything else)
     mine = None
     for col in range(grid.shape[1]):
-        ranks = sorted({int(grid[0, col]), int(grid[last, col])})
+        ranks = sorted({int(grid[0, col]), int(grid[pp - 1, col])})
         group = dist.new_group(ranks) if len(ranks) > 1 else None
         if dist.get_rank() in ranks:
             mine = group

@@ -23,14 +23,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import logging
 import math
 import os
 import random
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -39,8 +38,6 @@ import torch.distributed as dist
 from llmopt.train.config import RunConfig
 from llmopt.train.distributed.mesh import MeshError, MeshSpec, build_device_mesh, check_rendezvous, microbatches, \
     validate
-
-log = logging.getLogger("llmopt")
 
 
 @dataclass
@@ -88,12 +85,6 @@ def init_distributed(spec: MeshSpec, *, backend: str = "", device: str = "cpu") 
                    mesh["dp_replicate"].get_local_rank() * spec.dp_shard + mesh["dp_shard"].get_local_rank())
     ctx.groups = {n: mesh[n].get_group() for n in names}
     return ctx
-
-
-def _dp_group(ctx: DistContext):
-    if ctx.spec.hsdp:
-        return ctx.mesh["dp_replicate", "dp_shard"]._flatten().get_group()
-    return ctx.groups["dp"]
 
 
 def fit_distributed(run: RunConfig, out_dir: str | Path, *, resume: bool = False, hooks=(), on_log=None,
@@ -149,10 +140,6 @@ def fit_distributed(run: RunConfig, out_dir: str | Path, *, resume: bool = False
     if early:
         apply_(model, *early)
     pp, tp, dp = spec.pp, spec.tp, spec.dp_size
-    multi = dc.pp_schedule in pipe.MULTI_STAGE and pp > 1
-    if multi and dp > 1:
-        raise MeshError(f"dist.pp_schedule={dc.pp_schedule} runs two stages per rank, written for pp x tp meshes; "
-                        "with data parallel use pp_schedule=gpipe or 1f1b")
     tied = model.config.tie_embeddings
     if pp > 1:
         parts = pipe.split_stages(model, ctx.pp_rank, pp, dc.pp_schedule)
@@ -176,9 +163,9 @@ def fit_distributed(run: RunConfig, out_dir: str | Path, *, resume: bool = False
     submods = None
     if mode == "ddp":
         if pp > 1:
-            submods = [ddp_engine(parts[0], _dp_group(ctx), forward_is_loss=False)]
+            submods = [ddp_engine(parts[0], ctx.groups["dp"], forward_is_loss=False)]
         else:
-            engine = ddp_engine(model, _dp_group(ctx))
+            engine = ddp_engine(model, ctx.groups["dp"])
     rank_model.train()
     optimizer = build_optimizer(rank_model, oc)
     _split_groups_by_kind(optimizer)
@@ -196,7 +183,7 @@ def fit_distributed(run: RunConfig, out_dir: str | Path, *, resume: bool = False
                                        loss_fn=lambda out, y: pipe.logits_loss(out, y)[0] * loss_scale["value"])
         holds_last = any(p.lm_head is not None for p in parts)
         holds_first = any(p.embed_tokens is not None for p in parts)
-        tied_grp = pipe.tied_group(ctx.mesh, pp, dc.pp_schedule) if tied else None
+        tied_grp = pipe.tied_group(ctx.mesh, pp) if tied else None
         if tied and (holds_first or holds_last):
             tied_params = pipe.tied_params(parts)
     # parameters counted once in the global gradient norm: the last stage's copy of a tied head is skipped
@@ -253,7 +240,7 @@ def fit_distributed(run: RunConfig, out_dir: str | Path, *, resume: bool = False
                             total[0] += float(sum(float(v.detach()) for v in losses))
                             total[1] += int((y != -100).sum())
                     else:
-                        loss_sum, n = (engine.module.model if engine is not None else model).loss(x, y)
+                        loss_sum, n = model.loss(x, y)
                         total[0] += float(loss_sum)
                         total[1] += int(n)
         for m in parts:

@@ -21,16 +21,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
+from llmopt.kernels._cbuild import build_c_library
 from llmopt.models.mamba import scan_chunked, scan_sequential
 
 __all__ = ["mamba_decode_step_cpu", "scan_chunked", "scan_sequential", "selective_scan_cpu", "selective_scan_triton", "use_fused_scan_",
@@ -125,30 +119,7 @@ void mamba_ssm_step(const float* restrict dt_lin, long sdt, const float* restric
 
 @functools.cache
 def _c_library():
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise ImportError("selective_scan_cpu needs a C compiler (cc or gcc on PATH, or $CC); install gcc, or use "
-                          "scan='chunked'")
-    flags = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"]
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu += next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    key = hashlib.sha256("\0".join([_C_SOURCE, compiler, *flags, cpu]).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("LLMOPT_CACHE_DIR", Path.home() / ".cache" / "llmopt")) / "kernels"
-    lib = root / f"selective_scan_{key}.so"
-    if not lib.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=root) as tmp:
-            src, out = Path(tmp) / "scan.c", Path(tmp) / "scan.so"
-            src.write_text(_C_SOURCE)
-            done = subprocess.run([compiler, *flags, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise ImportError(f"building the CPU scan kernel with {compiler} failed: "
-                                  f"{done.stderr.strip().splitlines()[-1:]}; use scan='chunked'")
-            os.replace(out, lib)  # atomic: a concurrent build never loads half a file
-    handle = ctypes.CDLL(str(lib))
+    handle = build_c_library("selective_scan", _C_SOURCE, fallback="scan='chunked'")
     handle.selective_scan_fwd.restype = None
     handle.selective_scan_fwd.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 4
     vp, lg = ctypes.c_void_p, ctypes.c_long

@@ -37,13 +37,20 @@ def idx():
 
 def test_apply_is_exact_and_reports(tiny_model, idx):
     before = tiny_model(idx)
-    report = apply_(tiny_model, LoRAConfig(r=4))
+    report = apply_(tiny_model, LoRAConfig(r=4, target=("all-linear",)))
     assert torch.equal(tiny_model(idx), before)
     assert len(report.changed) == 14 and set(report.changed.values()) == {("Linear", "LoRALinear")}
     assert report.skipped == {"lm_head": "excluded"}
     lora = sum(p.numel() for n, p in tiny_model.named_parameters() if "lora_" in n)
     assert report.trainable_after == lora and report.params_after == report.params_before + lora
     assert "trainable" in str(report)
+
+
+def test_default_targets_are_query_and_value(tiny_model):
+    """The default is the LoRA paper's and PEFT's (Llama) setting: q_proj and v_proj only."""
+    assert LoRAConfig().target == ("q_proj", "v_proj")
+    report = apply_(tiny_model, LoRAConfig(r=4))
+    assert sorted(report.changed) == [f"layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
 
 
 def test_only_adapters_train(tiny_model, idx):
@@ -59,7 +66,7 @@ def test_only_adapters_train(tiny_model, idx):
 
 
 def test_merge_within_1e5_and_swaps_back(tiny_model, idx):
-    apply_(tiny_model, LoRAConfig(r=4, alpha=8))
+    apply_(tiny_model, LoRAConfig(r=4, alpha=8, target=("all-linear",)))
     randomize_adapters(tiny_model)
     unmerged = tiny_model(idx)
     report = merge_(tiny_model)
@@ -75,7 +82,7 @@ def test_revert_is_exact(tiny_model, idx):
     weight = tiny_model.layers[0].mlp.up_proj.weight
     tiny_model.layers[1].input_layernorm.weight.requires_grad_(False)  # a flag that revert must restore
     flags = {n: p.requires_grad for n, p in tiny_model.named_parameters()}
-    apply_(tiny_model, LoRAConfig(r=4))
+    apply_(tiny_model, LoRAConfig(r=4, target=("all-linear",)))
     randomize_adapters(tiny_model)
     assert not torch.equal(tiny_model(idx), before)
     revert_(tiny_model, "lora")
@@ -141,7 +148,7 @@ def test_load_refuses_mismatched_shapes(tiny_model, tmp_path):
 def test_transformers_model_in_place(idx, tmp_path):
     hf = tiny_hf_llama()
     before = hf(idx).logits
-    report = apply_(hf, LoRAConfig(r=4))
+    report = apply_(hf, LoRAConfig(r=4, target=("all-linear",)))
     assert "model.layers.0.self_attn.q_proj" in report.changed and "lm_head" in report.skipped
     assert isinstance(hf.model.layers[0].mlp.gate_proj, LoRALinear)
     assert torch.equal(hf(idx).logits, before)

@@ -62,8 +62,10 @@ class LoRAConfig(TechniqueConfig):
     """The update is scaled by alpha / r (so changing r does not change the learning rate to use)."""
     dropout: float = 0.0
     """Dropout on the adapter's input (training only); 0 disables it."""
-    target: tuple[str, ...] = ("all-linear",)
-    """Linear modules to adapt: names, dotted suffixes (`q_proj`), `re:<regex>`, or `all-linear`."""
+    target: tuple[str, ...] = ("q_proj", "v_proj")
+    """Linear modules to adapt: names, dotted suffixes (`q_proj`), `re:<regex>`, or `all-linear` (every Linear
+    but the output layer). The default, the attention query and value projections, is the LoRA paper's
+    setting (Hu et al. §4.2/§7.1) and PEFT's default for Llama models."""
     exclude: tuple[str, ...] = ("lm_head",)
     """Modules left alone even if `target` matches them (same pattern syntax)."""
 

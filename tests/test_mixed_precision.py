@@ -105,3 +105,22 @@ def test_auto_measures_and_reports_its_choice():
     if model.llmopt_precision == "fp32":
         x, _ = _batch()
         assert model(x).dtype == torch.float32
+
+
+def test_auto_keeping_fp32_leaves_the_model_untouched(monkeypatch):
+    import llmopt.techniques.mixed_precision as mp
+
+    model = _model()
+    x, _ = _batch()
+    before = model(x)
+    monkeypatch.setattr(mp, "host_bf16_ratio", lambda model, **_: 16.0)  # a host without fast bf16 matmuls
+    report = apply_(model, MixedPrecisionConfig(precision="auto", auto_steps=1, auto_seq_len=16))
+    assert model.llmopt_precision == "fp32" and "without probing" in report.notes[0]
+    assert "forward" not in model.__dict__ and "loss" not in model.__dict__  # nothing wrapped: the fp32 model itself
+    assert torch.equal(model(x), before)
+
+
+def test_host_bf16_ratio_is_a_positive_ratio():
+    from llmopt.techniques.mixed_precision import host_bf16_ratio
+
+    assert host_bf16_ratio(_model(), tokens=32, repeats=1) > 0

@@ -25,11 +25,14 @@ run that also sets train.precision, which would autocast twice and scale the los
   state is fp32 too), copies the clipped bf16 gradients into them before the step and rounds the
   updated masters back into the bf16 weights after it. The masters live in the hook's state_dict, so
   a resumed run continues from the fp32 values.
-- "auto": times `auto_steps` forward+backward passes of the actual model on a probe batch, fp32 and
-  bf16 autocast interleaved (stopping after the first timed pair when bf16 is over 2x slower), and
-  picks bf16 only if its median is at least `auto_margin` faster and its
-  loss is within `auto_tolerance` (relative) of fp32's; otherwise the model runs fp32 (CPU autocast
-  is often slower than fp32: pytorch/pytorch#86270). The measured figures are in the report notes.
+- "auto": first measures the host: a bf16 against an fp32 matmul of the model's own (tokens x dim x
+  hidden) shape, interleaved, a few milliseconds. Where bf16 is over 2x slower (no bf16 matrix units:
+  most CPUs), bf16 cannot win and the model stays fp32 without being run. Otherwise it times
+  `auto_steps` forward+backward passes of the actual model on a probe batch, fp32 and bf16 autocast
+  interleaved, and picks bf16 only if its median is at least `auto_margin` faster and its loss is
+  within `auto_tolerance` (relative) of fp32's (CPU autocast is often slower than fp32:
+  pytorch/pytorch#86270). When fp32 is chosen nothing is wrapped: the model is the untouched fp32
+  model, so auto cannot lose to fp32 beyond the probe's one-off cost. The figures are in the notes.
 
 Numerics contract: tolerance. Logits and gradients are those of bf16/fp16 matmuls (about 3 and 2-3
 significant digits), held to an SQNR in the contract matrix; the loss itself is computed in fp32.
@@ -234,6 +237,32 @@ def measure_precisions(model: nn.Module, *, steps: int, batch_size: int, seq_len
     return {name: {"seconds": statistics.median(times[name]), "loss": losses[name]} for name in times}
 
 
+def host_bf16_ratio(model: nn.Module, *, tokens: int = 512, repeats: int = 5) -> float:
+    """Median time of a bf16 matmul over an fp32 one at the model's (tokens x dim) @ (dim x hidden) shape,
+    interleaved: above ~2 the host has no fast bf16 path and autocast cannot pay off."""
+    config = getattr(model, "config", None)
+    dim = int(getattr(config, "dim", 0) or getattr(config, "hidden_size", 0) or 256)
+    hidden = int(getattr(config, "hidden_dim", 0) or getattr(config, "intermediate_size", 0) or 4 * dim)
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(tokens, dim, generator=g).to(device)
+    b = torch.randn(dim, hidden, generator=g).to(device)
+    pairs = {"fp32": (a, b), "bf16": (a.bfloat16(), b.bfloat16())}
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for i in range(repeats + 1):
+        for name in ("fp32", "bf16") if i % 2 == 0 else ("bf16", "fp32"):
+            x, w = pairs[name]
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            x @ w
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i > 0:
+                times[name].append(time.perf_counter() - t0)
+    return statistics.median(times["bf16"]) / statistics.median(times["fp32"])
+
+
 def _wrap(model: nn.Module, name: str, fn) -> None:
     if name in model.__dict__:
         raise ValueError(f"model.{name} is already replaced on the instance (compiled or wrapped); apply "
@@ -251,16 +280,27 @@ def apply_mixed_precision(model: nn.Module, config: MixedPrecisionConfig, *, fil
         if any(p.is_meta for p in model.parameters()):
             raise ValueError("precision='auto' times the model, which a meta-device model cannot run; choose bf16, "
                              "fp16 or bf16_weights, or apply after the weights are materialized")
-        figures = measure_precisions(model, steps=config.auto_steps, batch_size=config.auto_batch_size,
-                                     seq_len=config.auto_seq_len)
-        ratio = figures["bf16"]["seconds"] / figures["fp32"]["seconds"]
-        drift = abs(figures["bf16"]["loss"] - figures["fp32"]["loss"]) / max(abs(figures["fp32"]["loss"]), 1e-12)
-        precision = "bf16" if ratio <= 1 - config.auto_margin and drift <= config.auto_tolerance else "fp32"
-        report.notes.append(f"auto: fp32 {figures['fp32']['seconds'] * 1e3:.1f} ms, bf16 autocast "
-                            f"{figures['bf16']['seconds'] * 1e3:.1f} ms per forward+backward (bf16/fp32 = {ratio:.2f}), "
-                            f"loss drift {drift:.2e}: chose {precision}")
+        host = host_bf16_ratio(model)
+        if host > 2.0:
+            precision = "fp32"
+            report.notes.append(f"auto: host check: a bf16 matmul at the model's shape takes {host:.1f}x the fp32 "
+                                "one (no fast bf16 path here), so bf16 autocast cannot win: chose fp32 without "
+                                "probing the model; the model is left untouched")
+        else:
+            figures = measure_precisions(model, steps=config.auto_steps, batch_size=config.auto_batch_size,
+                                         seq_len=config.auto_seq_len)
+            ratio = figures["bf16"]["seconds"] / figures["fp32"]["seconds"]
+            drift = abs(figures["bf16"]["loss"] - figures["fp32"]["loss"]) / max(abs(figures["fp32"]["loss"]), 1e-12)
+            precision = "bf16" if ratio <= 1 - config.auto_margin and drift <= config.auto_tolerance else "fp32"
+            report.notes.append(f"auto: host check bf16/fp32 matmul {host:.2f}x; fp32 "
+                                f"{figures['fp32']['seconds'] * 1e3:.1f} ms, bf16 autocast "
+                                f"{figures['bf16']['seconds'] * 1e3:.1f} ms per forward+backward (bf16/fp32 = "
+                                f"{ratio:.2f}), loss drift {drift:.2e}: chose {precision}")
     model.llmopt_precision = precision
-    if precision in ("bf16", "fp16", "fp32"):
+    if precision == "fp32":  # auto kept fp32: nothing to wrap, the model runs exactly as before
+        report.changed["llmopt_precision"] = ("unset", "fp32 (auto kept it; forward and loss untouched)")
+        return report
+    if precision in ("bf16", "fp16"):
         dtype = DTYPES.get(precision)
         hook = None
         if precision == "fp16":
@@ -271,7 +311,7 @@ def apply_mixed_precision(model: nn.Module, config: MixedPrecisionConfig, *, fil
             loss = functools.partial(_autocast_call, model.loss, device_type, dtype)
         _wrap(model, "forward", functools.partial(_autocast_call, model.forward, device_type, dtype))
         _wrap(model, "loss", loss)
-        label = f"autocast {precision}" if dtype is not None else "fp32 (auto kept it)"
+        label = f"autocast {precision}"
         report.changed["forward"] = ("forward", f"forward [{label}]")
         report.changed["loss"] = ("loss", f"loss [{label}]")
         if precision == "fp16":
@@ -301,4 +341,4 @@ def revert_mixed_precision(model: nn.Module, report: ApplyReport) -> ApplyReport
 
 
 __all__ = ["DynamicLossScaleHook", "MasterWeightsHook", "MixedPrecisionConfig", "apply_mixed_precision",
-           "measure_precisions", "revert_mixed_precision"]
+           "host_bf16_ratio", "measure_precisions", "revert_mixed_precision"]

@@ -46,15 +46,20 @@ def build_c_library(name: str, source: str, openmp: bool = False, fallback: str 
         raise ImportError(f"the CPU kernel {name} needs a C compiler (cc or gcc on PATH, or $CC); install gcc, "
                           f"or use {fallback}")
     flags = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"] + (["-fopenmp"] if openmp else [])
-    key = hashlib.sha256("\0".join([source, compiler, *flags, _cpu_id()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([source, compiler, *flags, "link-apart", _cpu_id()]).encode()).hexdigest()[:16]
     root = Path(os.environ.get("LLMOPT_CACHE_DIR", Path.home() / ".cache" / "llmopt")) / "kernels"
     lib = root / f"{name}_{key}.so"
     if not lib.exists():
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=root) as tmp:
-            src, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
+            src, obj, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.o", Path(tmp) / f"{name}.so"
             src.write_text(source)
-            done = subprocess.run([compiler, *flags, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)
+            # Compile and link apart: linking with -ffast-math adds crtfastmath.o (GCC < 13, even with -shared),
+            # whose constructor sets flush-to-zero / denormals-are-zero for the whole process on load.
+            done = subprocess.run([compiler, *flags, "-c", str(src), "-o", str(obj)], capture_output=True, text=True)
+            if done.returncode == 0:
+                link = ["-shared", "-fPIC"] + (["-fopenmp"] if openmp else [])
+                done = subprocess.run([compiler, *link, str(obj), "-o", str(out), "-lm"], capture_output=True, text=True)
             if done.returncode != 0:
                 raise ImportError(f"building the CPU kernel {name} with {compiler} failed: "
                                   f"{done.stderr.strip().splitlines()[-1:]}; use {fallback}")

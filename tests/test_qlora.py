@@ -82,7 +82,11 @@ def test_apply_on_model_within_nf4_error_and_reports_bits(tiny_model):
     lin = tiny_model.layers[0].mlp.up_proj
     w = lin.weight.detach().clone()
     report = apply_(tiny_model, QLoRAConfig(r=4))
-    assert set(report.changed.values()) == {("Linear", "QLoRALinear")}
+    # adapters on q_proj/v_proj (the default target); every other Linear but lm_head is NF4 without an adapter
+    adapted = {f"layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")}
+    assert {k for k, v in report.changed.items() if v == ("Linear", "QLoRALinear")} == adapted
+    assert {v for k, v in report.changed.items() if k not in adapted} == {("Linear", "NF4Linear")}
+    assert len(report.changed) == 14 and not any(type(m) is nn.Linear for m in tiny_model.layers.modules())
     assert report.skipped == {"lm_head": "excluded"}
     assert any("bits/param" in n for n in report.notes) and any("unquantized" in n for n in report.notes)
     layer = tiny_model.layers[0].mlp.up_proj
@@ -119,7 +123,14 @@ def test_merge_and_revert_on_model(tiny_model):
     assert all(p.requires_grad for p in tiny_model.parameters())
     apply_(tiny_model, QLoRAConfig(r=4))
     report = merge_(tiny_model)
-    assert set(report.changed.values()) == {("QLoRALinear", "NF4Linear")}
+    assert set(report.changed.values()) == {("QLoRALinear", "NF4Linear")}  # quantize-only layers stay NF4Linear
+    assert type(tiny_model.layers[0].mlp.up_proj) is NF4Linear
+
+
+def test_quantize_empty_keeps_other_linear_layers_fp(tiny_model):
+    report = apply_(tiny_model, QLoRAConfig(r=4, quantize=()))
+    assert set(report.changed.values()) == {("Linear", "QLoRALinear")} and len(report.changed) == 4
+    assert type(tiny_model.layers[0].mlp.up_proj) is nn.Linear
 
 
 def test_save_load_adapters_and_state_dict(tiny_model, tmp_path):
@@ -177,3 +188,17 @@ def test_config_errors():
         QLoRAConfig(block_size=63)
     with pytest.raises(ValueError, match="r must be"):
         QLoRAConfig(r=-1)
+
+
+def test_bnb_backend_quantize_only_layers_and_revert():
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed (pip install llmopt[peers])")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64), nn.Linear(64, 128))
+    report = apply_(model, QLoRAConfig(r=4, backend="bnb", target=("0",)))
+    assert report.changed == {"0": ("Linear", "BnbQLoRALinear"), "1": ("Linear", "Linear4bit")}
+    assert isinstance(model[1], bnb.nn.Linear4bit) and any("bits/param" in n for n in report.notes)
+    x = torch.randn(3, 128)
+    quantized = model(x).detach()
+    revert_(model, "qlora")
+    assert all(type(m) is nn.Linear for m in model)
+    torch.testing.assert_close(model(x), quantized, atol=1e-5, rtol=1e-5)

@@ -1,9 +1,11 @@
 """QLoRA: LoRA on a frozen base stored as NF4 with double quantization (Dettmers et al. 2023, arXiv:2305.14314).
 
-`apply_(model, QLoRAConfig(r=8))` replaces each target nn.Linear by a `QLoRALinear`: the weight is
-quantized with `llmopt.quant.nf4` (16 NF4 levels, absmax blocks of 64, absmax double-quantized to
-int8 in blocks of 256 with fp32 scales: ~4.13 bits per parameter, counted exactly in the report) and
-the fp weight is dropped; `lora_A`/`lora_B` train on top, in the weight's original dtype.
+`apply_(model, QLoRAConfig(r=8))` replaces each target nn.Linear (default: q_proj and v_proj, as
+LoRA) by a `QLoRALinear`, and every other Linear that `quantize` names (default: all of them but
+`lm_head`, as bitsandbytes' `load_in_4bit` does) by a frozen `NF4Linear`. The weights are quantized
+with `llmopt.quant.nf4` (16 NF4 levels, absmax blocks of 64, absmax double-quantized to int8 in
+blocks of 256 with fp32 scales: ~4.13 bits per parameter, counted exactly in the report) and the fp
+weights are dropped; `lora_A`/`lora_B` train on top, in the weight's original dtype.
 
 The base matmul is `NF4Matmul`, a custom autograd Function that dequantizes the weight inside the
 forward and again inside the backward: no dequantized (out, in) weight is saved for backward, and
@@ -14,7 +16,7 @@ Numerics contract: the output equals LoRA on the dequantized weight (fp32: to ro
 the original model it differs by the NF4 error (the contract tolerance: `nf4_error_bound`). At apply
 the adapters add an exact zero. `merge_` dequantizes, adds s B A and requantizes: the merged model
 holds `NF4Linear` modules whose outputs are within the NF4 bound of the unmerged ones. `revert_`
-gives `nn.Linear` modules holding the dequantized weight (the quantization error stays: the
+gives `nn.Linear` modules (adapted and quantize-only alike) holding the dequantized weight (the quantization error stays: the
 original weights were not kept, that is the point of QLoRA). Embeddings and `lm_head` stay
 unquantized.
 
@@ -31,7 +33,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from llmopt.core import ApplyReport, Stage, register, register_revert
+from llmopt.core import ApplyReport, Stage, fqn_filter, register, register_revert, replace_modules
 from llmopt.quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 from llmopt.techniques.lora import LoRAConfig, add_lora_, apply_adapters, revert_adapters
 
@@ -48,6 +50,9 @@ class QLoRAConfig(LoRAConfig):
     """Weights per absmax block."""
     double_quant: bool = True
     """Quantize the absmax scales to int8 (blocks of 256) as well."""
+    quantize: tuple[str, ...] = ("all-linear",)
+    """Linear modules stored as frozen NF4 without an adapter (same patterns as `target`; `exclude` applies).
+    The targets are always quantized; `()` quantizes the targets only. Default: every Linear but `lm_head`."""
     backend: Literal["llmopt", "bnb"] = "llmopt"
     """`llmopt`: our NF4 (any device); `bnb`: bitsandbytes' Linear4bit (optional peer, `pip install llmopt[peers]`)."""
 
@@ -114,6 +119,15 @@ class NF4Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_nf4(self.nf4, dtype or self.dtype)
 
+    def to_linear(self) -> nn.Linear:
+        """nn.Linear holding the dequantized weight (the NF4 error stays; adapters, if any, are dropped)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
+                           dtype=self.dtype)
+        linear.weight = nn.Parameter(self.dequantized_weight())
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach())
+        return linear
+
     def base_forward(self, x2d: torch.Tensor) -> torch.Tensor:
         q = self.nf4
         y = NF4Matmul.apply(x2d, q, self.compute_dtype, *q.tensors())
@@ -171,15 +185,6 @@ class QLoRALinear(NF4Linear):
         return NF4Linear.from_weight(merged.to(self.dtype), self.bias, compute_dtype=self.compute_dtype,
                                      block_size=self.block_size, double_quant=self.nf4_absmax_scale is not None)
 
-    def to_linear(self) -> nn.Linear:
-        """nn.Linear holding the dequantized base weight (the NF4 error stays; the adapters are dropped)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
-                           dtype=self.dtype)
-        linear.weight = nn.Parameter(self.dequantized_weight())
-        if self.bias is not None:
-            linear.bias = nn.Parameter(self.bias.detach())
-        return linear
-
 
 class BnbQLoRALinear(nn.Module):
     """bitsandbytes Linear4bit (nf4) base plus the same adapters: the `backend="bnb"` peer."""
@@ -203,12 +208,7 @@ class BnbQLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)
 
     def nf4_bytes(self) -> int:
-        w = self.base.weight
-        state = w.quant_state
-        total = w.numel() * w.element_size() + state.absmax.numel() * state.absmax.element_size()
-        if state.nested:
-            total += state.state2.absmax.numel() * 4 + state.state2.code.numel() * 4 + 4
-        return total
+        return _bnb_weight_bytes(self.base.weight)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         import bitsandbytes.functional as bnbf
@@ -231,6 +231,39 @@ class BnbQLoRALinear(nn.Module):
         if self.base.bias is not None:
             linear.bias = nn.Parameter(self.base.bias.detach())
         return linear
+
+
+def _bnb_linear4bit(linear: nn.Linear, *, compute_dtype: torch.dtype, double_quant: bool) -> nn.Module:
+    """bitsandbytes Linear4bit (nf4) holding `linear`'s weight, frozen: a quantize-only layer of backend="bnb"."""
+    bnb = _import_bnb()
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type="nf4",
+                          device="meta")
+    q.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False,
+                                 compress_statistics=double_quant, quant_type="nf4").to(linear.weight.device)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    return q
+
+
+def _bnb_weight_bytes(w) -> int:
+    """Bytes of a bitsandbytes Params4bit: packed codes, absmax and, nested, the second-level state."""
+    state = w.quant_state
+    total = w.numel() * w.element_size() + state.absmax.numel() * state.absmax.element_size()
+    if state.nested:
+        total += state.state2.absmax.numel() * 4 + state.state2.code.numel() * 4 + 4
+    return total
+
+
+def _bnb_to_linear(q: nn.Module) -> nn.Linear:
+    import bitsandbytes.functional as bnbf
+
+    weight = bnbf.dequantize_4bit(q.weight.data, q.weight.quant_state)
+    linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta", dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight)
+    if q.bias is not None:
+        linear.bias = nn.Parameter(q.bias.detach())
+    return linear
 
 
 def _import_bnb():
@@ -258,9 +291,25 @@ def apply_qlora(model: nn.Module, config: QLoRAConfig, *, filter_fn=None) -> App
                            dtype=module.weight.dtype)
 
     report = apply_adapters(model, target=config.target, exclude=config.exclude, build=build, filter_fn=filter_fn)
-    adapted = [m for m in model.modules() if isinstance(m, (QLoRALinear, BnbQLoRALinear))]
+    if not report.changed:
+        return report  # no target matched: nothing is quantized either (apply_ reports no effect)
+    if config.quantize:  # the other Linear layers: frozen NF4, no adapter (targets are already swapped)
+        def quantize_only(module: nn.Module, fqn: str) -> nn.Module | None:
+            if filter_fn is not None and not filter_fn(module, fqn):
+                return None
+            if config.backend == "bnb":
+                return _bnb_linear4bit(module, compute_dtype=compute_dtype, double_quant=config.double_quant)
+            return NF4Linear.from_weight(module.weight, module.bias, compute_dtype=compute_dtype,
+                                         block_size=config.block_size, double_quant=config.double_quant)
+
+        select = fqn_filter(include=config.quantize, exclude=config.exclude)
+        report.changed.update(replace_modules(model, {nn.Linear: quantize_only}, filter_fn=select,
+                                              skipped=report.skipped))
+    inner = {id(m.base) for m in model.modules() if isinstance(m, BnbQLoRALinear)}
+    adapted = [m for m in model.modules() if isinstance(m, (NF4Linear, BnbQLoRALinear))
+               or (type(m).__name__ == "Linear4bit" and id(m) not in inner)]
     logical = sum(m.in_features * m.out_features for m in adapted)
-    stored = sum(m.nf4_bytes() for m in adapted)
+    stored = sum(m.nf4_bytes() if hasattr(m, "nf4_bytes") else _bnb_weight_bytes(m.weight) for m in adapted)
     if logical and not any(b.is_meta for m in adapted for b in m.buffers()):
         report.notes.append(f"base weights NF4{' + double quant' if config.double_quant else ''} "
                             f"({config.backend}): {8 * stored / logical:.3f} bits/param, {stored / 2**20:.1f} MiB "
@@ -278,9 +327,12 @@ def apply_qlora(model: nn.Module, config: QLoRAConfig, *, filter_fn=None) -> App
 @register_revert(QLoRAConfig)
 def revert_qlora(model: nn.Module, report: ApplyReport) -> ApplyReport:
     """Back to nn.Linear with the dequantized weights; through merge_: dequantize, merge, requantize to NF4Linear."""
-    return revert_adapters(model, report, {
-        QLoRALinear: lambda m, merge: m.to_nf4_linear() if merge else m.to_linear(),
-        BnbQLoRALinear: lambda m, merge: m.to_linear(merge=merge)})
+    unwrap = {QLoRALinear: lambda m, merge: m.to_nf4_linear() if merge else m.to_linear(),
+              BnbQLoRALinear: lambda m, merge: m.to_linear(merge=merge),
+              NF4Linear: lambda m, merge: m if merge else m.to_linear()}  # quantize-only layers stay NF4 on merge
+    if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        unwrap[_import_bnb().nn.Linear4bit] = lambda m, merge: m if merge else _bnb_to_linear(m)
+    return revert_adapters(model, report, unwrap)
 
 
 __all__ = ["NF4Linear", "NF4Matmul", "QLoRAConfig", "QLoRALinear", "apply_qlora", "revert_qlora"]

@@ -219,10 +219,16 @@ register_peer("transformers", "generate", "llmopt.measure.bench_peers:transforme
 # Each trains the bench's own llmopt base model (same weights, data, loop and hyperparameters as the
 # baseline) with one piece swapped for the other library's: PEFT's adapters instead of ours, or another
 # optimizer through `llmopt.optim.register_external_optimizer`. The adapter peers use LoRAConfig's
-# defaults (r=8, alpha=16, dropout 0, every Linear but lm_head), as `llmopt bench lora` does.
-def _adapter_targets(model: torch.nn.Module) -> list[str]:
-    """Full names of the nn.Linear modules our adapters take by default (all-linear minus lm_head)."""
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] != "lm_head"]
+# defaults (r=8, alpha=16, dropout 0, q_proj and v_proj), as `llmopt bench lora` does; the QLoRA peer
+# quantizes what QLoRAConfig's default `quantize` does (every Linear but lm_head).
+def _adapter_targets(model: torch.nn.Module, patterns: tuple[str, ...] | None = None) -> list[str]:
+    """Full names of the nn.Linear modules our adapters take by default (or that `patterns` select)."""
+    from llmopt.core import fqn_filter
+    from llmopt.techniques.lora import LoRAConfig
+
+    default = LoRAConfig()
+    select = fqn_filter(include=patterns or default.target, exclude=default.exclude)
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and select(m, n)]
 
 
 def _nf4_linear(linear: torch.nn.Linear) -> torch.nn.Module:
@@ -252,7 +258,10 @@ def _peft_train(*, run, data_path, warmup_steps, steps, eval_every, peak_flops, 
     model = build_base_model(cfg)
     targets = _adapter_targets(model)
     if nf4:
-        for name in targets:
+        from llmopt.techniques.qlora import QLoRAConfig
+
+        quantized = _adapter_targets(model, QLoRAConfig().quantize)
+        for name in quantized:
             parent, _, leaf = name.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
             setattr(owner, leaf, _nf4_linear(getattr(owner, leaf)))
@@ -262,7 +271,7 @@ def _peft_train(*, run, data_path, warmup_steps, steps, eval_every, peak_flops, 
         p.requires_grad_("lora_" in name)
     figures = train_and_measure(model, cfg, train_ids, val_ids, hooks=[], warmup_steps=warmup_steps, steps=steps,
                                 eval_every=eval_every, peak_flops=peak_flops)
-    what = "bitsandbytes Linear4bit (nf4, double quant) + " if nf4 else ""
+    what = f"bitsandbytes Linear4bit (nf4, double quant) on {len(quantized)} Linear + " if nf4 else ""
     figures["applied"] = [f"{what}peft inject_adapter_in_model LoraConfig(r=8, lora_alpha=16, use_dora={dora}) "
                           f"on {len(targets)} Linear"]
     return figures

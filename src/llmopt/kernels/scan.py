@@ -1,16 +1,19 @@
 """Mamba's selective scan as fused kernels (forward, for prefill and inference), beside the torch paths in
-`llmopt.models.mamba` (`scan_sequential` is the reference, `scan_chunked` the autograd / default path):
-a Triton kernel for GPUs (`selective_scan_triton`) and a C kernel for CPUs (`selective_scan_cpu`).
+`llmopt.models.mamba` (`scan_sequential` is the reference, `scan_chunked` the torch autograd path):
+a Triton kernel for GPUs (`selective_scan_triton`) and a C kernel for CPUs (`selective_scan_cpu`), plus the
+fused C decode step (`mamba_decode_step_cpu`, the default decode step of fp32 CPU Mamba models). The CPU scan
+with a backward (the default training / prefill scan on fp32 CPU) is `llmopt.kernels.scan_backward`.
 
 The CPU kernel is forty lines of C built at first use with the system C compiler (`cc -O3 -march=native
 -ffast-math`, so `expf` vectorizes through glibc's libmvec) into `~/.cache/llmopt/kernels/` (or
 `$LLMOPT_CACHE_DIR/kernels`), and called through `ctypes`: no torch headers, a build of about a second.
 It walks the sequence once with the transposed state (d_state, d_inner) in L1, the innermost loop along
-d_inner, so each step is one vectorized pass instead of eight dispatched torch ops. No backward either.
+d_inner, so each step is one vectorized pass instead of eight dispatched torch ops. `selective_scan_cpu` has
+no backward; `llmopt.kernels.scan_backward.selective_scan_cpu_autograd` is the same pass with one.
 
 The kernel keeps a (BLOCK_D, d_state) slice of the state in registers and walks the sequence once,
 like mamba-ssm's `selective_scan_fwd` without the CUDA build: one program per (batch row, block of
-channels). It has no backward: training uses `scan_chunked` (autograd), so `use_triton_scan_` is for
+channels). It has no backward: training on a GPU uses `scan_chunked` (autograd), so `use_triton_scan_` is for
 inference. Runs on CPU tensors under `TRITON_INTERPRET=1` (the tests do that).
 
 Numerics contract: fp32 recurrence in the sequential order, so within ~1e-6 of `scan_sequential` (the C
@@ -27,14 +30,14 @@ import torch
 from llmopt.kernels._cbuild import build_c_library
 from llmopt.models.mamba import scan_chunked, scan_sequential
 
-__all__ = ["mamba_decode_step_cpu", "scan_chunked", "scan_sequential", "selective_scan_cpu", "selective_scan_triton", "use_fused_scan_",
-           "use_triton_scan_"]
+__all__ = ["decode_step_available", "mamba_decode_step_cpu", "scan_chunked", "scan_sequential", "selective_scan_cpu",
+           "selective_scan_triton", "use_fused_scan_", "use_triton_scan_"]
 
 
 def _refuse_autograd(name: str, *tensors) -> None:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise ValueError(f"{name} has no backward; train with scan='chunked' (the default) or call it under "
-                         "torch.no_grad()")
+        raise ValueError(f"{name} has no backward; train with scan='auto' (the default: on CPU the C scan with a "
+                         "backward, llmopt.kernels.scan_backward) or 'chunked', or call it under torch.no_grad()")
 
 
 # ---- CPU: a C kernel through ctypes -------------------------------------------------------------------
@@ -130,6 +133,16 @@ def _c_library():
     return handle
 
 
+@functools.cache
+def decode_step_available() -> bool:
+    """Whether the C kernels of this file build here; False (no error) without a compiler."""
+    try:
+        _c_library()
+    except (ImportError, OSError):
+        return False
+    return True
+
+
 def selective_scan_cpu(x, dt, A, Bm, Cm, h0=None):
     """Same contract as `llmopt.models.mamba.scan_sequential` (fp32, CPU tensors, no autograd)."""
     _refuse_autograd("selective_scan_cpu", x, dt, A, Bm, Cm, h0)
@@ -181,16 +194,18 @@ def mamba_decode_step_cpu(mixer, hidden: torch.Tensor, cache) -> torch.Tensor | 
 
 
 def use_fused_scan_(model) -> dict:
-    """Make every Mamba layer's scan (full sequence and decode step) the fused kernel of its device: the C
-    kernel on CPU (and the whole decode step between the projections: `mamba_decode_step_cpu`), the Triton
-    kernel on CUDA. Inference only (no backward). Returns {layer fqn: kernel}."""
+    """Make every Mamba layer's scan (full sequence and decode step) the fused kernel of its device: on CPU the C
+    scan with a backward (`selective_scan_cpu_autograd`, also what scan='auto' picks for fp32) and the decode
+    step between the projections (`mamba_decode_step_cpu`); on CUDA the Triton kernel (inference only, no
+    backward). Returns {layer fqn: kernel}."""
+    from llmopt.kernels.scan_backward import selective_scan_cpu_autograd
     from llmopt.models.mamba import MambaMixer
 
     changed = {}
     for name, module in model.named_modules():
         if isinstance(module, MambaMixer):
             cuda = module.A_log.device.type == "cuda"
-            module.scan_fn = selective_scan_triton if cuda else selective_scan_cpu
+            module.scan_fn = selective_scan_triton if cuda else selective_scan_cpu_autograd
             module.step_fn = None if cuda else mamba_decode_step_cpu
             changed[name] = "triton" if cuda else "cpu"
     if not changed:

@@ -10,7 +10,7 @@ One block: RMSNorm pre-norm, then the mixer
     out = out_proj(y * silu(z))
 and a residual add. Embeddings are tied with the output projection.
 
-Three equivalent evaluation paths of the scan (`scan_sequential`, `scan_chunked`, `scan_step`):
+Three equivalent evaluation paths of the scan (`scan_sequential`, `scan_chunked`, `scan_step`), plus C kernels:
 - sequential: the recurrence above, one step at a time (the oracle; transformers' "slow path");
 - chunked (training and prefill, the default): within a chunk of L steps the cumulative log decay
   S_t = cumsum(dt A) gives every state at once, h_t = exp(S_t) (h_0 + cumsum_s exp(-S_s) dt_s B_s x_s),
@@ -18,7 +18,12 @@ Three equivalent evaluation paths of the scan (`scan_sequential`, `scan_chunked`
   scan, but vectorized. exp(-S_s) would overflow for a chunk that decays by more than e^-30; such a
   chunk is split in halves (down to one step), so the result never depends on the weights' range;
 - recurrent (decoding): one step from a constant-size state held in a `MambaCache` (conv state of the
-  last d_conv - 1 inputs + SSM state), whatever the context length.
+  last d_conv - 1 inputs + SSM state), whatever the context length;
+- fused C (scan="auto", the default, on fp32 CPU tensors when a C compiler builds it; scan="fused" forces it):
+  `llmopt.kernels.scan_backward.selective_scan_cpu_autograd`, one fused sequential pass in C that saves the
+  state every 64 steps, with a C backward that recomputes each 64-step chunk from its checkpoint; and for
+  decoding `llmopt.kernels.scan.mamba_decode_step_cpu` (conv + SSM step between the projections in C).
+  Anything else (no compiler, another dtype or device) takes the torch paths above with no error.
 
 Numerics contract: the three paths compute the same recurrence in fp32 with a different summation order;
 they agree to about 1e-6 (tested at 1e-5). The state is kept in fp32 whatever the weight dtype.
@@ -28,12 +33,13 @@ Module names follow transformers' `MambaForCausalLM` minus its `backbone.` prefi
 same logits as the transformers slow path.
 
 Family settings (`ModelConfig.extra`): `d_state` (16), `d_conv` (4), `expand` (2), `dt_rank` (None =
-ceil(dim / 16)), `chunk_size` (32), `scan` ("chunked" or "sequential"), `conv_bias` (True), `bias` (False),
+ceil(dim / 16)), `chunk_size` (32), `scan` ("auto", "fused", "chunked" or "sequential"), `conv_bias` (True), `bias` (False),
 `block` ("mamba1", or "mamba2" for the SSD block of `llmopt.models.mamba2`), `headdim` (64; Mamba-2 only).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -46,10 +52,12 @@ from llmopt.models.llama import RMSNorm
 from llmopt.models.loss import linear_cross_entropy
 from llmopt.models.mamba2 import Mamba2Mixer
 
-MAMBA_DEFAULTS = dict(d_state=16, d_conv=4, expand=2, dt_rank=None, chunk_size=32, scan="chunked", conv_bias=True,
+MAMBA_DEFAULTS = dict(d_state=16, d_conv=4, expand=2, dt_rank=None, chunk_size=32, scan="auto", conv_bias=True,
                       bias=False, block="mamba1", headdim=64)
 _MAX_CHUNK_DECAY = 30.0  # largest -log decay inside a chunk: exp(-S) <= e^30, and products of two such
 # factors in the backward stay below fp32's e^88
+SCANS = ("auto", "fused", "chunked", "sequential")
+"""auto: the C kernels on fp32 CPU tensors when they build, else chunked; fused: the C kernels or an error."""
 _MAX_CHUNK_DECAY_INFERENCE = 60.0  # without a backward only exp(-S) (<= e^60) times a term must stay finite
 
 
@@ -64,14 +72,17 @@ def mamba_settings(config: ModelConfig) -> dict:
     for name in ("d_state", "d_conv", "expand", "dt_rank", "chunk_size"):
         if int(s[name]) <= 0:
             raise ValueError(f"model.extra.{name} must be positive, got {s[name]}")
-    if s["scan"] not in ("chunked", "sequential"):
-        raise ValueError(f"model.extra.scan must be 'chunked' or 'sequential', got {s['scan']!r}")
+    if s["scan"] not in SCANS:
+        raise ValueError(f"model.extra.scan must be one of {SCANS}, got {s['scan']!r}")
     s["d_inner"] = s["expand"] * config.dim
     if s["block"] not in ("mamba1", "mamba2"):
         raise ValueError(f"model.extra.block must be 'mamba1' or 'mamba2', got {s['block']!r}")
     if s["block"] == "mamba2":
         if int(s["headdim"]) <= 0 or s["d_inner"] % int(s["headdim"]):
             raise ValueError(f"model.extra.headdim={s['headdim']} must divide d_inner = expand * dim = {s['d_inner']}")
+        if s["scan"] == "fused":
+            raise ValueError("model.extra.scan='fused' is the Mamba-1 C kernel; block='mamba2' takes 'auto' (= its "
+                             "chunked SSD), 'chunked' or 'sequential'")
         s["n_heads"] = s["d_inner"] // s["headdim"]
         s["conv_dim"] = s["d_inner"] + 2 * s["d_state"]  # the conv runs over (x, B, C)
     return s
@@ -176,6 +187,32 @@ def _scan_chunk(x, dt, A, Bm, Cm, h):
     return y, hs[:, -1]
 
 
+# ---- the C kernels (optional: built with the system compiler at first use) -------------------------
+@functools.cache
+def _c_kernels():
+    """(full-sequence scan with a backward, fused decode step) or None where the C kernels do not build."""
+    try:
+        from llmopt.kernels.scan import decode_step_available, mamba_decode_step_cpu
+        from llmopt.kernels.scan_backward import cpu_scan_available, selective_scan_cpu_autograd
+    except ImportError:
+        return None
+    if not (cpu_scan_available() and decode_step_available()):
+        return None
+    return selective_scan_cpu_autograd, mamba_decode_step_cpu
+
+
+def _fused_kernels(scan: str, x: torch.Tensor):
+    """The C kernels for scan='auto' / 'fused' on fp32 CPU tensors; None means the torch path."""
+    if scan not in ("auto", "fused"):
+        return None
+    kernels = _c_kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    if kernels is None and scan == "fused":
+        reason = "no C compiler builds the kernel" if x.device.type == "cpu" and x.dtype == torch.float32 \
+            else f"it takes fp32 CPU tensors, got {x.dtype} on {x.device}"
+        raise ValueError(f"scan='fused' (the C scan) cannot run: {reason}; use scan='auto' or 'chunked'")
+    return kernels
+
+
 # ---- the model ------------------------------------------------------------------------------------
 class MambaMixer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
@@ -202,8 +239,11 @@ class MambaMixer(nn.Module):
     def forward(self, hidden: torch.Tensor, cache=None) -> torch.Tensor:
         B, T, _ = hidden.shape
         dtype = hidden.dtype
-        if self.step_fn is not None and cache is not None and T == 1:
-            out = self.step_fn(self, hidden, cache)
+        if cache is not None and T == 1:
+            step_fn = self.step_fn
+            if step_fn is None and (kernels := _fused_kernels(self.scan, hidden)) is not None:
+                step_fn = kernels[1]
+            out = None if step_fn is None else step_fn(self, hidden, cache)
             if out is not None:
                 return out
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, T, d_inner) each
@@ -233,6 +273,8 @@ class MambaMixer(nn.Module):
             y = y[:, None]
         elif self.scan == "sequential":
             y, h = scan_sequential(xf, dt, A, Bm, Cm, h0)
+        elif (kernels := _fused_kernels(self.scan, xf)) is not None:
+            y, h = kernels[0](xf, dt, A, Bm, Cm, h0)
         else:
             y, h = scan_chunked(xf, dt, A, Bm, Cm, h0, chunk_size=self.chunk_size)
         if cache is not None:
@@ -334,9 +376,9 @@ class Mamba(CausalLM):
         return self.norm_f(x)
 
     def set_scan(self, scan: str) -> None:
-        """Switch every layer's full-sequence scan between "chunked" and "sequential" (same results)."""
-        if scan not in ("chunked", "sequential"):
-            raise ValueError(f"scan must be 'chunked' or 'sequential', got {scan!r}")
+        """Switch every layer's scan: "auto", "fused", "chunked" or "sequential" (same results)."""
+        if scan not in SCANS:
+            raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
         for layer in self.layers:
             layer.mixer.scan = scan
 

@@ -9,8 +9,11 @@ Each target `nn.Linear` becomes an `IntWeightOnlyLinear` holding the codes and s
 With tied embeddings (`lm_head.weight is embed_tokens.weight`) both modules share one quantized table,
 so it is stored once, as the fp weight was. Activations stay in the model's dtype; the weight is
 dequantized inside the matmul, never materialized whole:
-- int8 on CPU: `torch._weight_int8pack_mm` (a fused int8-weight GEMV), fed bf16 activations and scales,
-  because its fp32 path is several times slower than fp32 matmul on this PyTorch (2.13) build;
+- decode on CPU (fp32 activations, at most `GEMV_MAX_ROWS` rows, no autograd): llmopt's C kernels
+  (`llmopt.kernels.int_gemv`, AVX2 + FMA, OpenMP over output rows with `torch.get_num_threads()` threads)
+  read the stored int8 codes or packed int4 codes and the scales as stored, any group size, fp32 accumulation;
+- int8 on CPU otherwise: `torch._weight_int8pack_mm` (a fused int8-weight GEMM), fed bf16 activations and
+  scales, because its fp32 path is several times slower than fp32 matmul on this PyTorch (2.13) build;
 - int4 on CPU with group size 32/64/128/256: `torch._weight_int4pack_mm_for_cpu`, reading our packed
   codes directly (the packing *is* its layout) with bf16 activations and scales;
 - otherwise (other group sizes, GPUs, `kernel="dequant"`, or inputs that require grad, since the
@@ -19,8 +22,9 @@ dequantized inside the matmul, never materialized whole:
 Decoding one token is bound by reading the weights, so fewer weight bytes means more tokens/s.
 
 Numerics contract: changes outputs. Each weight is within half a quantization step of the original
-(`s/2`, s = absmax/127 per row for int8; (max-min)/15 per group for int4 asymmetric); the kernel path
-also rounds activations to bf16. `kernel="dequant"` computes `x @ dequantize(codes).T` in the
+(`s/2`, s = absmax/127 per row for int8; (max-min)/15 per group for int4 asymmetric); the C decode
+kernels equal `x @ dequantize(codes).T` up to fp32 summation order; the torch kernels (more rows) also
+round activations to bf16. `kernel="dequant"` computes `x @ dequantize(codes).T` in the
 activation dtype, which is what QAT's `convert` relies on for bit-exact outputs. Not reversible (the
 fp weights are not kept): reload the checkpoint instead. Stage SURGERY; apply it to a trained model.
 """
@@ -35,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmopt.core import ApplyReport, Stage, TechniqueConfig, fqn_filter, register
+from llmopt.kernels.int_gemv import IntGemvPlan, int4_kernel_scales, int_gemv_available
 from llmopt.quant.int_quant import (
     KERNEL_GROUP_SIZES,
     IntWeight,
@@ -46,6 +51,8 @@ from llmopt.quant.int_quant import (
 )
 
 SCALE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+GEMV_MAX_ROWS = 8
+"""Activation rows up to which `kernel="auto"` uses the C decode kernels (more rows: PyTorch's kernels)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,9 +68,11 @@ class WeightOnlyQuantConfig(TechniqueConfig):
     """Symmetric codes (scale only) or asymmetric (scale + zero); None: symmetric for int8, asymmetric for int4."""
     scale_dtype: Literal["fp32", "bf16"] = "bf16"
     """Dtype of the stored scales and zeros (bf16: 2 bytes each; the codes are chosen with the rounded scale)."""
-    kernel: Literal["auto", "dequant"] = "auto"
-    """"auto": PyTorch's fused CPU int8/int4 weight kernels where they apply (bf16 activations), else chunked
-    dequantize + matmul. "dequant": always dequantize + matmul in the activation dtype (exact reference)."""
+    kernel: Literal["auto", "torch", "dequant"] = "auto"
+    """"auto": on CPU, llmopt's C kernels for fp32 inputs of at most GEMV_MAX_ROWS rows (decode), PyTorch's fused
+    int8/int4 weight kernels (bf16 activations) for more rows, else chunked dequantize + matmul. "torch": never
+    the C kernels (the previous behaviour, for comparison). "dequant": always dequantize + matmul in the
+    activation dtype (exact reference)."""
     include: tuple[str, ...] | None = None
     """fqn_filter patterns of the modules to quantize; None means every nn.Linear and nn.Embedding."""
     exclude: tuple[str, ...] = ()
@@ -122,7 +131,7 @@ class IntWeightOnlyLinear(nn.Module):
         return self.int_weight.nbytes
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
-        if self.kernel != "auto" or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        if self.kernel == "dequant" or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
             return False
         if x.requires_grad and torch.is_grad_enabled():
             return False  # the fused kernels have no derivative: training through the module dequantizes
@@ -155,8 +164,36 @@ class IntWeightOnlyLinear(nn.Module):
         self.__dict__["_kernel_scales_cache"] = (key, scales)
         return scales
 
+    def _gemv_plan(self) -> IntGemvPlan | None:
+        """The C decode kernel's prepared weight (int4: with its (blocks, groups, 2, 32) scale copy), cached like
+        `_kernel_scales` on the buffers' identity and version counters; None when no C compiler is available."""
+        z = self.qzero
+        key = (self.qcodes.data_ptr(), self.qcodes._version, self.qscale.data_ptr(), self.qscale._version,
+               None if z is None else (z.data_ptr(), z._version))
+        cached = self.__dict__.get("_gemv_plan_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        plan = None
+        if int_gemv_available():
+            with torch.no_grad():
+                if self.bits == 8:
+                    plan = IntGemvPlan(8, self.qcodes, self.qscale, z, self.qshape, self.group_size)
+                else:
+                    sz = int4_kernel_scales(self.qscale, z, self.qcodes.shape[0])
+                    plan = IntGemvPlan(4, self.qcodes, sz, None, self.qshape, self.group_size)
+        self.__dict__["_gemv_plan_cache"] = (key, plan)
+        return plan
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)  # (M, K)
+        if (x2d.shape[0] <= GEMV_MAX_ROWS and self.kernel == "auto" and x2d.dtype == torch.float32
+                and x2d.device.type == "cpu" and not (x2d.requires_grad and torch.is_grad_enabled())):
+            plan = self._gemv_plan()
+            if plan is not None:
+                y = plan(x2d if x2d.is_contiguous() else x2d.contiguous(), torch.get_num_threads())
+                if self.bias is not None:
+                    y += self.bias
+                return y.view(*x.shape[:-1], self.out_features)
         if self._use_kernel(x2d):
             xb = x2d.to(torch.bfloat16)
             if self.bits == 8:

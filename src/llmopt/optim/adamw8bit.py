@@ -12,19 +12,25 @@ the "32-bit state" half of the paper's StableEmbedding (the other half, a LayerN
 embedding and Xavier init, is an architecture change: use bitsandbytes' `StableEmbedding` for that).
 `stable_embedding_param_groups(model)` builds such groups.
 
-Speed: the update walks each parameter in chunks of `chunk_size` elements (default 262,144: large
-enough that the ~20 eager ops per chunk cost little dispatch, small enough that the fp32 scratch stays in
-the last-level cache) with preallocated scratch, so only param, grad and the 1-byte codes stream through
-memory. Per chunk: two int32 index copies + `index_select` decode the codes; one `addcmul` and one
-`mul_`/`addcmul_` give the new moments (kept divided by 1 - beta, see `_step_8bit`); the AdamW update;
-then each moment is encoded by an amax (and amin), an in-place scale, a cast to fp16 and a 64 KB table
-lookup. No torch.compile, no per-block Python loop.
+Two paths, one state format. On CPU, fp32 contiguous parameters go by default (`backend="auto"`) through
+the fused C kernel `llmopt.kernels.adam8bit`: one pass per block in L1 (decode, update, block max,
+re-encode), OpenMP over blocks with `torch.get_num_threads()` threads. Everything else (GPU tensors, fp16 /
+bf16 parameters, no C compiler, `backend="torch"`) takes the eager torch path, the reference: each
+parameter in chunks of `chunk_size` elements (default 262,144) with preallocated scratch. Per chunk: two
+int32 index copies + `index_select` decode the codes; one `addcmul` and one `mul_`/`addcmul_` give the new
+moments (kept divided by 1 - beta, see `_step_8bit`); the AdamW update; then each moment is encoded by an
+amax (and amin), an in-place scale, a cast to fp16 and a 64 KB table lookup. No torch.compile, no
+per-block Python loop.
 
 Numerics contract: with every tensor under `min_8bit_size` (or `optim_bits=32`) the update is
 torch.optim.AdamW's (tested to 1e-6). In 8 bits, each moment carries the quantization error of the
 dynamic map (relative error about 1-4% per element, larger for values far below their block's max);
-the paper and `benchmarks/bench_optimizers.py` show the loss matches fp32 AdamW. `state_dict` round
-trips exactly (the codes and scales are the state).
+the paper and `benchmarks/bench_optimizers.py` show the loss matches fp32 AdamW. The kernel and the
+torch path store bit-identical codes and block maxima for the same state and gradient; the parameters
+differ only by the rounding of the square root (torch's CPU `sqrt` goes through MKL's vector math and is
+off by one ulp in ~20% of elements; the kernel's is IEEE-exact), so within a few ulp (tested).
+`state_dict` round trips exactly (the codes and scales are the state), and either path loads the
+other's.
 """
 
 from __future__ import annotations
@@ -35,11 +41,17 @@ from typing import Any
 
 import torch
 
+from llmopt.kernels.adam8bit import (adamw8bit_kernel_available, adamw8bit_step_cpu, kernel_applies,
+                                     require_adamw8bit_kernel)
 from llmopt.optim._step import adam_state, closure_loss, params_with_grad
 from llmopt.optim.quantization import (BLOCK_SIZE, block_absmax_, encode_blocks_, padded_numel, quant_map,
                                        restore_state_dtypes_)
 
-__all__ = ["AdamW8bit", "stable_embedding_param_groups", "state_bytes"]
+__all__ = ["AdamW8bit", "BACKENDS", "stable_embedding_param_groups", "state_bytes"]
+
+BACKENDS = ("auto", "torch", "cpu")
+"""`auto`: the fused C kernel for contiguous fp32 CPU parameters when a C compiler is there, else the torch
+path; `torch`: always the eager torch path (the reference); `cpu`: always the kernel (an error where it cannot)."""
 
 
 class AdamW8bit(torch.optim.Optimizer):
@@ -47,7 +59,8 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, block_size: int = BLOCK_SIZE,
-                 min_8bit_size: int = 4096, optim_bits: int = 8, chunk_size: int = 1 << 18) -> None:
+                 min_8bit_size: int = 4096, optim_bits: int = 8, chunk_size: int = 1 << 18,
+                 backend: str = "auto") -> None:
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
         if not all(0.0 <= b < 1.0 for b in betas):
@@ -56,10 +69,15 @@ class AdamW8bit(torch.optim.Optimizer):
             raise ValueError(f"chunk_size ({chunk_size}) must be a positive multiple of block_size ({block_size})")
         if optim_bits not in (8, 32):
             raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "cpu":
+            require_adamw8bit_kernel()  # fails here, with what to install, rather than at the first step
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block_size=block_size,
                         min_8bit_size=min_8bit_size, optim_bits=optim_bits)
         super().__init__(params, defaults)
         self.chunk_size = chunk_size
+        self.backend = backend
         self._scratch: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -115,6 +133,16 @@ class AdamW8bit(torch.optim.Optimizer):
                                 bc2_sqrt=bc2_sqrt)
         return loss
 
+    def _uses_kernel(self, p: torch.Tensor) -> bool:
+        if self.backend == "torch":
+            return False
+        if not kernel_applies(p):
+            if self.backend == "cpu":
+                raise ValueError(f"AdamW8bit(backend='cpu') steps contiguous fp32 CPU parameters with fp32 gradients, "
+                                 f"got a {p.dtype} parameter on {p.device}; use backend='auto' (torch path for it)")
+            return False
+        return adamw8bit_kernel_available()
+
     def _step_8bit(self, p, state, group, *, lr, beta1, beta2, eps, wd, bc1, bc2_sqrt) -> None:
         # Work with the moments divided by (1 - beta), so that each is one fused op from its codes:
         #   m' = m / (1 - b1) = g + c_m * (absmax_m * b1 / (1 - b1))     (addcmul, block scale broadcast)
@@ -128,15 +156,20 @@ class AdamW8bit(torch.optim.Optimizer):
         signed, unsigned = quant_map(True), quant_map(False)
         if not p.is_contiguous():
             raise ValueError("AdamW8bit needs contiguous parameters (call .contiguous() on the weights)")
-        flat_p, flat_g = p.view(-1), p.grad.reshape(-1)
-        n = flat_p.numel()
-        chunk = min(self.chunk_size, padded_numel(n, bs))
-        m_buf, v_buf, g_buf, d_buf, idx_buf, half_buf, t_buf = self._buffers(chunk, bs, p.device)
         m_codes, m_absmax = state["exp_avg_codes"], state["exp_avg_absmax"]
         v_codes, v_absmax = state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"]
         sqrt_1mb2 = math.sqrt(1 - beta2)
         eps_hat = eps * bc2_sqrt / sqrt_1mb2
         step_size = -lr * (1 - beta1) * bc2_sqrt / (bc1 * sqrt_1mb2)
+        if self._uses_kernel(p):  # the same operations fused per block in C (llmopt.kernels.adam8bit)
+            adamw8bit_step_cpu(p, p.grad, m_codes, m_absmax, v_codes, v_absmax, m_code=signed.code,
+                               v_code=unsigned.code, m_lut=signed.lut, v_lut=unsigned.lut, block_size=bs,
+                               beta1=beta1, beta2=beta2, decay=1 - lr * wd, step_size=step_size, eps_hat=eps_hat)
+            return
+        flat_p, flat_g = p.view(-1), p.grad.reshape(-1)
+        n = flat_p.numel()
+        chunk = min(self.chunk_size, padded_numel(n, bs))
+        m_buf, v_buf, g_buf, d_buf, idx_buf, half_buf, t_buf = self._buffers(chunk, bs, p.device)
         scale_m, scale_v = m_absmax * (beta1 / (1 - beta1)), v_absmax * (beta2 / (1 - beta2))
         for start in range(0, n, chunk):
             length = min(chunk, n - start)

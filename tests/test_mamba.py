@@ -289,6 +289,27 @@ def test_default_scan_is_the_c_kernel_on_cpu_and_trains_like_sequential():
     for loss, grad in zip(losses[1:], grads[1:]):
         torch.testing.assert_close(losses[0], loss, atol=1e-5, rtol=1e-5)
         assert float((grads[0] - grad).abs().max() / grad.abs().max()) < 1e-5
+    with torch.no_grad():  # prefill through the C scan, then the whole-block C decode step, batch of 2
+        model.set_scan("sequential")
+        ref = model(idx)
+        model.set_scan("auto")
+        cache = make_cache(model, 2)
+        steps = [model(idx[:, :7], input_pos=torch.arange(7), cache=cache)]
+        for t in range(7, idx.size(1)):
+            steps.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t]), cache=cache))
+        torch.testing.assert_close(torch.cat(steps, 1), ref, atol=1e-5, rtol=1e-5)
+        block = model.layers[0]
+        x = torch.randn(2, 1, model.config.dim)
+        cache_c, cache_t = make_cache(model, 2), make_cache(model, 2)
+        for c in (cache_c, cache_t):
+            c.ssm[0].normal_(generator=torch.Generator().manual_seed(3))
+        out = mamba._c_kernels()[2](block, x, cache_c)
+        assert out is not None  # the default decode step really is the C block step here
+        model.set_scan("chunked")  # the torch decode step as the reference
+        ref = block(x, cache=cache_t)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache_c.ssm[0], cache_t.ssm[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache_c.conv[0], cache_t.conv[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="model.extra.scan must be one of"):
         build_model(ModelConfig.from_name("tiny_mamba", extra={"scan": "fast"}))
     with pytest.raises(ValueError, match="block='mamba2' takes"):

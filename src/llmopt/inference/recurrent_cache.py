@@ -49,7 +49,10 @@ class RecurrentCache:
             raise ValueError(f"batch of {batch_size} rows does not match the cache's batch_size={self.batch_size}; "
                              "build the cache with make_cache(model, batch_size)")
         T = input_pos.numel()
-        lo, hi = (int(v) for v in torch.stack([input_pos[0], input_pos[-1]]).tolist())
+        if T == 1:  # the decode step: one scalar read (stack + tolist costs more per token)
+            lo = hi = int(input_pos.reshape(()).item())
+        else:
+            lo, hi = (int(v) for v in torch.stack([input_pos[0], input_pos[-1]]).tolist())
         if lo != self.seq_len or hi != lo + T - 1:
             raise ValueError(f"a recurrent state holds positions 0..{self.seq_len - 1} and can only continue at "
                              f"{self.seq_len}; got positions {lo}..{hi} (reset() the cache to start over)")

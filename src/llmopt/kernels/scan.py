@@ -27,10 +27,10 @@ import functools
 
 import torch
 
-from llmopt.kernels._cbuild import build_c_library
+from llmopt.kernels._cbuild import build_c_library, ptr
 from llmopt.models.mamba import scan_chunked, scan_sequential
 
-__all__ = ["decode_step_available", "mamba_decode_step_cpu", "scan_chunked", "scan_sequential", "selective_scan_cpu",
+__all__ = ["decode_step_available", "mamba_block_step_cpu", "mamba_decode_step_cpu", "scan_chunked", "scan_sequential", "selective_scan_cpu",
            "selective_scan_triton", "use_fused_scan_", "use_triton_scan_"]
 
 
@@ -117,6 +117,52 @@ void mamba_ssm_step(const float* restrict dt_lin, long sdt, const float* restric
     }
   }
 }
+
+/* out[b, j] = bias[j] + W[j, :] . in[b, :] for B rows (strides si, so); W (O, I) read once for all rows. */
+static void matvec(const float* restrict W, const float* restrict bias, const float* restrict in, long si,
+                   float* restrict out, long so, long Bsz, long O, long I) {
+  for (long j = 0; j < O; j++) {
+    const float* restrict wj = W + j * I;
+    for (long b = 0; b < Bsz; b++) {
+      const float* restrict v = in + b * si;
+      float acc = 0.f;
+      for (long i = 0; i < I; i++) acc += wj[i] * v[i];
+      out[b * so + j] = acc + (bias ? bias[j] : 0.f);
+    }
+  }
+}
+
+/* One whole Mamba block for one decode step: out = x + out_proj(mixer(rmsnorm(x))), B rows of width dim.
+   Weights as in torch (Linear (out, in) row-major); conv state (B, D, K-1) and SSM state (B, D, N) in place.
+   scratch: B * (dim + 2 D + D + R + 2 N + D + D) floats. */
+void mamba_block_step(const float* restrict x, float* restrict out, const float* restrict norm_w, float eps,
+                      const float* in_w, const float* in_b, float* conv, const float* conv_w, const float* conv_b,
+                      const float* xproj_w, const float* dt_w, const float* dt_b, const float* A_log,
+                      const float* Dskip, float* h, const float* out_w, const float* out_b, float* scratch,
+                      long Bsz, long dim, long D, long N, long K, long R) {
+  const long E = R + 2 * N;
+  float* u = scratch;                  /* (B, dim) normalized input */
+  float* xz = u + Bsz * dim;           /* (B, 2D) */
+  float* xc = xz + Bsz * 2 * D;        /* (B, D) conv + SiLU */
+  float* xdbl = xc + Bsz * D;          /* (B, E) dt_in, B, C */
+  float* dtl = xdbl + Bsz * E;         /* (B, D) */
+  float* y = dtl + Bsz * D;            /* (B, D) */
+  for (long b = 0; b < Bsz; b++) {
+    const float* xb = x + b * dim;
+    float ss = 0.f;
+    for (long i = 0; i < dim; i++) ss += xb[i] * xb[i];
+    const float r = 1.f / sqrtf(ss / (float)dim + eps);
+    for (long i = 0; i < dim; i++) u[b * dim + i] = norm_w[i] * (xb[i] * r);
+  }
+  matvec(in_w, in_b, u, dim, xz, 2 * D, Bsz, 2 * D, dim);
+  mamba_conv_step(xz, 2 * D, conv, conv_w, conv_b, xc, Bsz, D, K);
+  matvec(xproj_w, 0, xc, D, xdbl, E, Bsz, E, D);
+  matvec(dt_w, dt_b, xdbl, E, dtl, D, Bsz, D, R);
+  mamba_ssm_step(dtl, D, A_log, xdbl + R, xdbl + R + N, E, xc, xz + D, 2 * D, Dskip, h, y, Bsz, D, N);
+  matvec(out_w, out_b, y, D, out, dim, Bsz, dim, D);
+  for (long b = 0; b < Bsz; b++)
+    for (long i = 0; i < dim; i++) out[b * dim + i] += x[b * dim + i];
+}
 """
 
 
@@ -130,6 +176,8 @@ def _c_library():
     handle.mamba_conv_step.argtypes = [vp, lg, vp, vp, vp, vp, lg, lg, lg]
     handle.mamba_ssm_step.restype = None
     handle.mamba_ssm_step.argtypes = [vp, lg, vp, vp, vp, lg, vp, vp, lg, vp, vp, vp, lg, lg, lg]
+    handle.mamba_block_step.restype = None
+    handle.mamba_block_step.argtypes = [vp, vp, vp, ctypes.c_float] + [vp] * 14 + [lg] * 6
     return handle
 
 
@@ -191,6 +239,62 @@ def mamba_decode_step_cpu(mixer, hidden: torch.Tensor, cache) -> torch.Tensor | 
     lib.mamba_ssm_step(_ptr(dt_lin), dt_lin.stride(0), _ptr(mixer.A_log), _ptr(Bm), _ptr(Cm), xdbl.stride(0),
                        _ptr(xc), _ptr(xz[:, D:]), xz.stride(0), _ptr(mixer.D), _ptr(cache.ssm[i]), _ptr(y), Bsz, D, N)
     return mixer.out_proj(y)[:, None]
+
+
+def _block_weights(block) -> tuple:
+    """The block's tensors in the C kernel's order, read through the modules' dicts (nn.Module.__getattr__ costs
+    more than the lookups), or () when a projection is not a plain nn.Linear (LoRA, quantized, ...)."""
+    mixer = block._modules["mixer"]
+    mods = mixer._modules
+    lin = (mods["in_proj"], mods["x_proj"], mods["dt_proj"], mods["out_proj"])
+    if any(type(m) is not torch.nn.Linear for m in lin):
+        return ()
+    inp, xp, dtp, outp = (m._parameters for m in lin)
+    conv = mods["conv1d"]._parameters
+    return (block._modules["norm"]._parameters["weight"], inp["weight"], inp["bias"], conv["weight"], conv["bias"],
+            xp["weight"], dtp["weight"], dtp["bias"], mixer._parameters["A_log"], mixer._parameters["D"],
+            outp["weight"], outp["bias"])
+
+
+def _weights_ok(weights) -> bool:
+    return bool(weights) and all(w is None or (w.dtype == torch.float32 and w.device.type == "cpu"
+                                               and w.is_contiguous()) for w in weights)
+
+
+def mamba_block_step_cpu(block, x: torch.Tensor, cache) -> torch.Tensor | None:
+    """One decode step of a whole `MambaBlock` (x (B, 1, dim) -> x + mixer(norm(x))) in ONE C call: RMSNorm, the
+    four projections as matrix-vector loops, conv + SiLU, softplus + SSM step + skip + gate and the residual add,
+    updating the cache's states in place. Returns None (the caller takes the torch path) unless everything is
+    fp32 on the CPU, the projections are plain nn.Linear and no gradient is needed (the kernel has no backward).
+    The per-call Python work is kept small (a decode step of demo_mamba is ~1 ms): the checks run once per set
+    of weight addresses, cached on the block."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or cache.dtype != torch.float32:
+        return None
+    weights = _block_weights(block)
+    addresses = tuple(0 if w is None else w.data_ptr() for w in weights)
+    checked = block.__dict__.get("_c_step_checked")
+    if checked is None or checked[0] != addresses:
+        checked = (addresses, _weights_ok(weights))
+        block.__dict__["_c_step_checked"] = checked
+    if not checked[1] or (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights
+                                                                                if w is not None))):
+        return None
+    mixer = block._modules["mixer"]
+    i, D, N, K, R = mixer.layer_idx, mixer.d_inner, mixer.d_state, mixer.d_conv, mixer.dt_rank
+    conv, ssm = cache.conv, cache.ssm
+    if not conv[i].is_contiguous():  # the torch path may leave a strided view behind; the kernel needs rows
+        conv[i] = conv[i].contiguous()
+    if not ssm[i].is_contiguous():
+        ssm[i] = ssm[i].contiguous()
+    Bsz, dim = x.size(0), x.size(-1)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    scratch = x.new_empty(Bsz * (dim + 5 * D + R + 2 * N))
+    nw, inw, inb, cw, cb, xw, dw, db, al, dsk, ow, ob = addresses
+    _c_library().mamba_block_step(x.data_ptr(), out.data_ptr(), nw, block._modules["norm"].eps, inw, inb or None,
+                                  conv[i].data_ptr(), cw, cb or None, xw, dw, db, al, dsk, ssm[i].data_ptr(), ow,
+                                  ob or None, scratch.data_ptr(), Bsz, dim, D, N, K, R)
+    return out
 
 
 def use_fused_scan_(model) -> dict:

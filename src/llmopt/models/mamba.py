@@ -22,7 +22,7 @@ Three equivalent evaluation paths of the scan (`scan_sequential`, `scan_chunked`
 - fused C (scan="auto", the default, on fp32 CPU tensors when a C compiler builds it; scan="fused" forces it):
   `llmopt.kernels.scan_backward.selective_scan_cpu_autograd`, one fused sequential pass in C that saves the
   state every 64 steps, with a C backward that recomputes each 64-step chunk from its checkpoint; and for
-  decoding `llmopt.kernels.scan.mamba_decode_step_cpu` (conv + SSM step between the projections in C).
+  decoding `llmopt.kernels.scan.mamba_block_step_cpu` (the whole block, RMSNorm to residual add, in one C call).
   Anything else (no compiler, another dtype or device) takes the torch paths above with no error.
 
 Numerics contract: the three paths compute the same recurrence in fp32 with a different summation order;
@@ -190,23 +190,25 @@ def _scan_chunk(x, dt, A, Bm, Cm, h):
 # ---- the C kernels (optional: built with the system compiler at first use) -------------------------
 @functools.cache
 def _c_kernels():
-    """(full-sequence scan with a backward, fused decode step) or None where the C kernels do not build."""
+    """(full-sequence scan with a backward, fused mixer decode step, fused block decode step) or None where the C
+    kernels do not build."""
     try:
-        from llmopt.kernels.scan import decode_step_available, mamba_decode_step_cpu
+        from llmopt.kernels.scan import decode_step_available, mamba_block_step_cpu, mamba_decode_step_cpu
         from llmopt.kernels.scan_backward import cpu_scan_available, selective_scan_cpu_autograd
     except ImportError:
         return None
     if not (cpu_scan_available() and decode_step_available()):
         return None
-    return selective_scan_cpu_autograd, mamba_decode_step_cpu
+    return selective_scan_cpu_autograd, mamba_decode_step_cpu, mamba_block_step_cpu
 
 
-def _fused_kernels(scan: str, x: torch.Tensor):
-    """The C kernels for scan='auto' / 'fused' on fp32 CPU tensors; None means the torch path."""
+def _fused_kernels(scan: str, x: torch.Tensor, strict: bool = True):
+    """The C kernels for scan='auto' / 'fused' on fp32 CPU tensors; None means the torch path (for 'fused' an
+    error, unless not `strict`: the decode steps fall back quietly)."""
     if scan not in ("auto", "fused"):
         return None
     kernels = _c_kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
-    if kernels is None and scan == "fused":
+    if kernels is None and scan == "fused" and strict:
         reason = "no C compiler builds the kernel" if x.device.type == "cpu" and x.dtype == torch.float32 \
             else f"it takes fp32 CPU tensors, got {x.dtype} on {x.device}"
         raise ValueError(f"scan='fused' (the C scan) cannot run: {reason}; use scan='auto' or 'chunked'")
@@ -241,7 +243,7 @@ class MambaMixer(nn.Module):
         dtype = hidden.dtype
         if cache is not None and T == 1:
             step_fn = self.step_fn
-            if step_fn is None and (kernels := _fused_kernels(self.scan, hidden)) is not None:
+            if step_fn is None and not torch.is_grad_enabled() and (kernels := _fused_kernels(self.scan, hidden, False)):
                 step_fn = kernels[1]
             out = None if step_fn is None else step_fn(self, hidden, cache)
             if out is not None:
@@ -291,6 +293,11 @@ class MambaBlock(nn.Module):
         self.mixer = MambaMixer(config, layer_idx) if s["block"] == "mamba1" else Mamba2Mixer(config, layer_idx, s)
 
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        if cache is not None and x.size(1) == 1 and type(self.mixer) is MambaMixer and self.mixer.step_fn is None \
+                and (kernels := _fused_kernels(self.mixer.scan, x, False)) is not None:
+            out = kernels[2](self, x, cache)  # the whole block in one C call (None: not fp32 CPU, or autograd)
+            if out is not None:
+                return out
         return x + self.mixer(self.norm(x), cache=cache)
 
 

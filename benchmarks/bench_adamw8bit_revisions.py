@@ -1,12 +1,16 @@
-"""AdamW8bit step() of this tree vs an earlier revision of it, torch AdamW(foreach) and bitsandbytes, same run.
+"""AdamW8bit step() of this tree (fused CPU kernel and torch path) vs torch AdamW(foreach), bitsandbytes and
+optionally an earlier revision, same run.
 
-The earlier `llmopt/optim/adamw8bit.py` and `quantization.py` are taken from git (`--before REV`) into a
-temporary package. Parameters: Llama-style dim-512 shapes (embedding 4096 x 512, two layers of q, k, v, o
-512 x 512 and gate/up/down 2048 x 512, four norms: 10.5M), fixed N(0, 1e-3) gradients, fp32, one thread.
+Rows: `llmopt_adamw8bit` (the default, `backend="auto"`: the fused C kernel on CPU fp32),
+`llmopt_adamw8bit_torch` (`backend="torch"`, the eager reference path), and with `--before REV` the
+`llmopt/optim/adamw8bit.py` and `quantization.py` of that git revision, loaded into a temporary package. Parameters: Llama-style dim-512 shapes (embedding 4096 x 512, two layers of q, k, v, o
+512 x 512 and gate/up/down 2048 x 512, four norms: 10.5M), fixed N(0, 1e-3) gradients, fp32, `--threads`
+threads (default 1).
 Every optimizer steps once per round in a rotating order; ratios to AdamW's time of the same round, median
 (min-max) over rounds, for wall time and for the thread's CPU time (less sensitive to a loaded machine).
 
-    python benchmarks/bench_adamw8bit_revisions.py --before b80bff1 --rounds 11 --out docs/results/x.json
+    python benchmarks/bench_adamw8bit_revisions.py --rounds 11 --threads 1 --out docs/results/x.json
+    python benchmarks/bench_adamw8bit_revisions.py --before b80bff1 --rounds 11   # with an old revision
 """
 
 from __future__ import annotations
@@ -41,11 +45,12 @@ def old_adamw8bit(rev: str, where: Path):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--before", default="b80bff1", help="git revision of the earlier AdamW8bit")
+    ap.add_argument("--before", default=None, help="git revision of an earlier AdamW8bit to time too")
     ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     from llmopt.optim import AdamW8bit
 
     def params():
@@ -56,9 +61,11 @@ def main() -> int:
         return ps
 
     with tempfile.TemporaryDirectory() as tmp:
-        Old = old_adamw8bit(args.before, Path(tmp))
-        opts = {"adamw_foreach": torch.optim.AdamW(params(), foreach=True),
-                f"llmopt_adamw8bit@{args.before}": Old(params()), "llmopt_adamw8bit": AdamW8bit(params())}
+        opts = {"adamw_foreach": torch.optim.AdamW(params(), foreach=True)}
+        if args.before:
+            opts[f"llmopt_adamw8bit@{args.before}"] = old_adamw8bit(args.before, Path(tmp))(params())
+        opts["llmopt_adamw8bit_torch"] = AdamW8bit(params(), backend="torch")
+        opts["llmopt_adamw8bit"] = AdamW8bit(params())
         try:
             import bitsandbytes as bnb
             opts["bnb_adamw8bit"] = bnb.optim.AdamW8bit(params())
@@ -74,8 +81,8 @@ def main() -> int:
                 opts[k].step()
                 cpu[k].append(time.thread_time() - c)
                 wall[k].append(time.perf_counter() - t)
-    out = {"params": sum(torch.Size(s).numel() for s in SHAPES), "rounds": args.rounds, "torch": torch.__version__,
-           "rows": {}}
+    out = {"params": sum(torch.Size(s).numel() for s in SHAPES), "rounds": args.rounds, "threads": args.threads,
+           "torch": torch.__version__, "rows": {}}
     for k in names:
         row = {}
         for label, times in (("wall", wall), ("thread_cpu", cpu)):

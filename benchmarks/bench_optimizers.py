@@ -53,7 +53,8 @@ def _factories(args):
     lr = 1e-3
     out = {
         "adamw_foreach": lambda m: torch.optim.AdamW(m.parameters(), lr=lr, foreach=True),
-        "llmopt_adamw8bit": lambda m: AdamW8bit(m.parameters(), lr=lr),
+        "llmopt_adamw8bit": lambda m: AdamW8bit(m.parameters(), lr=lr),  # fused CPU kernel (backend="auto")
+        "llmopt_adamw8bit_torch": lambda m: AdamW8bit(m.parameters(), lr=lr, backend="torch"),
         "llmopt_galore_r64": lambda m: GaLoreAdamW(galore_param_groups(m, rank=64), lr=lr),
         "llmopt_galore8bit_r64": lambda m: GaLoreAdamW(galore_param_groups(m, rank=64, optim_bits=8), lr=lr),
         "llmopt_lamb": lambda m: Lamb(m.parameters(), lr=lr),

@@ -41,3 +41,40 @@ def test_mmap_threshold_is_set_and_reported_and_validated():
         assert any("M_MMAP_THRESHOLD, 262144) set" in note for note in report.notes)
     with pytest.raises(ValueError, match="mmap_threshold"):
         BufferReuseConfig(mmap_threshold=64 * 2**20)
+
+
+def test_loss_chunks_reuse_one_logits_buffer_and_match_the_reference():
+    from llmopt import revert_
+    from llmopt.models.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("tiny"))
+    x = torch.randint(1, 320, (2, 21))
+    ref_loss, _ = model.loss(x, x)
+    ref_loss.backward()
+    ref_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    report = apply_(model, BufferReuseConfig(loss_chunk_rows=8))
+    workspace = model.loss_fn.keywords["workspace"]
+    pointers = set()
+    for length in (21, 13, 21):  # lengths vary; the buffer does not
+        model.zero_grad(set_to_none=True)
+        loss, _ = model.loss(x[:, :length], x[:, :length])
+        loss.backward()
+        pointers.add(workspace.buffer.data_ptr())
+    assert len(pointers) == 1 and workspace.buffer.shape == (8, 320) and workspace.nbytes == 8 * 320 * 4
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[k], rtol=1e-5, atol=1e-6)
+    revert_(model, "buffer_reuse")
+    assert model.loss_fn is linear_cross_entropy and report.changed
+
+
+def test_loss_chunks_leave_a_fused_ops_loss_alone():
+    from llmopt.techniques.fused_ops import FusedOpsConfig
+
+    model = build_model(ModelConfig.from_name("tiny"))
+    apply_(model, FusedOpsConfig(backend="reference"))
+    fused = model.loss_fn
+    report = apply_(model, BufferReuseConfig())
+    assert model.loss_fn is fused and "loss_fn" in report.skipped

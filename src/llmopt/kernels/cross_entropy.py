@@ -30,7 +30,7 @@ import torch
 from llmopt.kernels._dispatch import resolve_backend
 from llmopt.models.loss import linear_cross_entropy
 
-__all__ = ["default_chunk_size", "fused_linear_cross_entropy", "linear_cross_entropy_reference"]
+__all__ = ["LogitsWorkspace", "default_chunk_size", "fused_linear_cross_entropy", "linear_cross_entropy_reference"]
 
 BACKENDS = ("reference", "chunked", "triton")
 
@@ -46,6 +46,25 @@ def default_chunk_size(n_rows: int, vocab_size: int) -> int:
     rows = max(16, CHUNK_BYTES // (4 * vocab_size))
     rows = 1 << (rows.bit_length() - 1)
     return max(1, min(rows, n_rows))
+
+
+class LogitsWorkspace:
+    """One preallocated fp32 (rows, V) buffer that every chunk of every call reuses (`buffer_reuse`): the
+    chunk's logits are written into it by `torch.mm(..., out=)` instead of a fresh allocation per chunk and per
+    step. It grows (once) when a call needs more rows or another vocabulary size; `nbytes` reports it."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def get(self, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
+        b = self.buffer
+        if b is None or b.shape[0] < rows or b.shape[1] != vocab or b.device != device:
+            self.buffer = b = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+        return b[:rows]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.buffer is None else self.buffer.numel() * self.buffer.element_size()
 
 
 def _chunk_loss_and_grad_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
@@ -77,7 +96,7 @@ def _chunk_loss_and_grad(logits, targets, ignore_index, want_grad, use_triton):
     return _chunk_loss_and_grad_torch(logits, targets, ignore_index, want_grad)
 
 
-def _chunked_forward(hidden, weight, targets, ignore_index, chunk_size, use_triton, need_h, need_w):
+def _chunked_forward(hidden, weight, targets, ignore_index, chunk_size, use_triton, need_h, need_w, workspace=None):
     """(loss sum, grad_hidden or None, grad_weight (fp32) or None), chunk by chunk."""
     n = hidden.shape[0]
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -85,7 +104,10 @@ def _chunked_forward(hidden, weight, targets, ignore_index, chunk_size, use_trit
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
     for start in range(0, n, chunk_size):
         h = hidden[start:start + chunk_size]  # (c, dim)
-        logits = (h @ weight.t()).float()  # (c, V): the only vocabulary-sized tensor, one chunk at a time
+        if workspace is not None and h.dtype == torch.float32 and weight.dtype == torch.float32:
+            logits = torch.mm(h, weight.t(), out=workspace.get(h.shape[0], weight.shape[0], h.device))
+        else:
+            logits = (h @ weight.t()).float()  # (c, V): the only vocabulary-sized tensor, one chunk at a time
         loss += _chunk_loss_and_grad(logits, targets[start:start + chunk_size], ignore_index,
                                      need_h or need_w, use_triton).sum()
         if need_h or need_w:
@@ -103,10 +125,10 @@ def _chunked_forward(hidden, weight, targets, ignore_index, chunk_size, use_trit
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size, use_triton):
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size, use_triton, workspace=None):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss, grad_h, grad_w = _chunked_forward(hidden, weight, targets, ignore_index, chunk_size, use_triton,
-                                                need_h, need_w)
+                                                need_h, need_w, workspace)
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_h, grad_w)  # (N, dim) and (V, dim): nothing of size N x V
         return loss
@@ -124,17 +146,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
         if grad_w is not None:
             grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                ignore_index: int = -100, *, backend: str = "auto",
-                               chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                               chunk_size: int | None = None,
+                               workspace: LogitsWorkspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden (N, dim), weight (V, dim), targets (N,) -> (loss sum (fp32 scalar), token count (int64 scalar)).
 
     Same result as `F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index, reduction="sum")`
     without the (N, V) logits (see the module docstring). `chunk_size`: rows per chunk (default
-    `default_chunk_size`: 16 MiB of fp32 logits).
+    `default_chunk_size`: 16 MiB of fp32 logits). `workspace`: a `LogitsWorkspace` whose buffer holds every
+    chunk's fp32 logits (no allocation per chunk; the chunked CPU path with fp32 weights).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1 or hidden.shape[0] != targets.shape[0] \
             or hidden.shape[1] != weight.shape[1]:
@@ -149,7 +173,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
     use_triton = which == "triton"
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        loss = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk, use_triton)
+        loss = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk, use_triton, workspace)
     else:
-        loss = _chunked_forward(hidden, weight, targets, ignore_index, chunk, use_triton, False, False)[0]
+        loss = _chunked_forward(hidden, weight, targets, ignore_index, chunk, use_triton, False, False, workspace)[0]
     return loss, count

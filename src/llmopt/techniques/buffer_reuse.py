@@ -12,23 +12,31 @@ creeps above what the step needs. What this technique does, and only that:
   report says when it is too late; on CPU with glibc, `mallopt(M_ARENA_MAX, arenas)` caps the malloc
   arenas (the runtime form of `MALLOC_ARENA_MAX`) and `malloc_trim(0)` after every `trim_every`
   optimizer steps returns freed heap pages to the OS;
+- a preallocated logits workspace (`loss_chunks`, default on): the loss becomes the chunked linear +
+  cross-entropy of `llmopt.kernels.cross_entropy` writing every chunk's fp32 logits into one
+  `LogitsWorkspace` buffer (chunk rows x vocab, allocated once, reused by every chunk of every step), so
+  the step never allocates the (tokens, vocab) logits, their log-softmax and their gradient: at a
+  variable length those are the largest and the most variably sized blocks of the step. When `fused_ops`
+  has already replaced the loss it is left alone (its chunked loss, without the shared buffer);
 - measurement: the hook logs the resident set (`rss_bytes`) per step; `benchmarks/bench_buffer_reuse.py`
   compares peak RSS with variable-length batches, default vs this technique, at equal step time.
-Preallocated buffers that already exist elsewhere are not duplicated: the KV cache (`llmopt.inference.KVCache`)
-is allocated once at its full size, and the chunked loss of `fused_ops` never builds the full logits.
+The KV cache (`llmopt.inference.KVCache`) is already allocated once at its full size; it is not duplicated.
 
 What it cannot do on CPU: PyTorch uses the system malloc there, which has no caching allocator to tune;
 large tensors (>= 128 KiB by default) are mmap'ed and returned to the OS on free, so fragmentation
 only touches the smaller ones. Expect a modest effect on CPU; the lever is the GPU allocator.
 
-Numerics contract: exact (padding is masked out of the loss; logits of the real positions are those of
-the unpadded batch, causal attention never looks right). No module changes: the technique adds a hook.
+Numerics contract: bucketing is exact (padding is masked out of the loss; logits of the real positions are
+those of the unpadded batch, causal attention never looks right); the chunked loss equals the reference
+up to float reordering (1e-5 relative, tests/kernels/test_cross_entropy.py). No module changes: the
+technique adds a hook and replaces `model.loss_fn` (restored by `revert_`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,7 +44,9 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from llmopt.core import ApplyReport, Hook, Stage, TechniqueConfig, register
+from llmopt.core import ApplyReport, Hook, Stage, TechniqueConfig, register, register_revert
+from llmopt.kernels.cross_entropy import LogitsWorkspace, default_chunk_size, fused_linear_cross_entropy
+from llmopt.models.loss import linear_cross_entropy
 from llmopt.techniques.compile import bucket_lengths, bucket_pad
 
 M_ARENA_MAX = -8
@@ -67,7 +77,14 @@ class BufferReuseConfig(TechniqueConfig):
     to the size of each mmap'ed block freed (up to 32 MiB), after which freed activations of a few MiB
     stay in the heap and the resident set grows. None leaves glibc's dynamic threshold."""
 
+    loss_chunks: bool = True
+    """Replace the full-logits loss with the chunked linear + cross-entropy over one preallocated logits buffer."""
+    loss_chunk_rows: int = 0
+    """Rows per loss chunk (0: 16 MiB of fp32 logits, `default_chunk_size`)."""
+
     def __post_init__(self) -> None:
+        if self.loss_chunk_rows < 0:
+            raise ValueError(f"loss_chunk_rows must be >= 0 (0: automatic), got {self.loss_chunk_rows}")
         if self.bucket_multiple <= 0 or self.trim_every < 0:
             raise ValueError("bucket_multiple must be positive and trim_every >= 0")
         if self.malloc_arenas is not None and self.malloc_arenas <= 0:
@@ -150,7 +167,34 @@ def apply_buffer_reuse(model: nn.Module, config: BufferReuseConfig, *, filter_fn
     if device != "meta":
         report.notes.extend(configure_allocator(device, config.malloc_arenas, config.mmap_threshold))
     report.notes.append(f"{len(buckets)} bucket lengths up to {max_len} ({config.bucketing})")
+    loss_fn = getattr(model, "loss_fn", None)
+    if config.loss_chunks:
+        vocab = getattr(getattr(model, "config", None), "vocab_size", 0)
+        if loss_fn is None:
+            report.skipped["loss_fn"] = "the model has no loss_fn (the llmopt model contract) to replace"
+        elif loss_fn is not linear_cross_entropy:
+            report.skipped["loss_fn"] = (f"model.loss_fn is already {getattr(loss_fn, '__name__', type(loss_fn).__name__)} "
+                                         "(fused_ops?): left alone")
+        else:
+            workspace = LogitsWorkspace()
+            rows = config.loss_chunk_rows or default_chunk_size(1 << 30, max(vocab, 1))
+            model.loss_fn = functools.partial(fused_linear_cross_entropy, backend="chunked", chunk_size=rows,
+                                              workspace=workspace)
+            report.revert_state["loss_fn"] = loss_fn
+            report.changed["loss_fn"] = ("linear_cross_entropy", f"chunked loss, one {rows} x {vocab} fp32 "
+                                         f"logits buffer ({rows * vocab * 4 / 2**20:.1f} MiB) reused")
     return report
 
 
-__all__ = ["BufferReuseConfig", "BufferReuseHook", "apply_buffer_reuse", "configure_allocator", "rss_bytes"]
+@register_revert(BufferReuseConfig)
+def revert_buffer_reuse(model: nn.Module, report: ApplyReport) -> ApplyReport:
+    """Restore the loss function (the allocator settings are process-wide and stay; the hook is the caller's)."""
+    restored = ApplyReport()
+    if "loss_fn" in report.revert_state:
+        model.loss_fn = report.revert_state["loss_fn"]
+        restored.changed["loss_fn"] = report.changed["loss_fn"][::-1]
+    return restored
+
+
+__all__ = ["BufferReuseConfig", "BufferReuseHook", "apply_buffer_reuse", "configure_allocator", "revert_buffer_reuse",
+           "rss_bytes"]

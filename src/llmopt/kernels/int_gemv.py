@@ -85,12 +85,14 @@ static inline __m256 i8x8_to_f(const int8_t* p) {
 }
 #endif
 
-#define INT8_R 4
+#define INT8_R 8
 /* ---- int8: codes (N, K) row-major; scale, zero (N, G) -------------------------------------------------------
-   Rows [r0, r0 + R) against activation rows [m0, m0 + MC). R, MC are compile-time constants at each call. */
+   Rows [r0, r0 + R) against activation rows [m0, m0 + MC); R, MC are compile-time constants at each call
+   (R * MC <= 8 accumulators, enough independent FMA chains to hide the FMA latency). */
 static inline __attribute__((always_inline)) void int8_rows(
-    const float* restrict x, const int8_t* restrict codes, const void* scale, const void* zero, int sbf16,
-    const float* xs, float* restrict y, long M, long N, long K, long g, long r0, long m0, const int R, const int MC) {
+    const float* restrict x, const float* restrict xp, const int8_t* restrict codes, const void* scale,
+    const void* zero, int sbf16, const float* xs, float* restrict y, long M, long N, long K, long g, long r0, long m0,
+    const int R, const int MC) {
   const long G = K / g;
   float out[2][INT8_R];  /* fixed sizes (MC <= 2, R <= INT8_R): a VLA would live on the stack */
   for (int m = 0; m < MC; m++) for (int r = 0; r < R; r++) out[m][r] = 0.f;
@@ -101,12 +103,34 @@ static inline __attribute__((always_inline)) void int8_rows(
     __m256 acc[2][INT8_R];
     for (int m = 0; m < MC; m++) for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_ps();
     long k = k0;
+    if (xp) for (; k + 32 <= k0 + g; k += 32) {
+      /* 32 codes of a row in one load; the four bytes of each 32-bit lane sign-extended with shifts (no shuffles),
+         so vector j holds inputs k + 4 i + j: xp holds x permuted alike */
+      __m256 xv[2][4];
+      for (int m = 0; m < MC; m++) for (int j = 0; j < 4; j++) xv[m][j] = _mm256_loadu_ps(xp + (m0 + m) * K + k + 8 * j);
+      for (int r = 0; r < R; r++) {
+        const int8_t* row = codes + (r0 + r) * K;
+        __builtin_prefetch(row + INT8_R * K + k);  /* the next block's row, one line ahead */
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(row + k));
+        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24));
+        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24));
+        const __m256 w2 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 8), 24));
+        const __m256 w3 = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24));
+        for (int m = 0; m < MC; m++) {  /* one add carried across iterations, not four FMAs */
+          __m256 t = _mm256_mul_ps(w0, xv[m][0]);
+          t = _mm256_fmadd_ps(w1, xv[m][1], t);
+          t = _mm256_fmadd_ps(w2, xv[m][2], t);
+          acc[m][r] = _mm256_add_ps(acc[m][r], _mm256_fmadd_ps(w3, xv[m][3], t));
+        }
+      }
+    }
     for (; k + 8 <= k0 + g; k += 8) {
       __m256 xv[2];
       for (int m = 0; m < MC; m++) xv[m] = _mm256_loadu_ps(x + (m0 + m) * K + k);
       for (int r = 0; r < R; r++) {
-        __builtin_prefetch(codes + (r0 + R + r) * K + k + 64);
-        const __m256 w = i8x8_to_f(codes + (r0 + r) * K + k);
+        const int8_t* row = codes + (r0 + r) * K;
+        if ((k & 63) == 0) __builtin_prefetch(row + INT8_R * K + k);  /* the next block's row, one line ahead */
+        const __m256 w = i8x8_to_f(row + k);
         for (int m = 0; m < MC; m++) acc[m][r] = _mm256_fmadd_ps(w, xv[m], acc[m][r]);
       }
     }
@@ -129,16 +153,18 @@ static inline __attribute__((always_inline)) void int8_rows(
   for (int m = 0; m < MC; m++) for (int r = 0; r < R; r++) y[(m0 + m) * N + r0 + r] = out[m][r];
 }
 
-static void int8_block(const float* x, const int8_t* codes, const void* scale, const void* zero, int sbf16,
+static void int8_block(const float* x, const float* xp, const int8_t* codes, const void* scale, const void* zero, int sbf16,
                        const float* xs, float* y, long M, long N, long K, long g, long r0) {
-  const long nr = N - r0 < INT8_R ? N - r0 : INT8_R;
-  if (nr == INT8_R) {
+  if (N - r0 >= INT8_R) {
     long m0 = 0;
-    for (; m0 + 2 <= M; m0 += 2) int8_rows(x, codes, scale, zero, sbf16, xs, y, M, N, K, g, r0, m0, INT8_R, 2);
-    if (m0 < M) int8_rows(x, codes, scale, zero, sbf16, xs, y, M, N, K, g, r0, m0, INT8_R, 1);
+    for (; m0 + 2 <= M; m0 += 2) {  /* two activation rows x four weight rows, twice: rows stay in L1 */
+      int8_rows(x, xp, codes, scale, zero, sbf16, xs, y, M, N, K, g, r0, m0, 4, 2);
+      int8_rows(x, xp, codes, scale, zero, sbf16, xs, y, M, N, K, g, r0 + 4, m0, 4, 2);
+    }
+    if (m0 < M) int8_rows(x, xp, codes, scale, zero, sbf16, xs, y, M, N, K, g, r0, m0, INT8_R, 1);
   } else {
     for (long r = r0; r < N; r++)
-      for (long m0 = 0; m0 < M; m0++) int8_rows(x, codes, scale, zero, sbf16, xs, y, M, N, K, g, r, m0, 1, 1);
+      for (long m0 = 0; m0 < M; m0++) int8_rows(x, xp, codes, scale, zero, sbf16, xs, y, M, N, K, g, r, m0, 1, 1);
   }
 }
 
@@ -152,43 +178,65 @@ void int8_gemv(const float* x, const int8_t* codes, const void* scale, const voi
     xs = M * G <= 1024 ? xs_stack : (float*)malloc(sizeof(float) * M * G);
     group_sums(x, M, K, g, xs);
   }
+  float xp_stack[4096];
+  float* xp = NULL;  /* x with each 32 inputs permuted to (j, i) -> k + 4 i + j, for the shift-decoding loop */
+#ifdef __AVX2__
+  if (g % 32 == 0) {
+    xp = M * K <= 4096 ? xp_stack : (float*)malloc(sizeof(float) * M * K);
+    for (long m = 0; m < M; m++)
+      for (long k = 0; k < K; k += 32)
+        for (int j = 0; j < 4; j++)
+          for (int i = 0; i < 8; i++) xp[m * K + k + 8 * j + i] = x[m * K + k + 4 * i + j];
+  }
+#endif
   const long nblk = (N + INT8_R - 1) / INT8_R;
   #pragma omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1)
-  for (long b = 0; b < nblk; b++) int8_block(x, codes, scale, zero, sbf16, xs, y, M, N, K, g, b * INT8_R);
+  for (long b = 0; b < nblk; b++) int8_block(x, xp, codes, scale, zero, sbf16, xs, y, M, N, K, g, b * INT8_R);
   if (xs && xs != xs_stack) free(xs);
+  if (xp && xp != xp_stack) free(xp);
 }
 
 /* ---- int4: packed (Np, K/2), blocks of 32 rows; sz: (Np/32, G, 2, 32) scale then zero, per block and group ----
-   One block of 32 rows against activation rows [m0, m0 + MC). */
+   One block of 32 rows against activation rows [m0, m0 + MC). U = inputs per iteration, each with its own four
+   accumulators per activation row (U = 2 for one row: eight independent FMA chains). */
 static inline __attribute__((always_inline)) void int4_rows(
     const float* restrict x, const uint8_t* restrict blk, const void* sz, int sbf16, const float* xs,
-    float* restrict y, long M, long N, long K, long g, long b, long m0, const int MC) {
+    float* restrict y, long M, long N, long K, long g, long b, long m0, const int MC, const int U) {
   const long G = K / g;
-  float out[4][32];  /* fixed sizes (MC <= 4): a VLA would live on the stack */
+  float out[2][32];  /* fixed sizes (MC <= 2, U <= 2): a VLA would live on the stack */
   for (int m = 0; m < MC; m++) for (int j = 0; j < 32; j++) out[m][j] = 0.f;
   for (long gi = 0; gi < G; gi++) {
     const long k0 = gi * g;
-    float part[4][32];
+    float part[2][32];
 #ifdef __AVX2__
-    __m256 acc[4][4];
-    for (int m = 0; m < MC; m++) for (int j = 0; j < 4; j++) acc[m][j] = _mm256_setzero_ps();
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    for (long k = k0; k < k0 + g; k++) {
-      const __m128i v = _mm_loadu_si128((const __m128i*)(blk + 16 * k));
-      const __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-      const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-      const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-      for (int m = 0; m < MC; m++) {
-        const __m256 xb = _mm256_broadcast_ss(x + (m0 + m) * K + k);
-        acc[m][0] = _mm256_fmadd_ps(w0, xb, acc[m][0]);
-        acc[m][1] = _mm256_fmadd_ps(w1, xb, acc[m][1]);
-        acc[m][2] = _mm256_fmadd_ps(w2, xb, acc[m][2]);
-        acc[m][3] = _mm256_fmadd_ps(w3, xb, acc[m][3]);
+    __m256 acc[2][2][4];
+    for (int u = 0; u < U; u++) for (int m = 0; m < MC; m++) for (int j = 0; j < 4; j++) acc[u][m][j] = _mm256_setzero_ps();
+    const __m256i mask = _mm256_set1_epi32(0x0F);
+    for (long k = k0; k < k0 + g; k += U) {  /* g is even, so U = 2 never crosses a group */
+      __builtin_prefetch(blk + 16 * k + 1024);
+      for (int u = 0; u < U; u++) {
+        /* bytes 0-7 and 8-15 widened to 32-bit lanes (two shuffles), then the nibbles split with shifts and masks */
+        const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 16 * (k + u))));
+        const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 16 * (k + u) + 8)));
+        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(v0, mask));
+        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(v1, mask));
+        const __m256 w2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
+        const __m256 w3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
+        for (int m = 0; m < MC; m++) {
+          const __m256 xb = _mm256_broadcast_ss(x + (m0 + m) * K + k + u);
+          acc[u][m][0] = _mm256_fmadd_ps(w0, xb, acc[u][m][0]);
+          acc[u][m][1] = _mm256_fmadd_ps(w1, xb, acc[u][m][1]);
+          acc[u][m][2] = _mm256_fmadd_ps(w2, xb, acc[u][m][2]);
+          acc[u][m][3] = _mm256_fmadd_ps(w3, xb, acc[u][m][3]);
+        }
       }
     }
-    for (int m = 0; m < MC; m++) for (int j = 0; j < 4; j++) _mm256_storeu_ps(part[m] + 8 * j, acc[m][j]);
+    for (int m = 0; m < MC; m++)
+      for (int j = 0; j < 4; j++) {
+        __m256 a = acc[0][m][j];
+        if (U == 2) a = _mm256_add_ps(a, acc[1][m][j]);
+        _mm256_storeu_ps(part[m] + 8 * j, a);
+      }
 #else
     for (int m = 0; m < MC; m++) for (int j = 0; j < 32; j++) part[m][j] = 0.f;
     for (long k = k0; k < k0 + g; k++) {
@@ -215,14 +263,9 @@ static inline __attribute__((always_inline)) void int4_rows(
 static void int4_block(const float* x, const uint8_t* packed, const void* sz, int sbf16, const float* xs, float* y,
                        long M, long N, long K, long g, long b) {
   const uint8_t* blk = packed + b * 16 * K;
-  long m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) int4_rows(x, blk, sz, sbf16, xs, y, M, N, K, g, b, m0, 4);
-  switch (M - m0) {
-    case 3: int4_rows(x, blk, sz, sbf16, xs, y, M, N, K, g, b, m0, 3); break;
-    case 2: int4_rows(x, blk, sz, sbf16, xs, y, M, N, K, g, b, m0, 2); break;
-    case 1: int4_rows(x, blk, sz, sbf16, xs, y, M, N, K, g, b, m0, 1); break;
-    default: break;
-  }
+  long m0 = 0;  /* pairs of activation rows (more would spill the accumulators); the block stays in L1 */
+  for (; m0 + 2 <= M; m0 += 2) int4_rows(x, blk, sz, sbf16, xs, y, M, N, K, g, b, m0, 2, 1);
+  if (m0 < M) int4_rows(x, blk, sz, sbf16, xs, y, M, N, K, g, b, m0, 1, 2);
 }
 
 void int4_gemv(const float* x, const uint8_t* packed, const void* sz, int sbf16, float* y,

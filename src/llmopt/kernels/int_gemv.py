@@ -12,18 +12,22 @@ be fp32 or bf16 (read as stored; bf16 -> fp32 is exact).
 Why not PyTorch's fused kernels: `torch._weight_int8pack_mm` (fed bf16 activations, because its fp32 path is
 slow) and `torch._weight_int4pack_mm_for_cpu` are compute-bound at 1x576 x 576x1536 on one core, and round the
 activations to bf16. These kernels are written for one row of activations and eight-wide AVX2 + FMA:
-- int8: blocks of output rows; eight int8 codes of a row become eight floats (`vpmovsxbd` + `vcvtdq2ps`)
-  and are FMA'd with eight activations into one accumulator per row (several rows share each activation
-  load); a group's partial sum is scaled once, `y += s * sum(code * x) + z * sum(x)`.
+- int8: blocks of eight output rows. 32 codes of a row come in one load and are sign-extended to four vectors
+  of eight floats with shifts only (`(v << 24) >> 24`, ...: lane-crossing byte shuffles are the bottleneck of
+  the obvious `vpmovsxbd` loop), so vector j holds inputs `k + 4 i + j`; the activations are permuted alike once
+  per call. One accumulator per row, a software prefetch of the next block's rows (the hardware prefetcher
+  does not follow eight interleaved row streams), and per group `y += s * sum(code * x) + z * sum(x)`.
 - int4: the packed layout (PyTorch's CPU int4 layout: blocks of 32 rows, the 16 bytes at `16 k` of a block
   hold input k of its 32 rows, low nibbles rows 0-15, high nibbles rows 16-31) is read as it is: per input k,
-  one 16-byte load gives 32 nibbles, which become four vectors of eight floats, FMA'd with the broadcast
-  activation into 32 per-row accumulators. At the end of a group, `y += s * sum(nib * x) + (z - 8 s) * sum(x)`
-  (nibble = code + 8). The per-group scales and zeros of a block are read from a copy in the layout
-  (blocks, groups, 2, 32) (`int4_kernel_scales`, built once by the caller), so they are two vector loads.
-Rows of activations are processed four at a time per block of weights, so M = 5..8 reads the weights once
-(from cache the second time). OpenMP splits the output rows over `threads` (default `torch.get_num_threads()`),
-sharing torch's libgomp. Any group size dividing K works (int4: even), not only 32/64/128/256.
+  two 8-byte loads widened to 32-bit lanes, the nibbles split with a mask and a shift, four vectors of eight
+  floats FMA'd with the broadcast activation into 32 per-row accumulators (two inputs per iteration with
+  their own accumulators for one activation row). At the end of a group,
+  `y += s * sum(nib * x) + (z - 8 s) * sum(x)` (nibble = code + 8). The per-group scales and zeros of a block
+  are read from a copy in the layout (blocks, groups, 2, 32) (`int4_kernel_scales`, built once by the caller).
+Activation rows are taken in pairs per block of weights, so M = 2..8 reads the weights from memory once (the
+block is in L1 for the next pair). OpenMP splits the output rows over `threads` (default
+`torch.get_num_threads()`), sharing torch's libgomp. Any group size dividing K works (int4: even), not only
+32/64/128/256; int8 groups that are not a multiple of 32 (8) take the eight-wide (scalar) loop.
 
 Without AVX2 the same C source compiles to plain loops (the fallback); without a C compiler
 `int_gemv_available()` is False and callers keep their torch path. No autograd: inference only.
@@ -292,8 +296,13 @@ _FALLBACK = "kernel='dequant' (or the torch int8/int4 kernels), which need no co
 
 
 @functools.cache
-def _lib() -> ctypes.CDLL:
-    lib = build_c_library("int_gemv", _C_SOURCE, openmp=True, fallback=_FALLBACK)
+def _lib(isa: str = "native") -> ctypes.CDLL:
+    """The kernels built for this CPU ("native": AVX2 + FMA where the CPU has them), or "scalar": the plain-loop
+    fallback that a CPU without AVX2 gets (built here too, so the tests cover it)."""
+    if isa not in ("native", "scalar"):
+        raise ValueError(f"isa must be 'native' or 'scalar', got {isa!r}")
+    source = _C_SOURCE if isa == "native" else "#undef __AVX2__\n" + _C_SOURCE
+    lib = build_c_library(f"int_gemv_{isa}", source, openmp=True, fallback=_FALLBACK)
     vp, lg, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.int8_gemv.restype = lib.int4_gemv.restype = None
     lib.int8_gemv.argtypes = [vp, vp, vp, vp, i, vp, lg, lg, lg, lg, i]
@@ -314,9 +323,9 @@ def int_gemv_available() -> bool:
     return True
 
 
-def kernel_isa() -> str:
+def kernel_isa(isa: str = "native") -> str:
     """"avx2" when the kernels were compiled with AVX2 + FMA, "scalar" for the plain-loop fallback."""
-    return "avx2" if _lib().int_gemv_isa() == 2 else "scalar"
+    return "avx2" if _lib(isa).int_gemv_isa() == 2 else "scalar"
 
 
 def _scale_flag(scale: torch.Tensor) -> int:
@@ -342,7 +351,7 @@ def _threads(threads: int | None) -> int:
 
 
 def int8_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
-              group_size: int | None = None, *, threads: int | None = None) -> torch.Tensor:
+              group_size: int | None = None, *, threads: int | None = None, isa: str = "native") -> torch.Tensor:
     """(M, N) fp32 = x (M, K) fp32 @ (codes * scale + zero)^T, codes int8 (N, K), scale/zero (N, K // group_size)."""
     N, K = codes.shape
     g = K if group_size is None else group_size
@@ -356,7 +365,7 @@ def int8_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: t
     codes, scale = codes.contiguous(), scale.contiguous()
     zero = None if zero is None else zero.contiguous()
     y = torch.empty(x.size(0), N, dtype=torch.float32)
-    _lib().int8_gemv(x.data_ptr(), codes.data_ptr(), scale.data_ptr(), None if zero is None else zero.data_ptr(),
+    _lib(isa).int8_gemv(x.data_ptr(), codes.data_ptr(), scale.data_ptr(), None if zero is None else zero.data_ptr(),
                      flag, y.data_ptr(), x.size(0), N, K, g, _threads(threads))
     return y
 
@@ -374,7 +383,7 @@ def int4_kernel_scales(scale: torch.Tensor, zero: torch.Tensor | None, padded_ro
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, kernel_scales: torch.Tensor, shape: tuple[int, int],
-              group_size: int, *, threads: int | None = None) -> torch.Tensor:
+              group_size: int, *, threads: int | None = None, isa: str = "native") -> torch.Tensor:
     """(M, N) fp32 = x (M, K) fp32 @ W^T for W = `code * scale + zero` stored as `pack_int4` codes (Np, K // 2)
     and `int4_kernel_scales(scale, zero, Np)`; shape = (N, K)."""
     N, K = shape
@@ -390,7 +399,7 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, kernel_scales: torch.Tensor
     flag = _scale_flag(kernel_scales)
     packed, kernel_scales = packed.contiguous(), kernel_scales.contiguous()
     y = torch.empty(x.size(0), N, dtype=torch.float32)
-    _lib().int4_gemv(x.data_ptr(), packed.data_ptr(), kernel_scales.data_ptr(), flag, y.data_ptr(),
+    _lib(isa).int4_gemv(x.data_ptr(), packed.data_ptr(), kernel_scales.data_ptr(), flag, y.data_ptr(),
                      x.size(0), N, K, group_size, _threads(threads))
     return y
 

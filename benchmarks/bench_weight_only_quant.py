@@ -1,7 +1,11 @@
 """Weight-only quantization on a real model: weight bytes, perplexity and decode tokens/s against fp32.
 
     .venv/bin/python benchmarks/bench_weight_only_quant.py --model smollm2-135m --rounds 5
-    .venv/bin/python benchmarks/bench_weight_only_quant.py --model runs/demo   # a trained demo run directory
+    .venv/bin/python benchmarks/bench_weight_only_quant.py --model demo        # runs/demo, from `llmopt demo`
+    .venv/bin/python benchmarks/bench_weight_only_quant.py --model PATH        # any run / HF directory or GGUF
+
+Variants: `int8` (per channel), `int4:G` (group size G), each optionally `@torch` (PyTorch's int8/int4 kernels
+for decode instead of llmopt's C kernels, i.e. the behaviour before them) or `@dequant` (dequantize + matmul).
 
 All variants are built from the same fp32 weights in one process and timed interleaved (fp32, int8,
 int4 g32, ... then again), `--rounds` times; the table gives medians and the ratio of medians.
@@ -22,6 +26,7 @@ import copy
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -71,7 +76,8 @@ def interleaved_decode_steps(variants: dict, prompt: torch.Tensor, steps: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="smollm2-135m, demo (the run directory runs/demo that `llmopt demo` trains), or a path")
     parser.add_argument("--variants", default="int8,int4:32,int4:64,int4:48")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
@@ -87,7 +93,13 @@ def main() -> None:
     from llmopt.data import load_text
     from llmopt.models import load_pretrained
 
-    base, tokenizer = load_pretrained(args.model)
+    source = args.model
+    if source == "demo":
+        source = "runs/demo"
+        if not Path(source, "config.json").is_file():
+            raise SystemExit("--model demo reads runs/demo: train it first with `llmopt demo` (about 7 minutes), "
+                             "or pass --model PATH of a demo run directory")
+    base, tokenizer = load_pretrained(source)
     base.eval()
     text = load_text(None)
     ids = torch.tensor(tokenizer.encode(text[-200_000:]), dtype=torch.long)[:args.ppl_tokens + args.prompt_len]
@@ -95,8 +107,10 @@ def main() -> None:
 
     variants = {"fp32": base}
     for spec in args.variants.split(","):
-        bits, _, group = spec.partition(":")
-        config = WeightOnlyQuantConfig(bits=int(bits[3:]), group_size=int(group) if group else None)
+        quant, _, kernel = spec.partition("@")
+        bits, _, group = quant.partition(":")
+        config = WeightOnlyQuantConfig(bits=int(bits[3:]), group_size=int(group) if group else None,
+                                       kernel=kernel or "auto")
         model = copy.deepcopy(base)
         apply_(model, config)
         variants[spec] = model
@@ -126,7 +140,10 @@ def main() -> None:
               f"(25-75%: {q[0]:.2f}-{q[2]:.2f}, {len(ratios)} steps)", flush=True)
     ref = rows["fp32"]
     ref_decode = statistics.median(ref["decode"])
-    print(f"model {args.model}, {args.threads} thread(s), {args.rounds} interleaved rounds, ppl over "
+    from llmopt.kernels.int_gemv import int_gemv_available, kernel_isa
+
+    isa = kernel_isa() if int_gemv_available() else "unavailable"
+    print(f"model {args.model}, C decode kernels: {isa}, {args.threads} thread(s), {args.rounds} interleaved rounds, ppl over "
           f"{ppl_ids.numel()} tokens (window {args.window})")
     print("| variant | weight MiB | bytes vs fp32 | ppl | ppl vs fp32 | decode tok/s (median) | decode vs fp32 "
           "| greedy tokens = fp32 |")
@@ -138,8 +155,10 @@ def main() -> None:
         print(f"| {name} | {row['weight_bytes'] / 2**20:.1f} | {row['bytes_ratio']:.3f}x | {row['ppl']:.3f} | "
               f"{row['ppl_ratio']:.4f}x | {decode:.1f} | {row['decode_ratio']:.2f}x | {same}/{len(ref['tokens'])} |")
     if args.json:
+        meta = {"model": args.model, "kernels": isa, "threads": args.threads, "args": vars(args),
+                "torch": torch.__version__}
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({**rows, "_meta": meta}, f, indent=1)
 
 
 if __name__ == "__main__":

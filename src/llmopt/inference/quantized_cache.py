@@ -15,6 +15,13 @@ chunks with an online softmax (running max and sum, as in FlashAttention), then 
 A full-precision copy of the whole cache never exists. The model calls `attend` instead of its own attention
 when the cache has one (`Attention.forward` in `llmopt.models.llama`).
 
+Rotation (`rotate="values"|"both"`, QuaRot's idea, Ashkboos et al. 2024): values (and optionally keys) are
+multiplied by an orthonormal Hadamard matrix H (head_dim x head_dim, H = H^T = H^-1) before they are quantized,
+which spreads a few large channels over all of them, so a per-token group's range shrinks. Attention is
+unchanged up to rounding: q k^T = (q H)(k H)^T and p V = (p (V H)) H, so `attend` rotates the query for the
+rotated keys and the accumulated output of the rotated values once per call (two (T, D) x (D, D) products);
+the full-precision window stays unrotated.
+
 Numerics contract: lossy, bounded. Asymmetric min-max rounding: every dequantized key or value is within
 half a step, (max - min) / (2^bits - 1) / 2, of the original over its group (plus fp16 rounding of the
 scale and zero point); the full-precision window is exact. The effect on the model is measured
@@ -30,6 +37,16 @@ import torch
 from llmopt.inference.cache import KVCache
 
 SCALE_DTYPE = torch.float16
+
+
+def hadamard(n: int, device=None) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix of order n (a power of two): symmetric, H @ H = I."""
+    if n <= 0 or n & (n - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim, got {n}; use rotate='none'")
+    h = torch.ones(1, 1)
+    while h.size(0) < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(n)).to(device)
 
 
 # ---- quantization primitives --------------------------------------------------------------------
@@ -72,7 +89,7 @@ class QuantizedKVCache(KVCache):
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, *, bits: int = 4,
                  group_size: int = 64, residual_length: int = 0, chunk_size: int = 1024,
-                 static: bool = False) -> None:
+                 static: bool = False, rotate: str = "none", kernel: str = "auto") -> None:
         if bits not in (8, 4, 2):
             raise ValueError(f"QuantizedKVCache bits must be 8, 4 or 2, got {bits}")
         if static:
@@ -84,6 +101,13 @@ class QuantizedKVCache(KVCache):
         if residual_length < 0 or chunk_size < group_size:
             raise ValueError(f"need residual_length >= 0 and chunk_size >= group_size, got {residual_length}, "
                              f"{chunk_size}")
+        if rotate not in ("none", "values", "both"):
+            raise ValueError(f"rotate must be 'none', 'values' or 'both', got {rotate!r}")
+        self.rotate = rotate
+        if kernel not in ("auto", "torch", "c"):
+            raise ValueError(f"kernel must be 'auto', 'torch' or 'c', got {kernel!r}")
+        self.kernel = kernel
+        self.H = hadamard(head_dim, device) if rotate != "none" else None
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
         self.chunk_size = chunk_size // group_size * group_size
         super().__init__(n_layer, batch_size, n_kv_head, max_len, head_dim, dtype, device, static=False)
@@ -136,12 +160,16 @@ class QuantizedKVCache(KVCache):
         if n_groups:
             n = n_groups * G
             B, H, _, D = k_all.shape
-            kq, ks, kz = quantize_groups(k_all[:, :, :n].float().view(B, H, n_groups, G, D), self.bits, dim=3)
+            kn, vn = k_all[:, :, :n].float(), v_all[:, :, :n].float()
+            if self.rotate == "both":
+                kn = kn @ self.H
+            if self.rotate != "none":
+                vn = vn @ self.H
+            kq, ks, kz = quantize_groups(kn.view(B, H, n_groups, G, D), self.bits, dim=3)
             self.k_codes[layer][:, :, q0:q0 + n] = pack(kq.view(B, H, n, D), self.bits)
             self.k_scale[layer][:, :, q0 // G:q0 // G + n_groups] = ks
             self.k_zero[layer][:, :, q0 // G:q0 // G + n_groups] = kz
-            vq, vs, vz = quantize_groups(v_all[:, :, :n].float().view(B, H, n, D // self.value_group,
-                                                                      self.value_group), self.bits, dim=4)
+            vq, vs, vz = quantize_groups(vn.view(B, H, n, D // self.value_group, self.value_group), self.bits, dim=4)
             self.v_codes[layer][:, :, q0:q0 + n] = pack(vq.view(B, H, n, D), self.bits)
             self.v_scale[layer][:, :, q0:q0 + n] = vs
             self.v_zero[layer][:, :, q0:q0 + n] = vz
@@ -154,8 +182,9 @@ class QuantizedKVCache(KVCache):
         return None
 
     # ---- reading -------------------------------------------------------------------------------
-    def dequantize(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of quantized positions [start, end) (multiples of group_size), fp32 (B, H, n, D)."""
+    def dequantize(self, layer: int, start: int, end: int, *, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of quantized positions [start, end) (multiples of group_size), fp32 (B, H, n, D);
+        with `rotated=True` as stored (rotated by H where `rotate` says so), otherwise rotated back."""
         G = self.group_size
         B, H, D = self.batch_size, self.n_kv_head, self.head_dim
         n = end - start
@@ -165,7 +194,12 @@ class QuantizedKVCache(KVCache):
         v = unpack(self.v_codes[layer][:, :, start:end], self.bits).view(B, H, n, D // self.value_group,
                                                                        self.value_group).float()
         v = (v * self.v_scale[layer][:, :, start:end].float() + self.v_zero[layer][:, :, start:end].float())
-        return k, v.view(B, H, n, D)
+        v = v.view(B, H, n, D)
+        if not rotated and self.rotate != "none":
+            v = v @ self.H
+            if self.rotate == "both":
+                k = k @ self.H
+        return k, v
 
     def attend(self, layer: int, q: torch.Tensor, mask) -> torch.Tensor:
         """softmax(q k^T / sqrt(d)) v over everything the cache holds for `layer`; q (B, n_head, T, D).
@@ -175,6 +209,8 @@ class QuantizedKVCache(KVCache):
         B, n_head, T, D = q.shape
         H, L = self.n_kv_head, self.seq_len
         qg = q.float().view(B, H, n_head // H, T, D) * (1.0 / math.sqrt(D))  # grouped-query heads share a kv head
+        if T == 1 and self._use_kernel(q, mask):
+            return self._attend_kernel(layer, qg, mask).view(B, n_head, T, D).to(q.dtype)
         if isinstance(mask, str):  # "causal": the T queries are positions 0..T-1
             mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril_()
         if mask is not None and mask.dim() == 4:
@@ -182,17 +218,20 @@ class QuantizedKVCache(KVCache):
         running_max = torch.full((B, H, n_head // H, T, 1), float("-inf"), device=q.device)
         total = torch.zeros_like(running_max)
         out = torch.zeros(B, H, n_head // H, T, D, device=q.device)
+        out_rot = torch.zeros_like(out) if self.rotate != "none" else None  # sum p (V H): rotated back at the end
+        q_rot = qg @ self.H if self.rotate == "both" else qg
         q_end = self.quantized[layer]
         spans = [(s, min(s + self.chunk_size, q_end)) for s in range(0, q_end, self.chunk_size)] + [(q_end, L)]
         for start, end in spans:
             if end <= start:
                 continue
-            if start < q_end:
-                k, v = self.dequantize(layer, start, end)
+            stored = start < q_end
+            if stored:
+                k, v = self.dequantize(layer, start, end, rotated=True)
             else:
                 k = self.k_window[layer][:, :, : end - start].float()
                 v = self.v_window[layer][:, :, : end - start].float()
-            scores = qg @ k[:, :, None].transpose(-1, -2)  # (B, H, g, T, n)
+            scores = (q_rot if stored else qg) @ k[:, :, None].transpose(-1, -2)  # (B, H, g, T, n)
             if mask is not None:
                 scores = scores.masked_fill(~mask[..., start:end], float("-inf"))
             new_max = torch.maximum(running_max, scores.amax(-1, keepdim=True))
@@ -200,9 +239,46 @@ class QuantizedKVCache(KVCache):
             correction = torch.exp(running_max - safe_max)
             weights = torch.exp(scores - safe_max)
             total = total * correction + weights.sum(-1, keepdim=True)
-            out = out * correction + weights @ v[:, :, None]
+            if out_rot is not None:
+                out_rot = out_rot * correction
+                if stored:
+                    out_rot += weights @ v[:, :, None]
+                    out = out * correction
+                else:
+                    out = out * correction + weights @ v[:, :, None]
+            else:
+                out = out * correction + weights @ v[:, :, None]
             running_max = new_max
+        if out_rot is not None:
+            out = out + out_rot @ self.H
         return (out / total).view(B, n_head, T, D).to(q.dtype)
+
+    def _use_kernel(self, q: torch.Tensor, mask) -> bool:
+        if self.kernel == "torch" or q.device.type != "cpu" or self.dtype != torch.float32:
+            return False
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.size(2) == 1):
+            return False
+        from llmopt.kernels import kv_attention
+
+        if self.kernel == "c":
+            return True  # build errors surface
+        return kv_attention.available()
+
+    def _attend_kernel(self, layer: int, qg: torch.Tensor, mask) -> torch.Tensor:
+        """One decode token through the C kernel (`llmopt.kernels.kv_attention`): no dequantized copy at all."""
+        from llmopt.kernels.kv_attention import kv_attend_decode_cpu
+
+        q_end, L = self.quantized[layer], self.seq_len
+        q = qg[:, :, :, 0]  # (B, H, g, D)
+        q_stored = q @ self.H if self.rotate == "both" else q
+        keep = None if mask is None else mask[:, 0, 0, :L]
+        out_q, out_w = kv_attend_decode_cpu(
+            q_stored, q, self.k_codes[layer], self.k_scale[layer], self.k_zero[layer], self.v_codes[layer],
+            self.v_scale[layer], self.v_zero[layer], self.k_window[layer], self.v_window[layer], n_quantized=q_end,
+            n_window=L - q_end, group_size=self.group_size, value_group=self.value_group, bits=self.bits, keep=keep)
+        if self.rotate != "none":
+            out_q = out_q @ self.H
+        return out_q + out_w
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def truncate(self, length: int) -> None:
@@ -254,7 +330,8 @@ class QuantizedKVCache(KVCache):
 
 def make_quantized_cache(model, batch_size: int, max_len: int | None = None, *, bits: int = 4,
                          group_size: int = 64, residual_length: int = 0, chunk_size: int = 1024,
-                         dtype: torch.dtype | None = None) -> QuantizedKVCache:
+                         dtype: torch.dtype | None = None, rotate: str = "none",
+                         kernel: str = "auto") -> QuantizedKVCache:
     """A `QuantizedKVCache` sized from `model.config`, on the model's device (window in the model's dtype)."""
     config = model.config
     if config.family != "llama":
@@ -265,4 +342,5 @@ def make_quantized_cache(model, batch_size: int, max_len: int | None = None, *, 
     param = next(model.parameters())
     return QuantizedKVCache(config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim,
                             param.dtype if dtype is None else dtype, param.device, bits=bits, group_size=group_size,
-                            residual_length=residual_length, chunk_size=chunk_size)
+                            residual_length=residual_length, chunk_size=chunk_size, rotate=rotate,
+                            kernel=kernel)

@@ -1,0 +1,59 @@
+"""The C decode-attention kernel over a quantized KV cache equals the torch path (dequantize, then softmax)."""
+
+import pytest
+import torch
+
+from llmopt.inference.quantized_cache import QuantizedKVCache
+from llmopt.kernels import kv_attention
+
+pytestmark = pytest.mark.skipif(not kv_attention.available(), reason="no C compiler with OpenMP here")
+
+
+def _filled(bits, rotate, group, residual, length, batch=2, kernel="torch"):
+    torch.manual_seed(0)
+    cache = QuantizedKVCache(3, batch, 2, 256, 64, bits=bits, group_size=group, residual_length=residual,
+                             chunk_size=128, rotate=rotate, kernel=kernel)
+    for layer in range(3):
+        k = torch.randn(batch, 2, length, 64) * torch.linspace(0.2, 3, 64)  # channels of different ranges
+        v = torch.randn(batch, 2, length, 64)
+        cache.attn_mask(torch.arange(length)) if layer == 0 else None
+        cache.update(layer, torch.arange(length), k, v)
+    return cache
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("rotate", ["none", "values", "both"])
+@pytest.mark.parametrize("group,residual,length", [(64, 0, 200), (32, 40, 131), (64, 0, 30)])
+def test_kernel_equals_the_torch_path(bits, rotate, group, residual, length):
+    cache = _filled(bits, rotate, group, residual, length)
+    cache.attn_mask(torch.tensor([length]))  # one decode position
+    q = torch.randn(2, 6, 1, 64)  # 6 query heads over 2 kv heads
+    for layer in range(3):
+        cache.update(layer, torch.tensor([length]), torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64))
+        cache.kernel = "torch"
+        ref = cache.attend(layer, q, None)
+        cache.kernel = "c"
+        out = cache.attend(layer, q, None)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=5e-5)  # fp32 sums in another order
+
+
+def test_kernel_honours_a_key_padding_mask():
+    cache = _filled(4, "none", 64, 0, 150)
+    cache.attn_mask(torch.tensor([150]))
+    cache.update(0, torch.tensor([150]), torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64))
+    mask = torch.ones(2, 1, 1, 151, dtype=torch.bool)
+    mask[0, ..., :37] = False  # row 0 is left-padded by 37 positions
+    q = torch.randn(2, 6, 1, 64)
+    cache.kernel = "torch"
+    ref = cache.attend(0, q, mask)
+    cache.kernel = "c"
+    torch.testing.assert_close(cache.attend(0, q, mask), ref, rtol=1e-4, atol=5e-5)  # fp32 sums in another order
+
+
+def test_rotation_is_exact_before_rounding():
+    from llmopt.inference.quantized_cache import hadamard
+
+    H = hadamard(64)
+    torch.testing.assert_close(H @ H, torch.eye(64), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="power-of-two"):
+        hadamard(48)

@@ -3,21 +3,28 @@
 Every comparison is interleaved: in each round every contender runs once, each round's times are divided
 by that round's baseline time, and the median (min-max) of the per-round ratios is reported.
 
-  scan     demo_mamba forward at length 2,048 (batch 1): chunked scan and the fused CPU kernel
-           (`llmopt.kernels.scan.use_fused_scan_`) vs the sequential scan (baseline), and transformers'
-           `MambaForCausalLM` slow path on the same weights as a peer column. Also the scan alone on one
-           layer's shape (d_inner 512, d_state 16).
+  scan     demo_mamba forward at length 2,048 (batch 1): chunked torch scan and the C scan (scan="auto", the
+           default on fp32 CPU: `llmopt.kernels.scan_backward`) vs the sequential scan (baseline), and
+           transformers' `MambaForCausalLM` slow path on the same weights as a peer column. Also the scan alone
+           on one layer's shape (d_inner 512, d_state 16): without autograd (prefill), the training forward
+           (inputs require grad: the C scan saves its checkpoints) and forward + backward.
+  train    one training step (loss, backward, AdamW step) of demo_mamba at the demo recipe's batch (16 x 128):
+           scan="chunked" (the torch path, the default before the C backward; baseline) vs scan="auto".
   ssd      the Mamba-2 SSD scan alone on one demo_mamba2 layer's shape (8 heads of 64, d_state 64) at length
            2,048: chunked matrix form (chunk 64) vs the sequential recurrence (baseline).
   decode   tokens/s of one greedy decode step after a context of 8,192 vs 128 (Mamba, RetNet), the same-size
            transformer (`demo` with max_seq_len 8,448) with a dense KV cache at 8,192, and cache bytes at
-           128 / 2,048 / 8,192 positions. `mamba_fused` is the same Mamba weights with the fused CPU scan.
+           128 / 2,048 / 8,192 positions. `mamba` is the default (scan="auto": on fp32 CPU the whole block in
+           one C call per layer, `mamba_block_step_cpu`); `mamba_torch` the same weights with scan="chunked"
+           (the torch decode step); `mamba_fused` the same weights after `use_fused_scan_` (C between the
+           projections only, `mamba_decode_step_cpu`).
   quality  validation-loss curves of runs trained with `llmopt train demo|demo_mamba|demo_retnet` (and
            demo_mamba2 when present; run them first, see docs/results/linear_time_quality.md), drawn in one
            plot with `llmopt.measure.plots.plot_curves`.
 
-    python benchmarks/bench_linear_time.py --part scan decode --rounds 5 --forward-rounds 3 --threads 1 \
+    python benchmarks/bench_linear_time.py --part scan train --rounds 5 --forward-rounds 3 --threads 1 \
         --out docs/results/bench_linear_time.json
+    python benchmarks/bench_linear_time.py --part decode --rounds 9 --threads 1 --out docs/results/bench_linear_time_decode.json
     python benchmarks/bench_linear_time.py --part quality --runs runs/lt100 --out docs/results/linear_time_quality.json
 """
 
@@ -35,6 +42,7 @@ import torch
 from llmopt.inference import make_cache
 from llmopt.models import ModelConfig, build_model
 from llmopt.kernels.scan import selective_scan_cpu, use_fused_scan_
+from llmopt.kernels.scan_backward import CHECKPOINT_EVERY, selective_scan_cpu_autograd
 from llmopt.models.mamba import scan_chunked, scan_sequential
 
 
@@ -79,8 +87,7 @@ def to_hf_mamba(model):
 def bench_scan(rounds: int, forward_rounds: int, length: int = 2048) -> dict:
     torch.manual_seed(0)
     model = build_model(ModelConfig.from_name("demo_mamba")).eval()
-    fused = copy.deepcopy(model)
-    use_fused_scan_(fused)
+    fused = copy.deepcopy(model)  # the default scan="auto": the C scan on fp32 CPU
     hf = to_hf_mamba(model)
     idx = torch.randint(0, model.config.vocab_size, (1, length))
 
@@ -97,7 +104,7 @@ def bench_scan(rounds: int, forward_rounds: int, length: int = 2048) -> dict:
     fused_diff = (fused(idx) - ref).abs().max().item()
     hf_diff = (hf(idx, use_cache=False).logits - ref).abs().max().item()
     forward = interleaved({"sequential_scan": ours("sequential"), "chunked_scan": ours("chunked"),
-                           "fused_cpu_scan": lambda: fused(idx),
+                           "c_scan_auto": lambda: fused(idx),
                            "transformers_slow_path": lambda: hf(idx, use_cache=False)}, "sequential_scan",
                           forward_rounds)
     D, N = model.settings["d_inner"], model.settings["d_state"]
@@ -105,13 +112,74 @@ def bench_scan(rounds: int, forward_rounds: int, length: int = 2048) -> dict:
     x, dt = torch.randn(1, length, D, generator=g), torch.rand(1, length, D, generator=g) * 0.1
     A = -torch.exp(model.layers[0].mixer.A_log.float())
     Bm, Cm = torch.randn(1, length, N, generator=g), torch.randn(1, length, N, generator=g)
+    L = model.settings["chunk_size"]
     scan_only = interleaved({"sequential_scan": lambda: scan_sequential(x, dt, A, Bm, Cm),
-                             "chunked_scan": lambda: scan_chunked(x, dt, A, Bm, Cm, chunk_size=model.settings["chunk_size"]),
-                             "fused_cpu_scan": lambda: selective_scan_cpu(x, dt, A, Bm, Cm)},
+                             "chunked_scan": lambda: scan_chunked(x, dt, A, Bm, Cm, chunk_size=L),
+                             "fused_cpu_scan": lambda: selective_scan_cpu(x, dt, A, Bm, Cm),
+                             "c_scan_autograd": lambda: selective_scan_cpu_autograd(x, dt, A, Bm, Cm)},
                             "sequential_scan", rounds)
+    inputs = [t.clone().requires_grad_() for t in (x, dt, A, Bm, Cm)]
+    dy = torch.randn(x.shape, generator=g)
+
+    def train_forward(scan):
+        def run():
+            with torch.enable_grad():
+                return scan(*inputs)[0]
+        return run
+
+    def forward_backward(scan):
+        def run():
+            with torch.enable_grad():
+                torch.autograd.backward(scan(*inputs)[0], dy)
+        return run
+
+    scans = {"sequential_scan": scan_sequential, "chunked_scan": lambda *a: scan_chunked(*a, chunk_size=L),
+             "c_scan_autograd": selective_scan_cpu_autograd}
+    grads = {}
+    for name, scan in scans.items():
+        for t in inputs:
+            t.grad = None
+        forward_backward(scan)()
+        grads[name] = [t.grad.clone() for t in inputs]
+    grad_err = {name: max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(grads[name], grads["sequential_scan"]))
+                for name in scans}
+    scan_train_forward = interleaved({n: train_forward(f) for n, f in scans.items()}, "sequential_scan", rounds)
+    scan_fwd_bwd = interleaved({n: forward_backward(f) for n, f in scans.items()}, "sequential_scan", rounds)
     return {"length": length, "model": "demo_mamba", "forward": forward, "scan_only": scan_only,
-            "max_abs_logit_diff_chunked_vs_sequential": max_diff, "max_abs_logit_diff_fused_vs_sequential": fused_diff,
+            "scan_train_forward": scan_train_forward, "scan_forward_backward": scan_fwd_bwd,
+            "max_rel_grad_err_vs_sequential": grad_err, "checkpoint_every": CHECKPOINT_EVERY,
+            "checkpoint_bytes_per_layer_per_row": -(-length // CHECKPOINT_EVERY) * D * N * 4,
+            "max_abs_logit_diff_chunked_vs_sequential": max_diff, "max_abs_logit_diff_c_scan_vs_sequential": fused_diff,
             "max_abs_logit_diff_transformers_vs_ours": hf_diff}
+
+
+def bench_train(rounds: int, batch: int = 16, seq_len: int = 128) -> dict:
+    """One optimizer step of demo_mamba: torch chunked scan (baseline) vs the default C scan, same weights/data."""
+    torch.manual_seed(0)
+    before = build_model(ModelConfig.from_name("demo_mamba"))
+    before.set_scan("chunked")
+    after = copy.deepcopy(before)
+    after.set_scan("auto")
+    idx = torch.randint(0, before.config.vocab_size, (batch, seq_len + 1))
+    optims = {m: torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (before, after)}
+    losses = {}
+
+    def step(model, name):
+        def run():
+            loss, n = model.loss(idx[:, :-1], idx[:, 1:])
+            loss = loss / n
+            loss.backward()
+            optims[model].step()
+            optims[model].zero_grad(set_to_none=True)
+            losses.setdefault(name, []).append(float(loss.detach()))
+        return run
+
+    result = interleaved({"chunked_scan": step(before, "chunked_scan"), "c_scan_auto": step(after, "c_scan_auto")},
+                         "chunked_scan", rounds)
+    return {"batch": batch, "seq_len": seq_len, "step": result,
+            "losses_first_steps": {k: v[:3] for k, v in losses.items()},
+            "max_abs_loss_diff": max(abs(a - b) for a, b in zip(losses["chunked_scan"], losses["c_scan_auto"])),
+            "scan_share_note": "both contenders pay the same projections, conv, loss and AdamW; only the scan differs"}
 
 
 @torch.no_grad()
@@ -145,11 +213,13 @@ def bench_decode(rounds: int, steps: int = 16) -> dict:
     models = {"mamba": build_model(ModelConfig.from_name("demo_mamba")).eval(),
               "retnet": build_model(ModelConfig.from_name("demo_retnet")).eval(),
               "transformer": build_model(ModelConfig.from_name("demo", max_seq_len=8192 + 256)).eval()}
+    models["mamba_torch"] = copy.deepcopy(models["mamba"])
+    models["mamba_torch"].set_scan("chunked")  # the torch decode step (the default before the C block step)
     models["mamba_fused"] = copy.deepcopy(models["mamba"])
-    use_fused_scan_(models["mamba_fused"])
+    use_fused_scan_(models["mamba_fused"])  # C between the projections (mamba_decode_step_cpu)
     caches, positions = {}, {}
     for name, model in models.items():
-        for ctx in ((128, 8192) if name != "transformer" else (8192,)):
+        for ctx in ((128, 8192) if name in ("mamba", "retnet") else (8192,)):
             cache = make_cache(model, 1, max_len=8192 + 256)
             _fill(model, cache, ctx)
             caches[f"{name}@{ctx}"] = (model, cache)
@@ -174,7 +244,7 @@ def bench_decode(rounds: int, steps: int = 16) -> dict:
         result[k]["tokens_per_second"] = steps / result[k]["median_s"]
     bytes_at = {}
     for name, model in models.items():
-        if name == "mamba_fused":
+        if name in ("mamba_fused", "mamba_torch"):
             continue
         row = {}
         for length in (128, 2048, 8192):
@@ -187,9 +257,9 @@ def bench_decode(rounds: int, steps: int = 16) -> dict:
     return {"steps_per_round": steps, "decode": result, "cache_bytes": bytes_at,
             "mamba_8k_over_128": result["mamba@8192"]["tokens_per_second"] / result["mamba@128"]["tokens_per_second"],
             "retnet_8k_over_128": result["retnet@8192"]["tokens_per_second"] / result["retnet@128"]["tokens_per_second"],
-            "mamba_fused_8k_over_128": result["mamba_fused@8192"]["tokens_per_second"]
-            / result["mamba_fused@128"]["tokens_per_second"],
             "mamba_vs_transformer_8k": result["mamba@8192"]["speedup"],
+            "mamba_vs_transformer_8k_band": [1 / result["mamba@8192"]["ratio_max"], 1 / result["mamba@8192"]["ratio_min"]],
+            "mamba_torch_vs_transformer_8k": result["mamba_torch@8192"]["speedup"],
             "mamba_fused_vs_transformer_8k": result["mamba_fused@8192"]["speedup"],
             "retnet_vs_transformer_8k": result["retnet@8192"]["speedup"],
             "mamba_cache_saving_8k": 1 - bytes_at["mamba"][8192] / bytes_at["transformer"][8192],
@@ -218,7 +288,8 @@ def bench_quality(runs_dir: Path, plot_path: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", nargs="+", default=["scan", "decode"], choices=["scan", "ssd", "decode", "quality"])
+    parser.add_argument("--part", nargs="+", default=["scan", "decode"],
+                        choices=["scan", "train", "ssd", "decode", "quality"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--forward-rounds", type=int, default=3, help="rounds of the length-2,048 model forwards")
     parser.add_argument("--threads", type=int, default=1)
@@ -230,6 +301,9 @@ def main() -> None:
     if "scan" in args.part:
         report["scan"] = bench_scan(args.rounds, args.forward_rounds)
         print(json.dumps(report["scan"], indent=1))
+    if "train" in args.part:
+        report["train"] = bench_train(args.rounds)
+        print(json.dumps(report["train"], indent=1))
     if "ssd" in args.part:
         report["ssd"] = bench_ssd(args.rounds)
         print(json.dumps(report["ssd"], indent=1))

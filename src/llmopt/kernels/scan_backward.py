@@ -81,6 +81,23 @@ void scan_fwd_ckpt(const float* x, const float* dt, const float* At, const float
   }
 }
 
+/* One (step, state index n) of the reverse scan, vectorized along d (a separate function: restrict on its own
+   arguments is what lets gcc vectorize it; inlined into the loop nest it did not). */
+__attribute__((noinline))
+static void bwd_n(float* restrict gn, const float* restrict dyt, const float* restrict dtt, const float* restrict a,
+                  const float* restrict hpn, float* restrict dw, float* restrict ddtt, float* restrict dan, float cn,
+                  float bn, long D) {
+  for (long d = 0; d < D; d++) {
+    const float gv = gn[d] + cn * dyt[d];
+    dw[d] += gv * bn;
+    const float e = expf(dtt[d] * a[d]);
+    const float q = gv * e * hpn[d];
+    ddtt[d] += q * a[d];
+    dan[d] += q * dtt[d];
+    gn[d] = gv * e;
+  }
+}
+
 /* dAt_parts: (B, N, D) per-row partial dA^T (summed by the caller), so rows can run in parallel. */
 void scan_bwd(const float* x, const float* dt, const float* At, const float* Bm, const float* Cm, const float* ck,
               const float* dy, const float* dhT, float* dx, float* ddt, float* dAt_parts, float* dB, float* dC,
@@ -133,20 +150,11 @@ void scan_bwd(const float* x, const float* dt, const float* At, const float* Bm,
           const float* restrict hpn = hp + n * D;
           const float* restrict hcn = hc + n * D;
           const float bn = bt[n], cn = ct[n];
-          float sc = 0.f, sb = 0.f;
-          for (long d = 0; d < D; d++) {
-            sc += dyt[d] * hcn[d];
-            const float gv = gn[d] + cn * dyt[d];
-            sb += gv * w[d];
-            dw[d] += gv * bn;
-            const float e = expf(dtt[d] * a[d]);
-            const float q = gv * e * hpn[d];
-            ddtt[d] += q * a[d];
-            dan[d] += q * dtt[d];
-            gn[d] = gv * e;
-          }
+          float sc = 0.f, sb = 0.f;  /* dC_t[n] and dB_t[n], with g before this step's update */
+          for (long d = 0; d < D; d++) { sc += dyt[d] * hcn[d]; sb += (gn[d] + cn * dyt[d]) * w[d]; }
           dct[n] = sc;
           dbt[n] = sb;
+          bwd_n(gn, dyt, dtt, a, hpn, dw, ddtt, dan, cn, bn, D);
         }
         for (long d = 0; d < D; d++) { dxt[d] = dw[d] * dtt[d]; ddtt[d] += dw[d] * xt[d]; }
       }

@@ -202,7 +202,11 @@ from llmopt.techniques.dora import DoRAConfig  # noqa: E402
 
 SETTINGS["dora"] = ContractCase(
     config=lambda: DoRAConfig(r=4),
-    numerics="exact",  # B = 0 and m = ||W||_row bit for bit, so g = 1 exactly: outputs unchanged at apply
+    numerics="tolerance",
+    atol=1e-6,
+    rtol=1e-5,
+    reason="g = m / ||W + sBA|| is exactly 1 at apply, but the base GEMM runs on [x; A] (A W^T for the norm from "
+           "the same read of W), which may round x W^T differently from a GEMM of x alone",
     trainable=adapters_only("lora_"),  # lora_A, lora_B, lora_magnitude
     reversible=True,
     no_match_config=lambda: DoRAConfig(target=("no_such_module",)),

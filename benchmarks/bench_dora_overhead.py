@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 SMOLLM2_PROJ = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+SMOLLM2_QV = [(576, 576), (576, 192)]  # q_proj, v_proj: the default target
 
 
 def old_dora(rev: str, where: Path):
@@ -44,6 +45,10 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--before", help="git revision whose DoRALinear joins as a column")
+    ap.add_argument("--targets", choices=["all", "qv"], default="all",
+                    help="the seven projections per layer, or q_proj and v_proj only (the default target)")
+    ap.add_argument("--unfused", action="store_true",
+                    help="add a column: our DoRA without the [x; A] W^T GEMM (A W^T as its own GEMM)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -52,6 +57,9 @@ def main() -> int:
     from llmopt.techniques.lora import LoRALinear
 
     classes = {"lora": LoRALinear, "dora": DoRALinear}
+    if args.unfused:
+        classes["dora_unfused"] = type("DoRAUnfused", (DoRALinear,), {"fuse_norm_gemm": False})
+    shapes = SMOLLM2_PROJ if args.targets == "all" else SMOLLM2_QV
     tmp = tempfile.TemporaryDirectory()
     if args.before:
         classes[f"dora@{args.before}"] = old_dora(args.before, Path(tmp.name))
@@ -59,7 +67,7 @@ def main() -> int:
     def stack(cls):
         torch.manual_seed(0)
         mods = torch.nn.ModuleList()
-        for i, o in SMOLLM2_PROJ * args.layers:
+        for i, o in shapes * args.layers:
             lin = torch.nn.Linear(i, o, bias=False)
             lin.weight.requires_grad_(False)
             m = cls.from_linear(lin, r=8, alpha=16.0)
@@ -90,7 +98,7 @@ def main() -> int:
             step(*runs[k])
             cpu[k].append(time.thread_time() - c)
             wall[k].append(time.perf_counter() - t)
-    out = {"layers": args.layers, "linear": 7 * args.layers, "tokens": args.tokens, "rounds": args.rounds, "rows": {}}
+    out = {"layers": args.layers, "linear": len(shapes) * args.layers, "targets": args.targets, "tokens": args.tokens, "rounds": args.rounds, "rows": {}}
     for k in names:
         row = {}
         for label, times in (("thread_cpu", cpu), ("wall", wall)):

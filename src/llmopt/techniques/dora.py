@@ -47,8 +47,70 @@ class DoRAConfig(LoRAConfig):
     """DoRA: LoRA's update on a normalized direction, times a trainable per-row magnitude (Liu et al. 2024)."""
 
 
+class _DoRAFunction(torch.autograd.Function):
+    """out = g * (x W^T + s (xd A^T) B^T) + b, g = m / ||W + s B A||_row (detached), in one autograd node.
+
+    Forward: with `fuse`, the base GEMM runs on [x; A] so that its last r rows are A W^T, the norm's only
+    (r, out)-sized read of W (W is read once instead of twice); the norm comes from that in four small ops.
+    Saves x, xd, xa = xd A^T, the pre-scale output and g; nothing (out, in)-sized.
+    Backward: gg = grad * g; grad_m = sum_n(grad * pre) / norm; grad_x = gg W + s (gg B) A; grad_B = s gg^T xa;
+    grad_A = s (gg B)^T xd: LoRA's GEMMs plus one (N, out) multiply and one column reduction.
+    """
+
+    @staticmethod
+    def forward(ctx, x2d, xd, weight, bias, lora_A, lora_B, magnitude, layer, key, norm):
+        n = x2d.shape[0]
+        if norm is None and layer.fuse_norm_gemm:
+            z = F.linear(torch.cat((x2d, lora_A)), weight)  # (N + r, out): x W^T and A W^T from one read of W
+            pre, wa = z[:n], z[n:].t()
+            norm = layer._norm_from_wa(wa)
+            layer._norm_cache = (key, norm)
+        else:
+            if norm is None:
+                norm = layer._norm_from_wa(F.linear(lora_A, weight).t())
+                layer._norm_cache = (key, norm)
+            pre = F.linear(x2d, weight)
+        xa = F.linear(xd, lora_A)  # (N, r)
+        pre.addmm_(xa, lora_B.t(), alpha=layer.scale)  # x W^T + s xa B^T, (N, out)
+        g = magnitude / norm
+        out = pre * g if bias is None else torch.addcmul(bias, pre, g)
+        ctx.save_for_backward(x2d, xd, xa, pre, weight, lora_A, lora_B, g, norm)
+        ctx.scale, ctx.same_input, ctx.has_bias = layer.scale, xd is x2d, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2d, xd, xa, pre, weight, lora_A, lora_B, g, norm = ctx.saved_tensors
+        s = ctx.scale
+        need_x, need_xd, need_w, need_b, need_a, need_bb, need_m = ctx.needs_input_grad[:7]
+        grad_x = grad_xd = grad_w = grad_bias = grad_a = grad_bb = grad_m = None
+        gg = grad * g  # (N, out)
+        if need_m:
+            grad_m = torch.linalg.vecdot(grad, pre, dim=0) / norm
+        if need_b:
+            grad_bias = grad.sum(0)
+        if need_w:  # only if the caller unfroze W (the norm is detached: no gradient through it)
+            grad_w = gg.t() @ x2d
+        t = gg @ lora_B  # (N, r)
+        if need_x:
+            grad_x = gg @ weight
+            if ctx.same_input:
+                grad_x.addmm_(t, lora_A, alpha=s)
+        if (need_xd or (need_x and not ctx.same_input)) and not ctx.same_input:
+            grad_xd = torch.mm(t, lora_A).mul_(s)
+        if need_bb:
+            grad_bb = torch.mm(gg.t(), xa).mul_(s)
+        if need_a:
+            grad_a = torch.mm(t.t(), xd).mul_(s)
+        return grad_x, grad_xd, grad_w, grad_bias, grad_a, grad_bb, grad_m, None, None, None
+
+
 class DoRALinear(LoRALinear):
     """LoRALinear plus a trainable magnitude `lora_magnitude` (out,); the row norm is detached."""
+
+    fuse_norm_gemm = True
+    """Compute A W^T as r extra rows of the base GEMM ([x; A] W^T). It changes the rounding of x W^T (~1e-7
+    relative), so outputs at apply equal the base model's to fp32 rounding instead of bit for bit."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int, alpha: float,
                  dropout: float = 0.0, device=None, dtype=None) -> None:
@@ -85,7 +147,12 @@ class DoRALinear(LoRALinear):
 
     @torch.no_grad()
     def _row_norm_given(self, wa: torch.Tensor) -> torch.Tensor:
-        """The row norm from W A^T (out, r): ||W_i||^2 + s <B_i, 2 (W A^T)_i + s B_i (A A^T)>, in four ops."""
+        return self._norm_from_wa(wa)
+
+    def _norm_from_wa(self, wa: torch.Tensor) -> torch.Tensor:
+        """The row norm from W A^T (out, r): ||W_i||^2 + s <B_i, 2 (W A^T)_i + s B_i (A A^T)>, in four ops.
+
+        Called with grad mode off (inside the autograd Function's forward, or through `_row_norm_given`)."""
         a, b, s = self.lora_A, self.lora_B, self.scale
         u = torch.addmm(wa.to(b.dtype), b, a @ a.t(), beta=2, alpha=s)  # 2 W A^T + s B A A^T, (out, r)
         sq = torch.add(self._row_sq_of_weight(), torch.linalg.vecdot(b, u), alpha=s)
@@ -100,6 +167,19 @@ class DoRALinear(LoRALinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)  # (N, in)
+        w, a, b, m = self.weight, self.lora_A, self.lora_B, self.lora_magnitude
+        if (not torch.is_autocast_enabled(x.device.type) and x.dtype == w.dtype == a.dtype == b.dtype == m.dtype
+                and (self.bias is None or self.bias.dtype == x.dtype)):
+            xd = F.dropout(x2d, p=self.dropout, training=True) if self.dropout and self.training else x2d
+            key = (w.data_ptr(), w._version, a.data_ptr(), a._version, b.data_ptr(), b._version)
+            cache = self._norm_cache  # eval, gradient-accumulation micro-batches and decoding reuse the norm
+            norm = cache[1] if cache is not None and cache[0] == key else None
+            out = _DoRAFunction.apply(x2d, xd, w, self.bias, a, b, m, self, key, norm)
+            return out.view(*x.shape[:-1], self.out_features)
+        return self._forward_autograd(x2d).view(*x.shape[:-1], self.out_features)
+
+    def _forward_autograd(self, x2d: torch.Tensor) -> torch.Tensor:
+        """Mixed dtypes or autocast: the same formula in autograd ops (g == 1 gives the base output exactly)."""
         key = self._norm_key()
         if self._norm_cache is None or self._norm_cache[0] != key:  # eval, accumulation, decode reuse it
             self._norm_cache = (key, self.row_norm())
@@ -111,7 +191,7 @@ class DoRALinear(LoRALinear):
             out = y * g
         else:  # g (y - b) + b written so that g == 1 gives y exactly
             out = torch.addcmul(self.bias.to(y.dtype) * (1 - g), y, g)
-        return out.view(*x.shape[:-1], self.out_features)
+        return out
 
     def merged_weight(self) -> torch.Tensor:
         """m * (W + s B A) / ||W + s B A||_row, (out, in)."""

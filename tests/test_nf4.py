@@ -9,10 +9,11 @@ from llmopt.quant.nf4 import (NF4_LEVELS, bits_per_parameter, dequantize_absmax,
 
 @pytest.mark.parametrize("shape", [(64, 96), (33, 7), (576, 1536)])
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_error_within_bound(shape, double_quant):
+@pytest.mark.parametrize("scale", ["absmax", "mse"])
+def test_error_within_bound(shape, double_quant, scale):
     torch.manual_seed(0)
     w = torch.randn(shape) * 0.02
-    q = quantize_nf4(w, double_quant=double_quant)
+    q = quantize_nf4(w, double_quant=double_quant, scale=scale)
     err = (dequantize_nf4(q) - w).abs()
     assert (err <= nf4_error_bound(w, q)).all()
     assert dequantize_nf4(q).shape == w.shape
@@ -74,6 +75,24 @@ def test_matches_bitsandbytes():
     bound = nf4_error_bound(w, quantize_nf4(w))
     assert ((ours - w).abs() <= bound).all()
     assert (theirs - ours).abs().max() < 0.01 * w.abs().max()
+
+
+def test_mse_scale_same_format_less_error():
+    torch.manual_seed(0)
+    w = torch.randn(576, 1536) * 0.02
+    w[::7, ::5] *= 4  # heavy-tailed blocks, where a scale below the absmax pays off
+    for double_quant in (False, True):
+        a, m = (quantize_nf4(w, double_quant=double_quant, scale=s) for s in ("absmax", "mse"))
+        assert [(t.dtype, t.shape) for t in a.tensors()] == [(t.dtype, t.shape) for t in m.tensors()]
+        assert bits_per_parameter(a) == bits_per_parameter(m)
+        err_a, err_m = ((dequantize_nf4(q) - w).square().sum() for q in (a, m))
+        assert err_m < 0.95 * err_a
+    # per block, without double quantization, never worse than absmax (absmax is the first candidate)
+    a, m = (quantize_nf4(w, double_quant=False, scale=s) for s in ("absmax", "mse"))
+    per_block = [(dequantize_nf4(q) - w).square().view(-1, 64).sum(1) for q in (a, m)]
+    assert (per_block[1] <= per_block[0]).all()
+    with pytest.raises(ValueError, match="scale must be"):
+        quantize_nf4(w, scale="max")
 
 
 def test_bad_arguments():

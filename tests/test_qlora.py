@@ -176,7 +176,7 @@ def test_bnb_backend_matches_ours():
     ours = nn.Sequential(nn.Linear(128, 64))
     ours.load_state_dict(model.state_dict())
     apply_(model, QLoRAConfig(r=4, backend="bnb", double_quant=False, target=("0",)))
-    apply_(ours, QLoRAConfig(r=4, double_quant=False, target=("0",)))
+    apply_(ours, QLoRAConfig(r=4, double_quant=False, nf4_scale="absmax", target=("0",)))
     x = torch.randn(3, 128)
     torch.testing.assert_close(model(x), ours(x), atol=1e-5, rtol=1e-5)  # the same NF4 weight, B = 0
     model(x).sum().backward()

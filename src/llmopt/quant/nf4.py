@@ -16,9 +16,17 @@ costs 8/64 + 32/(64*256) = 0.127 bits/param, so NF4 with double quantization sto
 bitsandbytes stores the centered absmax with its 8-bit "dynamic" float map instead of linear int8;
 both are 8 bits per scale, and the codes are chosen with the exact absmax in both.
 
-Error bound: an element of a block with absmax `a` is off by at most half the widest gap between
-neighbouring levels times `a` (0.1519 a, between -1 and -0.6962), plus, with double quantization, the
-error of its dequantized absmax (at most half an int8 step of its scale block): `nf4_error_bound`.
+Block scale (`scale=`): "absmax" (bitsandbytes' choice, byte for byte) divides each block by its
+absmax. "mse" tries `MSE_SCALE_MULTIPLIERS` x absmax per block and keeps the one with the smallest
+squared error of the block (codes re-chosen by nearest level for each candidate; values beyond the
+scale go to the +-1 level). The storage format, the decoding and the bit budget are the same; only
+the stored scale values differ. On SmolLM2-135M's Linear weights it lowers the squared weight error
+by ~16% (relative MSE 0.00874 -> 0.0073) at ~8x the quantization time.
+
+Error bound: an element of a block whose scale was `s0` is off by at most max(half the widest gap
+between neighbouring levels times s0 (0.1519 s0, between -1 and -0.6962), absmax - s0) (the second
+when the scale is below the absmax and the value is clipped to +-1), plus, with double quantization,
+the error of its stored scale (at most half an int8 step of its scale block): `nf4_error_bound`.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ NF4_MAX_HALF_GAP = float((NF4_LEVELS[1:] - NF4_LEVELS[:-1]).max() / 2)
 """Largest rounding error in units of a block's absmax (0.1519, between -1 and -0.6962)."""
 
 _MIDPOINTS = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
+MSE_SCALE_MULTIPLIERS = (1.0, 0.96, 0.92, 0.88, 0.84, 0.8, 0.76, 0.72)
+"""Candidate block scales for scale="mse", as multiples of the block's absmax (1.0 first: ties keep absmax)."""
 _PAIR_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -81,14 +91,19 @@ class NF4Weight:
 
 
 def quantize_nf4(weight: torch.Tensor, *, block_size: int = 64, double_quant: bool = True,
-                 dq_block_size: int = 256) -> NF4Weight:
-    """Quantize `weight` (any shape, any float dtype) to NF4 with per-block absmax, optionally double-quantized."""
+                 dq_block_size: int = 256, scale: str = "absmax") -> NF4Weight:
+    """Quantize `weight` (any shape, any float dtype) to NF4 with per-block scales, optionally double-quantized.
+
+    `scale="absmax"` (bitsandbytes' codes byte for byte) or `"mse"` (per block, the multiple of the absmax in
+    `MSE_SCALE_MULTIPLIERS` with the smallest squared error; same format and size)."""
     if block_size <= 0 or block_size % 2:
         raise ValueError(f"block_size must be a positive even number, got {block_size}; use 64")
     if dq_block_size <= 0:
         raise ValueError(f"dq_block_size must be positive, got {dq_block_size}; use 256")
     if not weight.is_floating_point():
         raise TypeError(f"quantize_nf4 takes a floating-point weight, got {weight.dtype}")
+    if scale not in ("absmax", "mse"):
+        raise ValueError(f"scale must be 'absmax' or 'mse', got {scale!r}")
     shape = tuple(weight.shape)
     flat = weight.detach().reshape(-1).float()
     pad = (-flat.numel()) % block_size
@@ -97,9 +112,20 @@ def quantize_nf4(weight: torch.Tensor, *, block_size: int = 64, double_quant: bo
     blocks = flat.view(-1, block_size)  # (n_blocks, block_size)
     absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    normalized = blocks / safe[:, None]
-    idx = torch.bucketize(normalized, _MIDPOINTS.to(flat.device)).to(torch.uint8)  # nearest level; ties go down
-    idx = idx.view(-1, 2)
+    midpoints = _MIDPOINTS.to(flat.device)
+    idx = torch.bucketize(blocks / safe[:, None], midpoints)  # nearest level; ties go down
+    if scale == "mse":
+        levels = NF4_LEVELS.to(flat.device)
+        best = (blocks - levels[idx] * safe[:, None]).square_().sum(dim=1)
+        for mult in MSE_SCALE_MULTIPLIERS[1:]:
+            cand_scale = safe * mult
+            cand = torch.bucketize(blocks / cand_scale[:, None], midpoints)
+            err = (blocks - levels[cand] * cand_scale[:, None]).square_().sum(dim=1)
+            better = err < best
+            best = torch.where(better, err, best)
+            idx = torch.where(better[:, None], cand, idx)
+            absmax = torch.where(better, cand_scale, absmax)  # the stored scale (zero blocks keep 0)
+    idx = idx.to(torch.uint8).view(-1, 2)
     codes = (idx[:, 0] << 4) | idx[:, 1]
     if not double_quant:
         return NF4Weight(codes=codes, absmax=absmax, absmax_scale=None, absmax_offset=None, shape=shape,
@@ -167,16 +193,26 @@ def bits_per_parameter(q: NF4Weight) -> float:
 
 
 def nf4_error_bound(weight: torch.Tensor, q: NF4Weight) -> torch.Tensor:
-    """Per-element bound (weight's shape) on |weight - dequantize_nf4(q)| in fp32 arithmetic (tiny slack added)."""
+    """Per-element bound (weight's shape) on |weight - dequantize_nf4(q)| in fp32 arithmetic (tiny slack added).
+
+    Holds for any block scale s0 the codes were chosen with (absmax or "mse"): an element is off by at most
+    max(0.1519 s0, absmax - s0) + |s0 - stored|, where s0 is within half an int8 step of the stored scale
+    (double quantization) or equal to it."""
     flat = weight.detach().reshape(-1).float()
     n_blocks = -(-flat.numel() // q.block_size)
     exact = F.pad(flat, (0, n_blocks * q.block_size - flat.numel())).view(-1, q.block_size).abs().amax(dim=1)
     stored = dequantize_absmax(q)
-    per_block = NF4_MAX_HALF_GAP * exact + (stored - exact).abs()  # rounding + scale error (|level| <= 1)
+    if q.double_quant:  # |s0 - stored| <= half the int8 step of the scale's group
+        step = q.absmax_scale[:, None].expand(-1, q.dq_block_size).reshape(-1)[:n_blocks]
+        half = step / 2 * (1 + 1e-5) + 1e-7 * stored.abs()
+    else:
+        half = torch.zeros_like(stored)
+    s_hi, s_lo = stored + half, (stored - half).clamp_min(0)
+    per_block = torch.maximum(NF4_MAX_HALF_GAP * s_hi, exact - s_lo).clamp_min(0) + half  # rounding/clip + scale
     per_block = per_block * (1 + 1e-5) + 1e-7 * exact  # fp32 rounding of the multiply and divide
     bound = per_block[:, None].expand(-1, q.block_size).reshape(-1)[:flat.numel()]
     return bound.view(weight.shape)
 
 
-__all__ = ["NF4_LEVELS", "NF4_MAX_HALF_GAP", "NF4Weight", "bits_per_parameter", "dequantize_absmax",
+__all__ = ["MSE_SCALE_MULTIPLIERS", "NF4_LEVELS", "NF4_MAX_HALF_GAP", "NF4Weight", "bits_per_parameter", "dequantize_absmax",
            "dequantize_nf4", "dequantize_nf4_codes", "nf4_error_bound", "quantize_nf4"]

@@ -50,6 +50,11 @@ class QLoRAConfig(LoRAConfig):
     """Weights per absmax block."""
     double_quant: bool = True
     """Quantize the absmax scales to int8 (blocks of 256) as well."""
+    nf4_scale: Literal["absmax", "mse"] = "absmax"
+    """Block scale: "absmax" (bitsandbytes' codes byte for byte) or "mse" (the multiple of the block's absmax with
+    the least squared weight error; same format and bits). "mse" lowers the weight error by ~16% on SmolLM2 but
+    raised the held-out loss gap (1.039x -> 1.066x of bf16 at step 0): it clips the outliers that matter most.
+    backend="bnb" always uses absmax."""
     quantize: tuple[str, ...] = ("all-linear",)
     """Linear modules stored as frozen NF4 without an adapter (same patterns as `target`; `exclude` applies).
     The targets are always quantized; `()` quantizes the targets only. Default: every Linear but `lm_head`."""
@@ -60,6 +65,8 @@ class QLoRAConfig(LoRAConfig):
         super().__post_init__()
         if self.block_size <= 0 or self.block_size % 2:
             raise ValueError(f"block_size must be a positive even number, got {self.block_size}; use 64")
+        if self.nf4_scale not in ("absmax", "mse"):
+            raise ValueError(f"nf4_scale must be 'absmax' or 'mse', got {self.nf4_scale!r}")
         if self.backend == "bnb" and self.block_size != 64:
             raise ValueError("backend='bnb' is used with block_size=64 here; drop block_size or use backend='llmopt'")
 
@@ -95,6 +102,7 @@ class NF4Linear(nn.Module):
         self.out_features, self.in_features = q.shape
         self.block_size, self.dq_block_size = q.block_size, q.dq_block_size
         self.compute_dtype, self.dtype = compute_dtype, dtype
+        self.nf4_scale = "absmax"  # how the block scales were chosen; merge_ requantizes the same way
         self.register_buffer("nf4_codes", q.codes)
         self.register_buffer("nf4_absmax", q.absmax)
         self.register_buffer("nf4_absmax_scale", q.absmax_scale)
@@ -103,8 +111,11 @@ class NF4Linear(nn.Module):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, compute_dtype: torch.dtype,
-                    block_size: int = 64, double_quant: bool = True) -> NF4Linear:
-        return cls(_quantize(weight, block_size, double_quant), bias, compute_dtype=compute_dtype, dtype=weight.dtype)
+                    block_size: int = 64, double_quant: bool = True, scale: str = "absmax") -> NF4Linear:
+        new = cls(_quantize(weight, block_size, double_quant, scale), bias, compute_dtype=compute_dtype,
+                  dtype=weight.dtype)
+        new.nf4_scale = scale
+        return new
 
     @property
     def nf4(self) -> NF4Weight:
@@ -144,9 +155,9 @@ class NF4Linear(nn.Module):
                 f"compute_dtype={self.compute_dtype}")
 
 
-def _quantize(weight: torch.Tensor, block_size: int, double_quant: bool) -> NF4Weight:
+def _quantize(weight: torch.Tensor, block_size: int, double_quant: bool, scale: str = "absmax") -> NF4Weight:
     if not weight.is_meta:
-        return quantize_nf4(weight, block_size=block_size, double_quant=double_quant)
+        return quantize_nf4(weight, block_size=block_size, double_quant=double_quant, scale=scale)
     # meta model: the right shapes, no values (quantize_nf4 on a real tensor of the same shape would match)
     template = quantize_nf4(torch.zeros(1, block_size), block_size=block_size, double_quant=double_quant)
     n = weight.numel()
@@ -183,7 +194,8 @@ class QLoRALinear(NF4Linear):
         with torch.no_grad():
             merged = self.dequantized_weight(torch.float32) + (self.lora_B @ self.lora_A).float() * self.scale
         return NF4Linear.from_weight(merged.to(self.dtype), self.bias, compute_dtype=self.compute_dtype,
-                                     block_size=self.block_size, double_quant=self.nf4_absmax_scale is not None)
+                                     block_size=self.block_size, double_quant=self.nf4_absmax_scale is not None,
+                                     scale=self.nf4_scale)
 
 
 class BnbQLoRALinear(nn.Module):
@@ -286,9 +298,11 @@ def apply_qlora(model: nn.Module, config: QLoRAConfig, *, filter_fn=None) -> App
         if config.backend == "bnb":
             return BnbQLoRALinear(module, r=config.r, alpha=config.alpha, dropout=config.dropout,
                                   compute_dtype=compute_dtype, double_quant=config.double_quant)
-        return QLoRALinear(_quantize(module.weight, config.block_size, config.double_quant), module.bias,
-                           r=config.r, alpha=config.alpha, dropout=config.dropout, compute_dtype=compute_dtype,
-                           dtype=module.weight.dtype)
+        new = QLoRALinear(_quantize(module.weight, config.block_size, config.double_quant, config.nf4_scale),
+                          module.bias, r=config.r, alpha=config.alpha, dropout=config.dropout,
+                          compute_dtype=compute_dtype, dtype=module.weight.dtype)
+        new.nf4_scale = config.nf4_scale
+        return new
 
     report = apply_adapters(model, target=config.target, exclude=config.exclude, build=build, filter_fn=filter_fn)
     if not report.changed:
@@ -300,7 +314,8 @@ def apply_qlora(model: nn.Module, config: QLoRAConfig, *, filter_fn=None) -> App
             if config.backend == "bnb":
                 return _bnb_linear4bit(module, compute_dtype=compute_dtype, double_quant=config.double_quant)
             return NF4Linear.from_weight(module.weight, module.bias, compute_dtype=compute_dtype,
-                                         block_size=config.block_size, double_quant=config.double_quant)
+                                         block_size=config.block_size, double_quant=config.double_quant,
+                                         scale=config.nf4_scale)
 
         select = fqn_filter(include=config.quantize, exclude=config.exclude)
         report.changed.update(replace_modules(model, {nn.Linear: quantize_only}, filter_fn=select,

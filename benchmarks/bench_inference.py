@@ -119,7 +119,7 @@ def bench_kv(args):
     fp16 = KVCache(c.n_layer, 1, c.n_kv_head, L, c.head_dim, torch.float16).bytes_per_token
     for bits in (8, 4, 2):
         q16 = make_quantized_cache(model, 1, L, bits=bits, dtype=torch.float16, residual_length=args.residual,
-                                   group_size=args.group)
+                                   group_size=args.group, rotate=args.rotate, kernel=args.kernel)
         emit(bench="kv/bytes", bits=bits, context=L, bytes_per_token=q16.bytes_per_token,
              fp16_bytes_per_token=fp16, ratio_vs_fp16=q16.bytes_per_token / fp16,
              worst_case_ratio=max(q16.bytes_at(n) / n for n in range(L - 64, L + 1)) / fp16)
@@ -129,12 +129,13 @@ def bench_kv(args):
     windows = [ids[i * L:(i + 1) * L][None] for i in range(args.windows)]
     caches = {"fp32": make_cache(model, 1, L)}
     caches.update({f"int{b}": make_quantized_cache(model, 1, L, bits=b, residual_length=args.residual,
-                                                   group_size=args.group)
+                                                   group_size=args.group, rotate=args.rotate, kernel=args.kernel)
                    for b in (8, 4, 2)})
     nll = {}
     for name, cache in caches.items():
         nll[name] = sum(_nll_with_cache(model, w, cache, args.chunk) for w in windows) / len(windows)
-        emit(bench="kv/perplexity", cache=name, residual=args.residual, group=args.group, windows=len(windows),
+        emit(bench="kv/perplexity", cache=name, residual=args.residual, group=args.group, rotate=args.rotate,
+             windows=len(windows),
              tokens_per_window=L, chunk=args.chunk,
              nll=nll[name], ppl=float(torch.tensor(nll[name]).exp()),
              ppl_ratio_vs_fp32=float(torch.tensor(nll[name] - nll["fp32"]).exp()))
@@ -282,6 +283,8 @@ def main():
     p.add_argument("--residual", type=int, default=0)
     p.add_argument("--group", type=int, default=64)
     p.add_argument("--no-decode", action="store_true", help="kv: perplexity and bytes only")
+    p.add_argument("--rotate", choices=["none", "values", "both"], default="none", help="kv: Hadamard rotation")
+    p.add_argument("--kernel", choices=["auto", "torch", "c"], default="auto", help="kv: decode attention path")
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--speed-tokens", type=int, default=32)
     p.add_argument("--draft")

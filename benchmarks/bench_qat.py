@@ -9,6 +9,11 @@
    (prepare -> train -> convert) as a peer column.
 3. PTQ: the fp32 continuation quantized to the same format without training (QAT prepare + convert).
 Recovery = (PTQ - QAT) / (PTQ - fp32) on the validation loss (the goal is >= 0.70).
+
+`--model smollm2-135m` skips step 1 and fine-tunes the pretrained SmolLM2-135M (bundled package, its own
+tokenizer) on the bundled corpus instead: a model trained long enough for PTQ to open a gap, which a demo
+model trained for minutes does not. `--group-size 0` quantizes per output channel; `--ptq-only` prints the
+PTQ gap of the starting model for the formats given to `--probe-groups` and stops.
 """
 
 from __future__ import annotations
@@ -35,6 +40,11 @@ def main() -> None:
     parser.add_argument("--max-chars", type=int, default=2_000_000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--model", default="demo", choices=("demo", "smollm2-135m"))
+    parser.add_argument("--group-size", type=int, default=32, help="int4 weight group size; 0 = per output channel")
+    parser.add_argument("--ptq-only", action="store_true")
+    parser.add_argument("--probe-groups", default="32,64,128,0")
+    parser.add_argument("--val-batches", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -42,7 +52,8 @@ def main() -> None:
     from llmopt.recipes import get_recipe
     from llmopt.train.loop import evaluate, lr_at, prepare_run
 
-    run = get_recipe("demo")
+    run = get_recipe("demo" if args.model == "demo" else "finetune_lora")
+    run.techniques = []
     run.data.max_chars = args.max_chars
     run.train.batch_size, run.train.seq_len = args.batch_size, args.seq_len
     import tempfile
@@ -65,15 +76,31 @@ def main() -> None:
         return m
 
     def val(m):
-        return evaluate(m, val_ids, batch_size=args.batch_size, seq_len=args.seq_len, batches=16)
+        return evaluate(m, val_ids, batch_size=args.batch_size, seq_len=args.seq_len, batches=args.val_batches)
 
     t0 = time.perf_counter()
-    train(model, args.pretrain_steps, seed=1, lr_peak=args.lr * 3, warmup=20)
-    print(f"pretrained {args.pretrain_steps} steps in {time.perf_counter() - t0:.0f} s, val {val(model):.4f}", flush=True)
-    config = QATConfig(weight="int4", group_size=32, activations="int8")
+    if args.model == "demo":
+        train(model, args.pretrain_steps, seed=1, lr_peak=args.lr * 3, warmup=20)
+    print(f"start model: {args.model}, pretrained {args.pretrain_steps if args.model == 'demo' else 'upstream'} "
+          f"({time.perf_counter() - t0:.0f} s), val {val(model):.4f}", flush=True)
+    if args.ptq_only:
+        probe = {"fp32": val(model)}
+        for g in (int(v) for v in args.probe_groups.split(",")):
+            q = copy.deepcopy(model)
+            apply_(q, QATConfig(weight="int4", group_size=g or None, activations="int8"))
+            convert_qat_(q)
+            key = f"int4 {'g' + str(g) if g else 'per-channel'} + int8 act"
+            probe[key] = val(q)
+            print(f"PTQ {key}: {probe[key]:.4f} ({probe[key] / probe['fp32']:.3f}x fp32)", flush=True)
+        print(json.dumps(probe, indent=1))
+        return
+    group = args.group_size or None
+    config = QATConfig(weight="int4", group_size=group, activations="int8")
+    results: dict = {"model": args.model, "group_size": args.group_size or "per-channel", "steps": args.steps,
+                     "lr": args.lr, "batch": [args.batch_size, args.seq_len]}
 
     fp32 = train(copy.deepcopy(model), args.steps, seed=2, lr_peak=args.lr, warmup=5)
-    results = {"fp32": val(fp32)}
+    results["fp32"] = val(fp32)
     ptq = copy.deepcopy(fp32)
     apply_(ptq, config)
     convert_qat_(ptq)
@@ -92,14 +119,14 @@ def main() -> None:
 
     try:
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-        from torchao.quantization.granularity import PerGroup
+        from torchao.quantization.granularity import PerAxis, PerGroup
         from torchao.quantization.qat import QATConfig as TorchaoQATConfig
     except ImportError as e:
         results["torchao"] = f"not installed: {e}"
     else:
         # The same format as ours (int4 symmetric group-32 weights, int8 dynamic per-token activations; torchao's
         # activations are asymmetric) on the same Linears: lm_head stays full precision in both.
-        base = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32))
+        base = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group) if group else PerAxis(0))
         only_blocks = lambda mod, fqn: isinstance(mod, torch.nn.Linear) and not fqn.endswith("lm_head")  # noqa: E731
         peer = copy.deepcopy(model)
         quantize_(peer, TorchaoQATConfig(base, step="prepare"), filter_fn=only_blocks)

@@ -111,7 +111,7 @@ def test_linear_dispatches_decode_rows_to_the_c_kernel(bits, group):
     x = torch.randn(2, 3, 192)  # 6 rows <= GEMV_MAX_ROWS
     with torch.no_grad():
         y = module(x)
-    assert module.__dict__["_gemv_plan_cache"][1] is not None
+    assert module.__dict__["_gemv_plan_cache"][-1] is not None
     torch.testing.assert_close(y, (x @ dequantize_weight(q).t() + bias).detach(), atol=1e-5, rtol=1e-5)
 
 
@@ -136,7 +136,7 @@ def test_linear_falls_back_to_torch_without_a_compiler(monkeypatch):
     x = torch.randn(1, 192)
     with torch.no_grad():
         y = module(x)
-    assert module.__dict__["_gemv_plan_cache"][1] is None
+    assert module.__dict__["_gemv_plan_cache"][-1] is None
     torch.testing.assert_close(y, x @ dequantize_weight(q).t() + bias.detach(), atol=0.05, rtol=0.02)
 
 
@@ -164,3 +164,15 @@ def test_plan_follows_load_state_dict_and_survives_deepcopy():
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, expected)
     torch.testing.assert_close(again, expected)
+
+
+def test_linear_fast_path_keeps_shapes_and_refuses_a_wrong_width():
+    module, q, bias = _linear(8, None)
+    w = dequantize_weight(q)
+    with torch.no_grad():
+        one = torch.randn(192)
+        torch.testing.assert_close(module(one), one @ w.t() + bias, atol=1e-5, rtol=1e-5)  # 1-D in, 1-D out
+        strided = torch.randn(4, 2, 192).transpose(0, 1)  # not contiguous: copied first
+        torch.testing.assert_close(module(strided), strided @ w.t() + bias, atol=1e-5, rtol=1e-5)
+        with pytest.raises(RuntimeError):
+            module(torch.randn(1, 96))  # 96 * 1 <= 8 * 192 values, but not rows of 192

@@ -451,7 +451,11 @@ class IntGemvPlan:
 
     def __call__(self, x2d: torch.Tensor, threads: int) -> torch.Tensor:
         """x2d: contiguous fp32 CPU (M, K), no autograd (the caller checks; nothing is checked here)."""
-        M = x2d.shape[0]
-        y = torch.empty(M, self.N)
-        self._fn(self._ref, x2d.data_ptr(), y.data_ptr(), M, threads)
+        return self.run(x2d, (x2d.shape[0], self.N), x2d.shape[0], threads)
+
+    def run(self, x: torch.Tensor, out_shape: tuple[int, ...], M: int, threads: int) -> torch.Tensor:
+        """The decode fast path: x contiguous fp32 CPU holding M rows of K (any leading shape), the output
+        (M * N values) allocated as `out_shape`; nothing is checked here (a reshape costs as much as the call)."""
+        y = torch.empty(out_shape)
+        self._fn(self._ref, x.data_ptr(), y.data_ptr(), M, threads)
         return y

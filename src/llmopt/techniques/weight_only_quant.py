@@ -165,35 +165,40 @@ class IntWeightOnlyLinear(nn.Module):
         return scales
 
     def _gemv_plan(self) -> IntGemvPlan | None:
-        """The C decode kernel's prepared weight (int4: with its (blocks, groups, 2, 32) scale copy), cached like
-        `_kernel_scales` on the buffers' identity and version counters; None when no C compiler is available."""
-        z = self.qzero
-        key = (self.qcodes.data_ptr(), self.qcodes._version, self.qscale.data_ptr(), self.qscale._version,
-               None if z is None else (z.data_ptr(), z._version))
+        """The C decode kernel's prepared weight (int4: with its (blocks, groups, 2, 32) scale copy), cached on the
+        buffers' identity and version counters (a `.to()` replaces them, `load_state_dict` bumps the versions);
+        None when no C compiler is available. Read through `_buffers`: `nn.Module.__getattr__` is slow on a path
+        taken ~200 times per decoded token."""
+        buffers = self._buffers
+        codes, scale, zero = buffers["qcodes"], buffers["qscale"], buffers["qzero"]
+        versions = (codes._version, scale._version, None if zero is None else zero._version)
         cached = self.__dict__.get("_gemv_plan_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if (cached is not None and cached[0] is codes and cached[1] is scale and cached[2] is zero
+                and cached[3] == versions):
+            return cached[4]
         plan = None
         if int_gemv_available():
             with torch.no_grad():
                 if self.bits == 8:
-                    plan = IntGemvPlan(8, self.qcodes, self.qscale, z, self.qshape, self.group_size)
+                    plan = IntGemvPlan(8, codes, scale, zero, self.qshape, self.group_size)
                 else:
-                    sz = int4_kernel_scales(self.qscale, z, self.qcodes.shape[0])
-                    plan = IntGemvPlan(4, self.qcodes, sz, None, self.qshape, self.group_size)
-        self.__dict__["_gemv_plan_cache"] = (key, plan)
+                    sz = int4_kernel_scales(scale, zero, codes.shape[0])
+                    plan = IntGemvPlan(4, codes, sz, None, self.qshape, self.group_size)
+        self.__dict__["_gemv_plan_cache"] = (codes, scale, zero, versions, plan)
         return plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2d = x.reshape(-1, self.in_features)  # (M, K)
-        if (x2d.shape[0] <= GEMV_MAX_ROWS and self.kernel == "auto" and x2d.dtype == torch.float32
-                and x2d.device.type == "cpu" and not (x2d.requires_grad and torch.is_grad_enabled())):
+        K = self.in_features
+        if (self.kernel == "auto" and x.is_cpu and x.dtype == torch.float32 and x.numel() <= GEMV_MAX_ROWS * K
+                and x.shape[-1] == K and not (x.requires_grad and torch.is_grad_enabled())):  # decode: the C kernels, no reshapes
             plan = self._gemv_plan()
             if plan is not None:
-                y = plan(x2d if x2d.is_contiguous() else x2d.contiguous(), torch.get_num_threads())
+                y = plan.run(x if x.is_contiguous() else x.contiguous(), (*x.shape[:-1], self.out_features),
+                             x.numel() // K, torch.get_num_threads())
                 if self.bias is not None:
                     y += self.bias
-                return y.view(*x.shape[:-1], self.out_features)
+                return y
+        x2d = x.reshape(-1, K)  # (M, K)
         if self._use_kernel(x2d):
             xb = x2d.to(torch.bfloat16)
             if self.bits == 8:

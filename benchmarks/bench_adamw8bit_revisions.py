@@ -3,10 +3,10 @@ optionally an earlier revision, same run.
 
 Rows: `llmopt_adamw8bit` (the default, `backend="auto"`: the fused C kernel on CPU fp32),
 `llmopt_adamw8bit_torch` (`backend="torch"`, the eager reference path), and with `--before REV` the
-`llmopt/optim/adamw8bit.py` and `quantization.py` of that git revision, loaded into a temporary package. Parameters: Llama-style dim-512 shapes (embedding 4096 x 512, two layers of q, k, v, o
-512 x 512 and gate/up/down 2048 x 512, four norms: 10.5M), fixed N(0, 1e-3) gradients, fp32, `--threads`
-threads (default 1).
-Every optimizer steps once per round in a rotating order; ratios to AdamW's time of the same round, median
+`llmopt/optim/adamw8bit.py` and `quantization.py` of that git revision, loaded into a temporary package.
+Parameters: Llama-style dim-512 shapes (embedding 4096 x 512, two layers of q, k, v, o 512 x 512 and
+gate/up/down 2048 x 512, four norms: 10.5M), fixed N(0, 1e-3) gradients, fp32, `--threads` threads
+(default 1). Every optimizer steps once per round in a rotating order; ratios to AdamW's time of the same round, median
 (min-max) over rounds, for wall time and for the thread's CPU time (less sensitive to a loaded machine).
 
     python benchmarks/bench_adamw8bit_revisions.py --rounds 11 --threads 1 --out docs/results/x.json

@@ -83,7 +83,8 @@ def test_kernel_with_nonzero_padding_codes_and_large_gradients():
 def test_auto_uses_the_kernel_on_cpu_fp32_and_keeps_small_tensors_in_fp32():
     shapes = ((128, 64), (300,))  # 8192 elements in 8 bits, 300 under min_8bit_size (4096) in fp32
     a, b, c = _params(shapes), _params(shapes), _params(shapes)
-    auto, fused, ref = AdamW8bit(a, lr=1e-2), AdamW8bit(b, lr=1e-2, backend="cpu"), AdamW8bit(c, lr=1e-2, backend="torch")
+    auto, fused = AdamW8bit(a, lr=1e-2), AdamW8bit(b, lr=1e-2, backend="cpu")
+    ref = AdamW8bit(c, lr=1e-2, backend="torch")
     for grads in _grads(shapes, 3):
         for opt, ps in ((auto, a), (fused, b), (ref, c)):
             _step(opt, ps, grads)

@@ -19,8 +19,9 @@ for bit on finite values (tested over several steps and odd sizes, and the softw
 against torch's on a million bit patterns). The parameters differ by the square root alone: the kernel's
 `sqrtf` is IEEE-exact, torch's CPU `sqrt` (MKL vector math) is one ulp off in about a fifth of the
 elements, so an updated parameter is within a few ulp of the torch path's. `-ffast-math` is switched off
-for this source (reassociation, reciprocals and finite-only assumptions would change the rounding); NaN
-and inf are not matched element for element (the block max skips NaN where torch's `amax` keeps it).
+for this source by a GCC pragma (reassociation, reciprocals and finite-only assumptions would change the
+rounding; clang ignores the pragma, and the tests would show any drift). NaN and inf are not matched
+element for element (the block max skips NaN where torch's `amax` keeps it).
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ by that round's baseline time, and the median (min-max) of the per-round ratios 
            transformer (`demo` with max_seq_len 8,448) with a dense KV cache at 8,192, and cache bytes at
            128 / 2,048 / 8,192 positions. `mamba` is the default (scan="auto": on fp32 CPU the whole block in
            one C call per layer, `mamba_block_step_cpu`); `mamba_torch` the same weights with scan="chunked"
-           (the torch decode step); `mamba_fused` the same weights after `use_fused_scan_` (C between the
-           projections only, `mamba_decode_step_cpu`).
+           (the torch decode step); `mamba_mixer_c` the same weights with the C step between the projections
+           only (`mamba_decode_step_cpu`, what `use_fused_scan_` installed before the whole-block step).
   quality  validation-loss curves of runs trained with `llmopt train demo|demo_mamba|demo_retnet` (and
            demo_mamba2 when present; run them first, see docs/results/linear_time_quality.md), drawn in one
            plot with `llmopt.measure.plots.plot_curves`.
@@ -41,7 +41,7 @@ import torch
 
 from llmopt.inference import make_cache
 from llmopt.models import ModelConfig, build_model
-from llmopt.kernels.scan import selective_scan_cpu, use_fused_scan_
+from llmopt.kernels.scan import mamba_decode_step_cpu, selective_scan_cpu
 from llmopt.kernels.scan_backward import CHECKPOINT_EVERY, selective_scan_cpu_autograd
 from llmopt.models.mamba import scan_chunked, scan_sequential
 
@@ -215,8 +215,9 @@ def bench_decode(rounds: int, steps: int = 16) -> dict:
               "transformer": build_model(ModelConfig.from_name("demo", max_seq_len=8192 + 256)).eval()}
     models["mamba_torch"] = copy.deepcopy(models["mamba"])
     models["mamba_torch"].set_scan("chunked")  # the torch decode step (the default before the C block step)
-    models["mamba_fused"] = copy.deepcopy(models["mamba"])
-    use_fused_scan_(models["mamba_fused"])  # C between the projections (mamba_decode_step_cpu)
+    models["mamba_mixer_c"] = copy.deepcopy(models["mamba"])
+    for layer in models["mamba_mixer_c"].layers:  # C between the projections only (the opt-in step before)
+        layer.mixer.step_fn = mamba_decode_step_cpu
     caches, positions = {}, {}
     for name, model in models.items():
         for ctx in ((128, 8192) if name in ("mamba", "retnet") else (8192,)):
@@ -244,7 +245,7 @@ def bench_decode(rounds: int, steps: int = 16) -> dict:
         result[k]["tokens_per_second"] = steps / result[k]["median_s"]
     bytes_at = {}
     for name, model in models.items():
-        if name in ("mamba_fused", "mamba_torch"):
+        if name in ("mamba_mixer_c", "mamba_torch"):
             continue
         row = {}
         for length in (128, 2048, 8192):
@@ -260,7 +261,7 @@ def bench_decode(rounds: int, steps: int = 16) -> dict:
             "mamba_vs_transformer_8k": result["mamba@8192"]["speedup"],
             "mamba_vs_transformer_8k_band": [1 / result["mamba@8192"]["ratio_max"], 1 / result["mamba@8192"]["ratio_min"]],
             "mamba_torch_vs_transformer_8k": result["mamba_torch@8192"]["speedup"],
-            "mamba_fused_vs_transformer_8k": result["mamba_fused@8192"]["speedup"],
+            "mamba_mixer_c_vs_transformer_8k": result["mamba_mixer_c@8192"]["speedup"],
             "retnet_vs_transformer_8k": result["retnet@8192"]["speedup"],
             "mamba_cache_saving_8k": 1 - bytes_at["mamba"][8192] / bytes_at["transformer"][8192],
             "retnet_cache_saving_8k": 1 - bytes_at["retnet"][8192] / bytes_at["transformer"][8192]}

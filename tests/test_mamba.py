@@ -233,8 +233,18 @@ def test_fused_scan_model_paths_agree_and_refuses_autograd():
         for t in range(9, 40):
             steps.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t]), cache=cache))
     torch.testing.assert_close(torch.cat(steps, 1), ref, atol=1e-5, rtol=1e-5)
-    prompt = idx[:, :5]  # the fused decode step (C conv + SSM step between the projections) in generate
+    prompt = idx[:, :5]  # the fused decode step (the whole block in C) in generate
     assert torch.equal(generate(model, prompt, 20).tokens, generate_reference(_model(), prompt, 20).tokens)
+    from llmopt.kernels.scan import mamba_decode_step_cpu
+
+    for layer in model.layers:  # the C step between the projections only, as a mixer's step_fn
+        layer.mixer.step_fn = mamba_decode_step_cpu
+    with torch.no_grad():
+        cache = make_cache(model, 2)
+        steps = [model(idx[:, :9], input_pos=torch.arange(9), cache=cache)]
+        for t in range(9, 40):
+            steps.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t]), cache=cache))
+    torch.testing.assert_close(torch.cat(steps, 1), ref, atol=1e-5, rtol=1e-5)
     x, dt, A, Bm, Cm, h0 = _scan_inputs(T=4)
     with pytest.raises(ValueError, match="no backward"):
         selective_scan_cpu(x.requires_grad_(), dt, A, Bm, Cm, h0)

@@ -298,19 +298,24 @@ def mamba_block_step_cpu(block, x: torch.Tensor, cache) -> torch.Tensor | None:
 
 
 def use_fused_scan_(model) -> dict:
-    """Make every Mamba layer's scan (full sequence and decode step) the fused kernel of its device: on CPU the C
-    scan with a backward (`selective_scan_cpu_autograd`, also what scan='auto' picks for fp32) and the decode
-    step between the projections (`mamba_decode_step_cpu`); on CUDA the Triton kernel (inference only, no
+    """Make every Mamba layer's scan (full sequence and decode step) the fused kernel of its device. On CPU:
+    scan="fused", i.e. the C scan with a backward (`llmopt.kernels.scan_backward`) for full sequences and the
+    whole-block C decode step (`mamba_block_step_cpu`); that is what the default scan="auto" already picks for
+    fp32 CPU models, so this only matters for a model set to "chunked" / "sequential", and it raises the
+    compiler's ImportError now instead of falling back. On CUDA: the Triton kernel (inference only, no
     backward). Returns {layer fqn: kernel}."""
-    from llmopt.kernels.scan_backward import selective_scan_cpu_autograd
+    from llmopt.kernels.scan_backward import _library
     from llmopt.models.mamba import MambaMixer
 
     changed = {}
     for name, module in model.named_modules():
         if isinstance(module, MambaMixer):
             cuda = module.A_log.device.type == "cuda"
-            module.scan_fn = selective_scan_triton if cuda else selective_scan_cpu_autograd
-            module.step_fn = None if cuda else mamba_decode_step_cpu
+            if cuda:
+                module.scan_fn = selective_scan_triton
+            else:
+                _library(), _c_library()  # a missing compiler: ImportError naming the fix, here and not later
+                module.scan, module.scan_fn, module.step_fn = "fused", None, None
             changed[name] = "triton" if cuda else "cpu"
     if not changed:
         raise ValueError("use_fused_scan_ found no MambaMixer in the model; it applies to family='mamba' models")

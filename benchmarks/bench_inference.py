@@ -283,7 +283,7 @@ def main():
     p.add_argument("--residual", type=int, default=0)
     p.add_argument("--group", type=int, default=64)
     p.add_argument("--no-decode", action="store_true", help="kv: perplexity and bytes only")
-    p.add_argument("--rotate", choices=["none", "values", "both"], default="none", help="kv: Hadamard rotation")
+    p.add_argument("--rotate", choices=["auto", "none", "values", "both"], default="auto", help="kv: Hadamard rotation")
     p.add_argument("--kernel", choices=["auto", "torch", "c"], default="auto", help="kv: decode attention path")
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--speed-tokens", type=int, default=32)

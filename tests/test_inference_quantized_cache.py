@@ -31,10 +31,11 @@ def test_quantization_error_within_half_a_step(bits):
     assert ((back - x).abs() <= bound).all()
 
 
-def _filled(bits, residual=0, group=8, length=40, seed=2):
+def _filled(bits, residual=0, group=8, length=40, seed=2, rotate="none"):
     """A cache of one layer with `length` random tokens written in chunks, and the dense k, v it saw."""
     gen = torch.Generator().manual_seed(seed)
-    cache = QuantizedKVCache(1, 2, 2, 64, 8, bits=bits, group_size=group, residual_length=residual, chunk_size=16)
+    cache = QuantizedKVCache(1, 2, 2, 64, 8, bits=bits, group_size=group, residual_length=residual, chunk_size=16,
+                             rotate=rotate)
     k = torch.randn(2, 2, length, 8, generator=gen)
     v = torch.randn(2, 2, length, 8, generator=gen)
     for start, end in [(0, 13), (13, 14), (14, 30), (30, length)]:
@@ -44,18 +45,22 @@ def _filled(bits, residual=0, group=8, length=40, seed=2):
     return cache, k, v
 
 
+@pytest.mark.parametrize("rotate", ["none", "both"])
 @pytest.mark.parametrize("bits", [8, 4, 2])
-def test_layout_and_stored_values_within_bounds(bits):
-    cache, k, v = _filled(bits, residual=4, group=8)
+def test_layout_and_stored_values_within_bounds(bits, rotate):
+    cache, k, v = _filled(bits, residual=4, group=8, rotate=rotate)
     # 40 tokens, window >= 4: 32 quantized (4 key groups), 8 kept in full precision
     assert cache.quantized == [32] and cache.seq_len == 40
-    dk, dv = cache.dequantize(0, 0, 32)
+    dk, dv = cache.dequantize(0, 0, 32, rotated=True)  # as stored: the bounds hold in the rotated basis
+    window_k = k[:, :, 32:]
+    if rotate == "both":  # stored = k H, v H (H orthonormal); the window stays unrotated
+        k, v = k @ cache.H, v @ cache.H
     step_k = (k[:, :, :32].view(2, 2, 4, 8, 8).amax(3) - k[:, :, :32].view(2, 2, 4, 8, 8).amin(3)) / (2 ** bits - 1)
     err_k = (dk - k[:, :, :32]).abs().view(2, 2, 4, 8, 8).amax(3)
     assert (err_k <= step_k * 0.51 + 1e-3).all()  # keys: per channel over each group of 8 tokens
     step_v = (v[:, :, :32].amax(-1) - v[:, :, :32].amin(-1)) / (2 ** bits - 1)
     assert ((dv - v[:, :, :32]).abs().amax(-1) <= step_v * 0.51 + 1e-3).all()  # values: per token
-    assert torch.equal(cache.k_window[0][:, :, :8], k[:, :, 32:])  # the window is exact
+    assert torch.equal(cache.k_window[0][:, :, :8], window_k)  # the window is exact
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -89,7 +89,7 @@ class QuantizedKVCache(KVCache):
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, *, bits: int = 4,
                  group_size: int = 64, residual_length: int = 0, chunk_size: int = 1024,
-                 static: bool = False, rotate: str = "none", kernel: str = "auto") -> None:
+                 static: bool = False, rotate: str = "auto", kernel: str = "auto") -> None:
         if bits not in (8, 4, 2):
             raise ValueError(f"QuantizedKVCache bits must be 8, 4 or 2, got {bits}")
         if static:
@@ -101,8 +101,10 @@ class QuantizedKVCache(KVCache):
         if residual_length < 0 or chunk_size < group_size:
             raise ValueError(f"need residual_length >= 0 and chunk_size >= group_size, got {residual_length}, "
                              f"{chunk_size}")
-        if rotate not in ("none", "values", "both"):
-            raise ValueError(f"rotate must be 'none', 'values' or 'both', got {rotate!r}")
+        if rotate not in ("auto", "none", "values", "both"):
+            raise ValueError(f"rotate must be 'auto', 'none', 'values' or 'both', got {rotate!r}")
+        if rotate == "auto":  # measured on SmolLM2 int4: ppl +3.3% unrotated, +1.1% with both rotated
+            rotate = "both" if head_dim & (head_dim - 1) == 0 else "none"
         self.rotate = rotate
         if kernel not in ("auto", "torch", "c"):
             raise ValueError(f"kernel must be 'auto', 'torch' or 'c', got {kernel!r}")
@@ -330,7 +332,7 @@ class QuantizedKVCache(KVCache):
 
 def make_quantized_cache(model, batch_size: int, max_len: int | None = None, *, bits: int = 4,
                          group_size: int = 64, residual_length: int = 0, chunk_size: int = 1024,
-                         dtype: torch.dtype | None = None, rotate: str = "none",
+                         dtype: torch.dtype | None = None, rotate: str = "auto",
                          kernel: str = "auto") -> QuantizedKVCache:
     """A `QuantizedKVCache` sized from `model.config`, on the model's device (window in the model's dtype)."""
     config = model.config

@@ -111,7 +111,8 @@ static inline __attribute__((always_inline)) void int8_rows(
       /* 32 codes of a row in one load; the four bytes of each 32-bit lane sign-extended with shifts (no shuffles),
          so vector j holds inputs k + 4 i + j: xp holds x permuted alike */
       __m256 xv[2][4];
-      for (int m = 0; m < MC; m++) for (int j = 0; j < 4; j++) xv[m][j] = _mm256_loadu_ps(xp + (m0 + m) * K + k + 8 * j);
+      for (int m = 0; m < MC; m++)
+        for (int j = 0; j < 4; j++) xv[m][j] = _mm256_loadu_ps(xp + (m0 + m) * K + k + 8 * j);
       for (int r = 0; r < R; r++) {
         const int8_t* row = codes + (r0 + r) * K;
         __builtin_prefetch(row + INT8_R * K + k);  /* the next block's row, one line ahead */
@@ -157,8 +158,8 @@ static inline __attribute__((always_inline)) void int8_rows(
   for (int m = 0; m < MC; m++) for (int r = 0; r < R; r++) y[(m0 + m) * N + r0 + r] = out[m][r];
 }
 
-static void int8_block(const float* x, const float* xp, const int8_t* codes, const void* scale, const void* zero, int sbf16,
-                       const float* xs, float* y, long M, long N, long K, long g, long r0) {
+static void int8_block(const float* x, const float* xp, const int8_t* codes, const void* scale, const void* zero,
+                       int sbf16, const float* xs, float* y, long M, long N, long K, long g, long r0) {
   if (N - r0 >= INT8_R) {
     long m0 = 0;
     for (; m0 + 2 <= M; m0 += 2) {  /* two activation rows x four weight rows, twice: rows stay in L1 */
@@ -214,7 +215,8 @@ static inline __attribute__((always_inline)) void int4_rows(
     float part[2][32];
 #ifdef __AVX2__
     __m256 acc[2][2][4];
-    for (int u = 0; u < U; u++) for (int m = 0; m < MC; m++) for (int j = 0; j < 4; j++) acc[u][m][j] = _mm256_setzero_ps();
+    for (int u = 0; u < U; u++)
+      for (int m = 0; m < MC; m++) for (int j = 0; j < 4; j++) acc[u][m][j] = _mm256_setzero_ps();
     const __m256i mask = _mm256_set1_epi32(0x0F);
     for (long k = k0; k < k0 + g; k += U) {  /* g is even, so U = 2 never crosses a group */
       __builtin_prefetch(blk + 16 * k + 1024);
@@ -287,7 +289,8 @@ void int4_gemv(const float* x, const uint8_t* packed, const void* sz, int sbf16,
 /* One entry for a prepared weight (`IntGemvPlan`): fewer ctypes arguments per call on the decode path. */
 typedef struct { long bits; const void* codes; const void* scale; const void* zero; long sbf16, N, K, g; } plan_t;
 void int_gemv_plan(const plan_t* p, const float* x, float* y, long M, int nthreads) {
-  if (p->bits == 8) int8_gemv(x, (const int8_t*)p->codes, p->scale, p->zero, (int)p->sbf16, y, M, p->N, p->K, p->g, nthreads);
+  if (p->bits == 8)
+    int8_gemv(x, (const int8_t*)p->codes, p->scale, p->zero, (int)p->sbf16, y, M, p->N, p->K, p->g, nthreads);
   else int4_gemv(x, (const uint8_t*)p->codes, p->scale, (int)p->sbf16, y, M, p->N, p->K, p->g, nthreads);
 }
 """
@@ -355,7 +358,8 @@ def int8_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: t
     """(M, N) fp32 = x (M, K) fp32 @ (codes * scale + zero)^T, codes int8 (N, K), scale/zero (N, K // group_size)."""
     N, K = codes.shape
     g = K if group_size is None else group_size
-    if codes.dtype != torch.int8 or K % g or scale.shape != (N, K // g) or (zero is not None and zero.shape != scale.shape):
+    if (codes.dtype != torch.int8 or K % g or scale.shape != (N, K // g)
+            or (zero is not None and zero.shape != scale.shape)):
         raise ValueError(f"int8_gemv takes int8 codes (N, K) and scales (N, K // group_size); got codes "
                          f"{codes.dtype} {tuple(codes.shape)}, scale {tuple(scale.shape)}, group_size {group_size}")
     x = _check_x(x, K, "int8_gemv")
@@ -431,8 +435,8 @@ class IntGemvPlan:
             Np = codes.shape[0]
             if codes.dtype != torch.uint8 or codes.shape != (Np, K // 2) or Np % 32 or Np < N or \
                     scale.shape != (Np // 32, K // group_size, 2, 32) or zero is not None:
-                raise ValueError(f"int4 plan takes packed codes (Np, K // 2) and int4_kernel_scales (Np // 32, G, 2, 32) "
-                                 f"with zero=None; got {tuple(codes.shape)}, {tuple(scale.shape)}")
+                raise ValueError(f"int4 plan takes packed codes (Np, K // 2) and int4_kernel_scales "
+                                 f"(Np // 32, G, 2, 32) with zero=None; got {tuple(codes.shape)}, {tuple(scale.shape)}")
         else:
             raise ValueError(f"bits must be 8 or 4, got {bits}")
         if K % group_size:

@@ -190,7 +190,8 @@ class IntWeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         K = self.in_features
         if (self.kernel == "auto" and x.is_cpu and x.dtype == torch.float32 and x.numel() <= GEMV_MAX_ROWS * K
-                and x.shape[-1] == K and not (x.requires_grad and torch.is_grad_enabled())):  # decode: the C kernels, no reshapes
+                and x.shape[-1] == K and not (x.requires_grad and torch.is_grad_enabled())):
+            # decode: the C kernels, without reshape / view (each costs about as much as the kernel call)
             plan = self._gemv_plan()
             if plan is not None:
                 y = plan.run(x if x.is_contiguous() else x.contiguous(), (*x.shape[:-1], self.out_features),

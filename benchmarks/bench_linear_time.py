@@ -24,7 +24,8 @@ by that round's baseline time, and the median (min-max) of the per-round ratios 
 
     python benchmarks/bench_linear_time.py --part scan train --rounds 5 --forward-rounds 3 --threads 1 \
         --out docs/results/bench_linear_time.json
-    python benchmarks/bench_linear_time.py --part decode --rounds 9 --threads 1 --out docs/results/bench_linear_time_decode.json
+    python benchmarks/bench_linear_time.py --part decode --rounds 9 --threads 1 \
+        --out docs/results/bench_linear_time_decode.json
     python benchmarks/bench_linear_time.py --part quality --runs runs/lt100 --out docs/results/linear_time_quality.json
 """
 
@@ -141,8 +142,8 @@ def bench_scan(rounds: int, forward_rounds: int, length: int = 2048) -> dict:
             t.grad = None
         forward_backward(scan)()
         grads[name] = [t.grad.clone() for t in inputs]
-    grad_err = {name: max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(grads[name], grads["sequential_scan"]))
-                for name in scans}
+    grad_err = {name: max(float((a - b).abs().max() / b.abs().max())
+                          for a, b in zip(grads[name], grads["sequential_scan"])) for name in scans}
     scan_train_forward = interleaved({n: train_forward(f) for n, f in scans.items()}, "sequential_scan", rounds)
     scan_fwd_bwd = interleaved({n: forward_backward(f) for n, f in scans.items()}, "sequential_scan", rounds)
     return {"length": length, "model": "demo_mamba", "forward": forward, "scan_only": scan_only,
@@ -259,7 +260,8 @@ def bench_decode(rounds: int, steps: int = 16) -> dict:
             "mamba_8k_over_128": result["mamba@8192"]["tokens_per_second"] / result["mamba@128"]["tokens_per_second"],
             "retnet_8k_over_128": result["retnet@8192"]["tokens_per_second"] / result["retnet@128"]["tokens_per_second"],
             "mamba_vs_transformer_8k": result["mamba@8192"]["speedup"],
-            "mamba_vs_transformer_8k_band": [1 / result["mamba@8192"]["ratio_max"], 1 / result["mamba@8192"]["ratio_min"]],
+            "mamba_vs_transformer_8k_band": [1 / result["mamba@8192"]["ratio_max"],
+                                             1 / result["mamba@8192"]["ratio_min"]],
             "mamba_torch_vs_transformer_8k": result["mamba_torch@8192"]["speedup"],
             "mamba_mixer_c_vs_transformer_8k": result["mamba_mixer_c@8192"]["speedup"],
             "retnet_vs_transformer_8k": result["retnet@8192"]["speedup"],

@@ -30,8 +30,8 @@ import torch
 from llmopt.kernels._cbuild import build_c_library, ptr
 from llmopt.models.mamba import scan_chunked, scan_sequential
 
-__all__ = ["decode_step_available", "mamba_block_step_cpu", "mamba_decode_step_cpu", "scan_chunked", "scan_sequential", "selective_scan_cpu",
-           "selective_scan_triton", "use_fused_scan_", "use_triton_scan_"]
+__all__ = ["decode_step_available", "mamba_block_step_cpu", "mamba_decode_step_cpu", "scan_chunked", "scan_sequential",
+           "selective_scan_cpu", "selective_scan_triton", "use_fused_scan_", "use_triton_scan_"]
 
 
 def _refuse_autograd(name: str, *tensors) -> None:

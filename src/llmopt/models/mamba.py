@@ -12,7 +12,8 @@ and a residual add. Embeddings are tied with the output projection.
 
 Three equivalent evaluation paths of the scan (`scan_sequential`, `scan_chunked`, `scan_step`), plus C kernels:
 - sequential: the recurrence above, one step at a time (the oracle; transformers' "slow path");
-- chunked (training and prefill, the default): within a chunk of L steps the cumulative log decay
+- chunked (training and prefill where the C kernels below do not run; scan="chunked" forces it): within a
+  chunk of L steps the cumulative log decay
   S_t = cumsum(dt A) gives every state at once, h_t = exp(S_t) (h_0 + cumsum_s exp(-S_s) dt_s B_s x_s),
   then a short loop over chunks carries the state. Work is T * d_inner * d_state like the sequential
   scan, but vectorized. exp(-S_s) would overflow for a chunk that decays by more than e^-30; such a
@@ -33,8 +34,9 @@ Module names follow transformers' `MambaForCausalLM` minus its `backbone.` prefi
 same logits as the transformers slow path.
 
 Family settings (`ModelConfig.extra`): `d_state` (16), `d_conv` (4), `expand` (2), `dt_rank` (None =
-ceil(dim / 16)), `chunk_size` (32), `scan` ("auto", "fused", "chunked" or "sequential"), `conv_bias` (True), `bias` (False),
-`block` ("mamba1", or "mamba2" for the SSD block of `llmopt.models.mamba2`), `headdim` (64; Mamba-2 only).
+ceil(dim / 16)), `chunk_size` (32), `scan` ("auto", "fused", "chunked" or "sequential"), `conv_bias` (True),
+`bias` (False), `block` ("mamba1", or "mamba2" for the SSD block of `llmopt.models.mamba2`), `headdim` (64;
+Mamba-2 only).
 """
 
 from __future__ import annotations
@@ -243,8 +245,9 @@ class MambaMixer(nn.Module):
         dtype = hidden.dtype
         if cache is not None and T == 1:
             step_fn = self.step_fn
-            if step_fn is None and not torch.is_grad_enabled() and (kernels := _fused_kernels(self.scan, hidden, False)):
-                step_fn = kernels[1]
+            if step_fn is None and not torch.is_grad_enabled():
+                kernels = _fused_kernels(self.scan, hidden, False)
+                step_fn = None if kernels is None else kernels[1]
             out = None if step_fn is None else step_fn(self, hidden, cache)
             if out is not None:
                 return out
@@ -386,6 +389,9 @@ class Mamba(CausalLM):
         """Switch every layer's scan: "auto", "fused", "chunked" or "sequential" (same results)."""
         if scan not in SCANS:
             raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
+        if scan == "fused" and self.settings["block"] == "mamba2":
+            raise ValueError("scan='fused' is the Mamba-1 C kernel; block='mamba2' takes 'auto', 'chunked' or "
+                             "'sequential'")
         for layer in self.layers:
             layer.mixer.scan = scan
 

@@ -320,6 +320,8 @@ def test_default_scan_is_the_c_kernel_on_cpu_and_trains_like_sequential():
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(cache_c.ssm[0], cache_t.ssm[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(cache_c.conv[0], cache_t.conv[0], atol=1e-5, rtol=1e-5)
+        block.mixer.out_proj = torch.nn.Sequential(block.mixer.out_proj)  # a wrapped projection (as LoRA would)
+        assert mamba._c_kernels()[2](block, x, cache_c) is None  # -> the torch step runs it
     with pytest.raises(ValueError, match="model.extra.scan must be one of"):
         build_model(ModelConfig.from_name("tiny_mamba", extra={"scan": "fast"}))
     with pytest.raises(ValueError, match="block='mamba2' takes"):

@@ -28,9 +28,8 @@ import functools
 import torch
 
 from llmopt.kernels._cbuild import build_c_library, ptr
-from llmopt.models.mamba import scan_chunked, scan_sequential
 
-__all__ = ["decode_step_available", "mamba_block_step_cpu", "mamba_decode_step_cpu", "scan_chunked", "scan_sequential",
+__all__ = ["decode_step_available", "mamba_block_step_cpu", "mamba_decode_step_cpu",
            "selective_scan_cpu", "selective_scan_triton", "use_fused_scan_", "use_triton_scan_"]
 
 
@@ -297,6 +296,12 @@ def mamba_block_step_cpu(block, x: torch.Tensor, cache) -> torch.Tensor | None:
     return out
 
 
+def _is_mamba_mixer(module) -> bool:
+    """A `llmopt.models.mamba.MambaMixer`, recognised by its attributes: kernels sit below models and do not
+    import them (models/mamba.py imports this module for its CPU paths)."""
+    return hasattr(module, "A_log") and hasattr(module, "scan_fn") and hasattr(module, "step_fn")
+
+
 def use_fused_scan_(model) -> dict:
     """Make every Mamba layer's scan (full sequence and decode step) the fused kernel of its device. On CPU:
     scan="fused", i.e. the C scan with a backward (`llmopt.kernels.scan_backward`) for full sequences and the
@@ -305,11 +310,10 @@ def use_fused_scan_(model) -> dict:
     compiler's ImportError now instead of falling back. On CUDA: the Triton kernel (inference only, no
     backward). Returns {layer fqn: kernel}."""
     from llmopt.kernels.scan_backward import _library
-    from llmopt.models.mamba import MambaMixer
 
     changed = {}
     for name, module in model.named_modules():
-        if isinstance(module, MambaMixer):
+        if _is_mamba_mixer(module):
             cuda = module.A_log.device.type == "cuda"
             if cuda:
                 module.scan_fn = selective_scan_triton
@@ -376,11 +380,9 @@ def use_triton_scan_(model) -> dict:
 
     Returns {layer fqn: "triton"}; raises on a model with no Mamba layer.
     """
-    from llmopt.models.mamba import MambaMixer
-
     changed = {}
     for name, module in model.named_modules():
-        if isinstance(module, MambaMixer):
+        if _is_mamba_mixer(module):
             module.scan_fn = selective_scan_triton
             changed[name] = "triton"
     if not changed:

@@ -9,10 +9,10 @@ from llmopt.kernels import kv_attention
 pytestmark = pytest.mark.skipif(not kv_attention.available(), reason="no C compiler with OpenMP here")
 
 
-def _filled(bits, rotate, group, residual, length, batch=2, kernel="torch"):
+def _filled(bits, rotate, group, residual, length, batch=2, kernel="torch", value_group=None):
     torch.manual_seed(0)
     cache = QuantizedKVCache(3, batch, 2, 256, 64, bits=bits, group_size=group, residual_length=residual,
-                             chunk_size=128, rotate=rotate, kernel=kernel)
+                             chunk_size=128, rotate=rotate, kernel=kernel, value_group=value_group)
     for layer in range(3):
         k = torch.randn(batch, 2, length, 64) * torch.linspace(0.2, 3, 64)  # channels of different ranges
         v = torch.randn(batch, 2, length, 64)
@@ -35,6 +35,19 @@ def test_kernel_equals_the_torch_path(bits, rotate, group, residual, length):
         cache.kernel = "c"
         out = cache.attend(layer, q, None)
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=5e-5)  # fp32 sums in another order
+
+
+@pytest.mark.parametrize("value_group", [16, 32])
+def test_kernel_with_smaller_value_groups(value_group):
+    cache = _filled(4, "both", 64, 0, 150, value_group=value_group)
+    assert cache.v_scale[0].shape[3] == 64 // value_group
+    cache.attn_mask(torch.tensor([150]))
+    cache.update(0, torch.tensor([150]), torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64))
+    q = torch.randn(2, 6, 1, 64)
+    cache.kernel = "torch"
+    ref = cache.attend(0, q, None)
+    cache.kernel = "c"
+    torch.testing.assert_close(cache.attend(0, q, None), ref, rtol=1e-4, atol=5e-5)
 
 
 def test_kernel_honours_a_key_padding_mask():

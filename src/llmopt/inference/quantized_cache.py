@@ -89,12 +89,15 @@ class QuantizedKVCache(KVCache):
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, *, bits: int = 4,
                  group_size: int = 64, residual_length: int = 0, chunk_size: int = 1024,
-                 static: bool = False, rotate: str = "auto", kernel: str = "auto") -> None:
+                 static: bool = False, rotate: str = "auto", kernel: str = "auto",
+                 value_group: int | None = None) -> None:
         if bits not in (8, 4, 2):
             raise ValueError(f"QuantizedKVCache bits must be 8, 4 or 2, got {bits}")
         if static:
             raise ValueError("QuantizedKVCache is dynamic only (static=False); compile needs the dense KVCache")
-        self.value_group = min(group_size, head_dim)
+        self.value_group = min(group_size, head_dim) if value_group is None else value_group
+        if value_group is not None and (value_group <= 0 or head_dim % value_group):
+            raise ValueError(f"value_group={value_group} must be positive and divide head_dim={head_dim}")
         if group_size <= 0 or head_dim % self.value_group or head_dim * bits % 8:
             raise ValueError(f"group_size={group_size} must be positive and divide head_dim={head_dim} "
                              "(or exceed it: values are then grouped per head)")
@@ -333,7 +336,7 @@ class QuantizedKVCache(KVCache):
 def make_quantized_cache(model, batch_size: int, max_len: int | None = None, *, bits: int = 4,
                          group_size: int = 64, residual_length: int = 0, chunk_size: int = 1024,
                          dtype: torch.dtype | None = None, rotate: str = "auto",
-                         kernel: str = "auto") -> QuantizedKVCache:
+                         kernel: str = "auto", value_group: int | None = None) -> QuantizedKVCache:
     """A `QuantizedKVCache` sized from `model.config`, on the model's device (window in the model's dtype)."""
     config = model.config
     if config.family != "llama":
@@ -345,4 +348,4 @@ def make_quantized_cache(model, batch_size: int, max_len: int | None = None, *, 
     return QuantizedKVCache(config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim,
                             param.dtype if dtype is None else dtype, param.device, bits=bits, group_size=group_size,
                             residual_length=residual_length, chunk_size=chunk_size, rotate=rotate,
-                            kernel=kernel)
+                            kernel=kernel, value_group=value_group)

@@ -4,16 +4,17 @@ Every configuration is a `transformers` LlamaForCausalLM with the same SmolLM2 w
 `llmopt.models.hf.to_hf`), so the only difference between columns is the adapter implementation:
 ours applied in place with `apply_`, PEFT's with `get_peft_model` (bitsandbytes `Linear4bit` for PEFT's
 QLoRA). Setup as in peer_anchors W1: batch 1 x 128 tokens (the first 128 SmolLM2 tokens of the
-bundled corpus, labels = inputs), r=8, alpha=16, dropout 0, the 7 projections of every layer (210
-Linear), AdamW(lr=1e-5, foreach) on the trainable parameters, one step = zero_grad, forward,
-backward, step.
+bundled corpus, labels = inputs), r=8, alpha=16, dropout 0, adapters on q_proj and v_proj of every
+layer (60 Linear; the default target, `--targets all` for the 7 projections = 210 Linear), every Linear
+but lm_head NF4 for the QLoRA columns, AdamW(lr=1e-5, foreach) on the trainable parameters, one step =
+zero_grad, forward, backward, step.
 
 Timing: 2 warm-up steps each, then `--rounds` rounds with every configuration once per round in a
 rotating order; ratios are taken within a round and the median (min-max) over rounds is reported.
 
 Bytes: parameters + gradients + AdamW state after one step (each tensor once; NF4 buffers count as
 parameter storage). Loss: `--quality-steps` steps of lr 1e-4 on consecutive 128-token windows,
-final train loss and held-out loss, QLoRA vs LoRA on bf16 weights.
+final train loss and held-out loss (also every `--quality-eval-every` steps), QLoRA vs LoRA on bf16 weights.
 
     python benchmarks/bench_peft_family.py --threads 2 --out runs/bench-peft-family.json
 """
@@ -34,7 +35,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
-PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = {"qv": ["q_proj", "v_proj"], "all": ALL_PROJ}
+PROJ = TARGETS["qv"]  # set by --targets
 
 
 def base_model():
@@ -55,7 +58,7 @@ def ours(technique: str, **options):
 
         model = copy.deepcopy(base)
         cls = lookup(technique).config_cls
-        apply_(model, cls(r=8, alpha=16.0, target=tuple(PROJ), **options))
+        apply_(model, cls(r=8, alpha=16.0, target=tuple(PROJ), **options))  # qlora: quantize= every Linear
         return model
     return build
 
@@ -154,7 +157,8 @@ def quantized_linear_bytes(model) -> dict:
             "bits_per_param": 8 * nf4 / logical}
 
 
-def quality(base, ids_all, steps: int, seq_len: int = 128, n_eval: int = 4, bf16_compute: bool = True) -> dict:
+def quality(base, ids_all, steps: int, seq_len: int = 128, n_eval: int = 4, bf16_compute: bool = True,
+            eval_every: int = 0) -> dict:
     """Loss after `steps` steps (lr 1e-4, batch 1 x seq_len) of LoRA on bf16 base weights vs our QLoRA (fp32
     compute); held-out loss on `n_eval` later windows before training (the quantization gap alone) and after.
 
@@ -192,6 +196,8 @@ def quality(base, ids_all, steps: int, seq_len: int = 128, n_eval: int = 4, bf16
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 return statistics.mean(float(model(input_ids=h[None], labels=h[None]).loss) for h in held)
         held_before = held_out()
+        print(f"  quality {name}: step 0, held-out {held_before:.4f}", file=sys.stderr)
+        curve = {0: held_before}
         model.train()
         losses = []
         for i in range(steps):
@@ -201,18 +207,59 @@ def quality(base, ids_all, steps: int, seq_len: int = 128, n_eval: int = 4, bf16
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
+            if eval_every and (i + 1) % eval_every == 0 and i + 1 < steps:
+                curve[i + 1] = held_out()
+                print(f"  quality {name}: step {i + 1}, held-out {curve[i + 1]:.4f}", file=sys.stderr)
+                model.train()
             if (i + 1) % 10 == 0:
                 print(f"  quality {name}: step {i + 1}/{steps}, loss {losses[-1]:.4f}", file=sys.stderr)
         held_loss = held_out()
-        out[name] = {"first_loss": losses[0], "last5_train_loss": statistics.mean(losses[-5:]),
+        curve[steps] = held_loss
+        out[name] = {"held_out_curve": curve, "first_loss": losses[0], "last5_train_loss": statistics.mean(losses[-5:]),
                      "last10_train_loss": statistics.mean(losses[-10:]), "held_out_before": held_before,
                      "held_out_loss": held_loss}
     out["held_out_ratio_before_training"] = out["qlora"]["held_out_before"] / out["lora_bf16_base"]["held_out_before"]
     out["held_out_ratio_qlora_vs_lora_bf16"] = out["qlora"]["held_out_loss"] / out["lora_bf16_base"]["held_out_loss"]
     out["last10_train_ratio"] = out["qlora"]["last10_train_loss"] / out["lora_bf16_base"]["last10_train_loss"]
+    out["held_out_ratio_curve"] = {k: out["qlora"]["held_out_curve"][k] / v
+                                   for k, v in out["lora_bf16_base"]["held_out_curve"].items()}
     out["setup"] = {"steps": steps, "seq_len": seq_len, "held_out_windows": n_eval, "lr": 1e-4, "batch": 1,
+                    "targets": list(PROJ), "qlora_quantized": "every Linear but lm_head",
                     "lora_reference": "bf16 weights, bf16 autocast" if bf16_compute else
                     "bf16-rounded weights, fp32 compute"}
+    return out
+
+
+def merge_check(targets) -> dict:
+    """Max |merged - unmerged| logits of our LoRA and DoRA on SmolLM2 (llmopt model, fp32, 128 tokens, B ~ N(0, 0.02),
+    DoRA's m scaled by 1 + N(0, 0.05)), and the fp32 model's own error against it cast to float64 (unmerged)."""
+    from llmopt import apply_
+    from llmopt.data import load_text
+    from llmopt.models import load_pretrained
+    from llmopt.techniques import DoRAConfig, LoRAConfig, merge_
+
+    out = {}
+    for cls in (LoRAConfig, DoRAConfig):
+        model, tok = load_pretrained("smollm2-135m")
+        ids = torch.tensor(tok.encode(load_text(None)[:2000])[:128])[None]
+        model.eval()
+        apply_(model, cls(r=8, target=tuple(targets)))
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("lora_B"):
+                    p.normal_(std=0.02)
+                if n.endswith("lora_magnitude"):
+                    p.mul_(1 + 0.05 * torch.randn_like(p))
+            unmerged = model(ids)
+            f64 = copy.deepcopy(model).double()(ids) if cls is LoRAConfig else None
+            merge_(model)
+            merged = model(ids)
+        row = {"max_abs_diff": float((merged - unmerged).abs().max()), "max_abs_logit": float(unmerged.abs().max())}
+        if f64 is not None:
+            row["fp32_vs_float64_unmerged"] = float((unmerged.double() - f64).abs().max())
+        out[cls.__name__] = row
+        print(f"merge {cls.__name__}: {row}", file=sys.stderr)
     return out
 
 
@@ -224,11 +271,17 @@ def main(argv=None) -> int:
     ap.add_argument("--quality-steps", type=int, default=20, help="0 skips the loss comparison")
     ap.add_argument("--quality-seq-len", type=int, default=128, help="tokens per quality step (batch 1)")
     ap.add_argument("--quality-eval", type=int, default=4, help="held-out windows for the quality comparison")
+    ap.add_argument("--quality-eval-every", type=int, default=0, help="held-out loss every k steps too (0: ends only)")
+    ap.add_argument("--targets", choices=sorted(TARGETS), default="qv",
+                    help="adapted projections: q_proj,v_proj (the default target) or all seven")
     ap.add_argument("--quality-fp32-compute", action="store_true",
                     help="LoRA reference on bf16-rounded weights computed in fp32 (bf16 matmuls are ~10x slower "
                          "on CPU)")
+    ap.add_argument("--merge-check", action="store_true", help="max |merged - unmerged| logits of LoRA and DoRA")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    global PROJ
+    PROJ = TARGETS[args.targets]
     torch.set_num_threads(args.threads)
     names = [n for n in args.configs.split(",") if n]
     base, tokenizer = base_model()
@@ -237,7 +290,7 @@ def main(argv=None) -> int:
     ids_all = torch.tensor(tokenizer.encode(load_text(None)[:200_000]), dtype=torch.long)
     ids = ids_all[:128][None]  # (1, 128)
 
-    steps, results = {}, {"configs": names, "threads": args.threads, "rounds": args.rounds}
+    steps, results = {}, {"configs": names, "threads": args.threads, "rounds": args.rounds, "targets": PROJ}
     for name in names:
         torch.manual_seed(0)
         model = CONFIGS[name](base)
@@ -270,9 +323,11 @@ def main(argv=None) -> int:
         for n, b in results["bytes"].items():
             b["sum_vs_full"] = b["sum_bytes"] / full["sum_bytes"]
     del steps
+    if args.merge_check:
+        results["merge_check"] = merge_check(PROJ)
     if args.quality_steps:
         results["quality"] = quality(base, ids_all, args.quality_steps, args.quality_seq_len, args.quality_eval,
-                                     bf16_compute=not args.quality_fp32_compute)
+                                     bf16_compute=not args.quality_fp32_compute, eval_every=args.quality_eval_every)
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

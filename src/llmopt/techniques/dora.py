@@ -96,7 +96,7 @@ class _DoRAFunction(torch.autograd.Function):
             grad_x = gg @ weight
             if ctx.same_input:
                 grad_x.addmm_(t, lora_A, alpha=s)
-        if (need_xd or (need_x and not ctx.same_input)) and not ctx.same_input:
+        if need_xd and not ctx.same_input:  # dropout's input: its backward takes it to x
             grad_xd = torch.mm(t, lora_A).mul_(s)
         if need_bb:
             grad_bb = torch.mm(gg.t(), xa).mul_(s)

@@ -9,25 +9,27 @@ of W in its (d, k) notation; PEFT's `lora_magnitude_vector`):
 
     y = g * (x W^T + s (x A^T) B^T) + b,      g = m / ||W + s B A||_row
 
-with the LoRA path of `lora.lora_forward` and one multiply-add; the merged weight never exists.
+in one autograd Function per layer (`_DoRAFunction`); the merged weight never exists.
 
 Norm without the merged weight: per output row i,
     ||W_i + s (BA)_i||^2 = ||W_i||^2 + 2 s <W_i, (BA)_i> + s^2 ||(BA)_i||^2,
     <W_i, (BA)_i> = sum_j (W A^T)_ij B_ij       (W A^T is (out, r))
     ||(BA)_i||^2  = B_i (A A^T) B_i^T            (A A^T is (r, r)),
-with ||W||_row^2 cached while the frozen W is unchanged (keyed on its version counter). The whole norm
+with ||W||_row^2 cached while the frozen W is unchanged (keyed on its version counter). A W^T comes
+from the base GEMM itself, run on [x; A] (N + r rows), so W is read once per forward. The whole norm
 is cached while W, A and B are unchanged (their version counters), so eval, decoding and the
-gradient-accumulation micro-batches after the first reuse it. (Computing A W^T as r extra rows of the
-base GEMM, [x; A] W^T, would save re-reading W but changes the base output's bits, breaking exactness
-at apply: not done.)
+gradient-accumulation micro-batches after the first reuse it (and skip the extra rows).
 
 Memory trick (DoRA §4.3): the norm is treated as a constant, i.e. detached from the graph (computed
 under no_grad), as the paper and PEFT do; the gradient reaches `m` and, through the direction's
 numerator, A and B, but not through the norm. This saves the backward of the norm and its saved
 (out, in) tensors; the paper reports no accuracy difference.
 
-Numerics contract: exact at apply (m equals the norm bit for bit, so g = 1 exactly); merge within
-1e-5 (fp32); revert exact; with dropout, dropout applies to the low-rank input only.
+Numerics contract: at apply m equals the norm bit for bit, so g = 1 exactly, but the [x; A] GEMM may
+round x W^T differently from a GEMM of x alone: outputs equal the base model's to fp32 rounding (the
+contract matrix: atol 1e-6, rtol 1e-5). Merge within 1e-5 (fp32); revert exact; with dropout, dropout
+applies to the low-rank input only. Under autocast or mixed dtypes the same formula runs in plain
+autograd ops (`DoRALinear._forward_autograd`, tested equal to the Function).
 """
 
 from __future__ import annotations

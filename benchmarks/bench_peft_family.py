@@ -145,12 +145,12 @@ def ledger(model, opt) -> dict:
 
 
 def quantized_linear_bytes(model) -> dict:
-    """Bytes of the 210 adapted base weights: NF4 storage (ours) vs the same weights in bf16."""
-    from llmopt.techniques.qlora import QLoRALinear
+    """Bytes of the NF4 base weights (adapted and quantize-only, every Linear but lm_head) vs the same in bf16."""
+    from llmopt.techniques.qlora import NF4Linear
 
     nf4 = logical = 0
     for m in model.modules():
-        if isinstance(m, QLoRALinear):
+        if isinstance(m, NF4Linear):  # QLoRALinear included
             nf4 += m.nf4_bytes()
             logical += m.in_features * m.out_features
     return {"nf4_bytes": nf4, "bf16_bytes": 2 * logical, "ratio_vs_bf16": nf4 / (2 * logical),

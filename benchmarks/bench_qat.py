@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--ptq-only", action="store_true")
     parser.add_argument("--probe-groups", default="32,64,128,0")
     parser.add_argument("--val-batches", type=int, default=16)
+    parser.add_argument("--no-torchao", action="store_true", help="skip the torchao QAT peer column")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -118,11 +119,13 @@ def main() -> None:
     print(f"qat {results['qat']:.4f} (fake {results['qat_fake']:.4f}) recovery {results['recovery']:.2f}", flush=True)
 
     try:
+        if args.no_torchao:
+            raise ImportError("skipped (--no-torchao)")
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
         from torchao.quantization.granularity import PerAxis, PerGroup
         from torchao.quantization.qat import QATConfig as TorchaoQATConfig
     except ImportError as e:
-        results["torchao"] = f"not installed: {e}"
+        results["torchao"] = f"not run: {e}"
     else:
         # The same format as ours (int4 symmetric group-32 weights, int8 dynamic per-token activations; torchao's
         # activations are asymmetric) on the same Linears: lm_head stays full precision in both.

@@ -158,7 +158,7 @@ def quantized_linear_bytes(model) -> dict:
 
 
 def quality(base, ids_all, steps: int, seq_len: int = 128, n_eval: int = 4, bf16_compute: bool = True,
-            eval_every: int = 0) -> dict:
+            eval_every: int = 0, nf4_scale: str = "absmax") -> dict:
     """Loss after `steps` steps (lr 1e-4, batch 1 x seq_len) of LoRA on bf16 base weights vs our QLoRA (fp32
     compute); held-out loss on `n_eval` later windows before training (the quantization gap alone) and after.
 
@@ -181,7 +181,7 @@ def quality(base, ids_all, steps: int, seq_len: int = 128, n_eval: int = 4, bf16
 
     autocast = bf16_compute
     for name, make in (("lora_bf16_base", bf16_base),
-                       ("qlora", lambda m: apply_(m, QLoRAConfig(r=8, target=tuple(PROJ))))):
+                       ("qlora", lambda m: apply_(m, QLoRAConfig(r=8, target=tuple(PROJ), nf4_scale=nf4_scale)))):
         torch.manual_seed(0)
         model = copy.deepcopy(base)
         make(model)
@@ -224,7 +224,7 @@ def quality(base, ids_all, steps: int, seq_len: int = 128, n_eval: int = 4, bf16
     out["held_out_ratio_curve"] = {k: out["qlora"]["held_out_curve"][k] / v
                                    for k, v in out["lora_bf16_base"]["held_out_curve"].items()}
     out["setup"] = {"steps": steps, "seq_len": seq_len, "held_out_windows": n_eval, "lr": 1e-4, "batch": 1,
-                    "targets": list(PROJ), "qlora_quantized": "every Linear but lm_head",
+                    "targets": list(PROJ), "qlora_quantized": "every Linear but lm_head", "nf4_scale": nf4_scale,
                     "lora_reference": "bf16 weights, bf16 autocast" if bf16_compute else
                     "bf16-rounded weights, fp32 compute"}
     return out
@@ -272,6 +272,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quality-seq-len", type=int, default=128, help="tokens per quality step (batch 1)")
     ap.add_argument("--quality-eval", type=int, default=4, help="held-out windows for the quality comparison")
     ap.add_argument("--quality-eval-every", type=int, default=0, help="held-out loss every k steps too (0: ends only)")
+    ap.add_argument("--nf4-scale", choices=["absmax", "mse"], default="absmax", help="QLoRAConfig.nf4_scale (quality)")
     ap.add_argument("--targets", choices=sorted(TARGETS), default="qv",
                     help="adapted projections: q_proj,v_proj (the default target) or all seven")
     ap.add_argument("--quality-fp32-compute", action="store_true",
@@ -327,7 +328,8 @@ def main(argv=None) -> int:
         results["merge_check"] = merge_check(PROJ)
     if args.quality_steps:
         results["quality"] = quality(base, ids_all, args.quality_steps, args.quality_seq_len, args.quality_eval,
-                                     bf16_compute=not args.quality_fp32_compute, eval_every=args.quality_eval_every)
+                                     bf16_compute=not args.quality_fp32_compute, eval_every=args.quality_eval_every,
+                                     nf4_scale=args.nf4_scale)
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

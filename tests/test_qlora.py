@@ -81,8 +81,8 @@ def test_apply_on_model_within_nf4_error_and_reports_bits(tiny_model):
     idx = torch.randint(0, 320, (2, 10))
     lin = tiny_model.layers[0].mlp.up_proj
     w = lin.weight.detach().clone()
-    report = apply_(tiny_model, QLoRAConfig(r=4))
-    # adapters on q_proj/v_proj (the default target); every other Linear but lm_head is NF4 without an adapter
+    report = apply_(tiny_model, QLoRAConfig(r=4, target=("q_proj", "v_proj")))
+    # adapters on q_proj/v_proj; every other Linear but lm_head is NF4 without an adapter (quantize's default)
     adapted = {f"layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")}
     assert {k for k, v in report.changed.items() if v == ("Linear", "QLoRALinear")} == adapted
     assert {v for k, v in report.changed.items() if k not in adapted} == {("Linear", "NF4Linear")}
@@ -127,8 +127,13 @@ def test_merge_and_revert_on_model(tiny_model):
     assert type(tiny_model.layers[0].mlp.up_proj) is NF4Linear
 
 
+def test_default_adapts_every_linear_but_lm_head(tiny_model):
+    report = apply_(tiny_model, QLoRAConfig(r=4))  # the QLoRA paper's setting
+    assert set(report.changed.values()) == {("Linear", "QLoRALinear")} and len(report.changed) == 14
+
+
 def test_quantize_empty_keeps_other_linear_layers_fp(tiny_model):
-    report = apply_(tiny_model, QLoRAConfig(r=4, quantize=()))
+    report = apply_(tiny_model, QLoRAConfig(r=4, target=("q_proj", "v_proj"), quantize=()))
     assert set(report.changed.values()) == {("Linear", "QLoRALinear")} and len(report.changed) == 4
     assert type(tiny_model.layers[0].mlp.up_proj) is nn.Linear
 

@@ -218,9 +218,10 @@ register_peer("transformers", "generate", "llmopt.measure.bench_peers:transforme
 # ---- fine-tuning and optimizer peers (issue 5) --------------------------------------------------
 # Each trains the bench's own llmopt base model (same weights, data, loop and hyperparameters as the
 # baseline) with one piece swapped for the other library's: PEFT's adapters instead of ours, or another
-# optimizer through `llmopt.optim.register_external_optimizer`. The adapter peers use LoRAConfig's
-# defaults (r=8, alpha=16, dropout 0, q_proj and v_proj), as `llmopt bench lora` does; the QLoRA peer
-# quantizes what QLoRAConfig's default `quantize` does (every Linear but lm_head).
+# optimizer through `llmopt.optim.register_external_optimizer`. The adapter peers use our configs'
+# defaults (r=8, alpha=16, dropout 0; targets: q_proj and v_proj for LoRA, every Linear but lm_head for DoRA
+# and QLoRA, as their papers do), as `llmopt bench lora dora qlora` does; the QLoRA peer quantizes what
+# QLoRAConfig's default `quantize` does (every Linear but lm_head).
 def _adapter_targets(model: torch.nn.Module, patterns: tuple[str, ...] | None = None) -> list[str]:
     """Full names of the nn.Linear modules our adapters take by default (or that `patterns` select)."""
     from llmopt.core import fqn_filter
@@ -249,6 +250,7 @@ def _peft_train(*, run, data_path, warmup_steps, steps, eval_every, peak_flops, 
     from peft import LoraConfig, inject_adapter_in_model
 
     from llmopt.measure.workloads import build_base_model, load_data, train_and_measure
+    from llmopt.techniques.lora import LoRAConfig
     from llmopt.train import RunConfig
 
     cfg = RunConfig.from_dict(run)
@@ -256,7 +258,10 @@ def _peft_train(*, run, data_path, warmup_steps, steps, eval_every, peak_flops, 
         torch.set_num_threads(cfg.train.threads)
     train_ids, val_ids = load_data(data_path)
     model = build_base_model(cfg)
-    targets = _adapter_targets(model)
+    from llmopt.techniques.dora import DoRAConfig
+    from llmopt.techniques.qlora import QLoRAConfig as _QLoRAConfig
+
+    targets = _adapter_targets(model, (DoRAConfig if dora else _QLoRAConfig if nf4 else LoRAConfig)().target)
     if nf4:
         from llmopt.techniques.qlora import QLoRAConfig
 

@@ -48,6 +48,9 @@ from llmopt.techniques.lora import LoRAConfig, LoRALinear, add_lora_, apply_adap
 class DoRAConfig(LoRAConfig):
     """DoRA: LoRA's update on a normalized direction, times a trainable per-row magnitude (Liu et al. 2024)."""
 
+    target: tuple[str, ...] = ("all-linear",)
+    """Modules to adapt. Default: every Linear but lm_head, the DoRA paper's setting (LoRA's default is q, v)."""
+
 
 class _DoRAFunction(torch.autograd.Function):
     """out = g * (x W^T + s (xd A^T) B^T) + b, g = m / ||W + s B A||_row (detached), in one autograd node.

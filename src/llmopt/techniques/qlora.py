@@ -44,6 +44,10 @@ COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 class QLoRAConfig(LoRAConfig):
     """QLoRA: LoRA on a frozen NF4 base with double-quantized scales (Dettmers et al. 2023)."""
 
+    target: tuple[str, ...] = ("all-linear",)
+    """Modules to adapt. Default: every Linear but lm_head, the QLoRA paper's setting (adapters on all linear
+    layers are what recovers 16-bit fine-tuning quality on a 4-bit base; LoRA's own default is q, v)."""
+
     compute_dtype: Literal["fp32", "bf16"] = "fp32"
     """Dtype of the dequantized weight and the base matmul."""
     block_size: int = 64

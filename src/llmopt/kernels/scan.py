@@ -4,12 +4,12 @@ a Triton kernel for GPUs (`selective_scan_triton`) and a C kernel for CPUs (`sel
 fused C decode step (`mamba_decode_step_cpu`, the default decode step of fp32 CPU Mamba models). The CPU scan
 with a backward (the default training / prefill scan on fp32 CPU) is `llmopt.kernels.scan_backward`.
 
-The CPU kernel is forty lines of C built at first use with the system C compiler (`cc -O3 -march=native
--ffast-math`, so `expf` vectorizes through glibc's libmvec) into `~/.cache/llmopt/kernels/` (or
-`$LLMOPT_CACHE_DIR/kernels`), and called through `ctypes`: no torch headers, a build of about a second.
-It walks the sequence once with the transposed state (d_state, d_inner) in L1, the innermost loop along
-d_inner, so each step is one vectorized pass instead of eight dispatched torch ops. `selective_scan_cpu` has
-no backward; `llmopt.kernels.scan_backward.selective_scan_cpu_autograd` is the same pass with one.
+The CPU kernels are C built at first use with the system C compiler (`llmopt.kernels._cbuild`: `cc -O3
+-march=native -ffast-math`, so `expf` vectorizes through glibc's libmvec) and called through `ctypes`.
+`selective_scan_cpu` is the forward pass of `llmopt.kernels.scan_backward` without its checkpoints: it walks
+the sequence once with the transposed state (d_state, d_inner) in L1, the innermost loop along d_inner, so
+each step is one vectorized pass instead of eight dispatched torch ops; it has no backward
+(`selective_scan_cpu_autograd` is the same pass with one). This file's own C holds the decode steps.
 
 The kernel keeps a (BLOCK_D, d_state) slice of the state in registers and walks the sequence once,
 like mamba-ssm's `selective_scan_fwd` without the CUDA build: one program per (batch row, block of
@@ -42,33 +42,6 @@ def _refuse_autograd(name: str, *tensors) -> None:
 # ---- CPU: a C kernel through ctypes -------------------------------------------------------------------
 _C_SOURCE = r"""
 #include <math.h>
-/* x, dt, y: (B, T, D); At: (N, D) = A^T; Bm, Cm: (B, T, N); h: (B, N, D) = state^T, in/out; w: (D) scratch */
-void selective_scan_fwd(const float* restrict x, const float* restrict dt, const float* restrict At,
-                        const float* restrict Bm, const float* restrict Cm, float* restrict h,
-                        float* restrict y, float* restrict w, long Bsz, long T, long D, long N) {
-  for (long b = 0; b < Bsz; b++) {
-    float* hb = h + b * N * D;
-    for (long t = 0; t < T; t++) {
-      const long row = b * T + t;
-      const float* xt = x + row * D;
-      const float* dtt = dt + row * D;
-      const float* bt = Bm + row * N;
-      const float* ct = Cm + row * N;
-      float* yt = y + row * D;
-      for (long d = 0; d < D; d++) { w[d] = dtt[d] * xt[d]; yt[d] = 0.f; }
-      for (long n = 0; n < N; n++) {
-        const float* a = At + n * D;
-        float* hn = hb + n * D;
-        const float bn = bt[n], cn = ct[n];
-        for (long d = 0; d < D; d++) {  /* h = exp(dt A) h + dt x B;  y += C h */
-          const float v = expf(dtt[d] * a[d]) * hn[d] + w[d] * bn;
-          hn[d] = v;
-          yt[d] += v * cn;
-        }
-      }
-    }
-  }
-}
 
 /* Decode step, part 1: the causal conv over the last d_conv inputs, then SiLU.
    x: (B, D) new input (stride sx between rows); conv: (B, D, K-1) state, shifted in place; w: (D, K); bias: (D) or 0;
@@ -168,8 +141,6 @@ void mamba_block_step(const float* restrict x, float* restrict out, const float*
 @functools.cache
 def _c_library():
     handle = build_c_library("selective_scan", _C_SOURCE, fallback="scan='chunked'")
-    handle.selective_scan_fwd.restype = None
-    handle.selective_scan_fwd.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 4
     vp, lg = ctypes.c_void_p, ctypes.c_long
     handle.mamba_conv_step.restype = None
     handle.mamba_conv_step.argtypes = [vp, lg, vp, vp, vp, vp, lg, lg, lg]
@@ -195,17 +166,11 @@ def selective_scan_cpu(x, dt, A, Bm, Cm, h0=None):
     _refuse_autograd("selective_scan_cpu", x, dt, A, Bm, Cm, h0)
     if x.device.type != "cpu":
         raise ValueError(f"selective_scan_cpu runs on CPU tensors, got {x.device}; use selective_scan_triton on a GPU")
-    lib = _c_library()
-    Bsz, T, D = x.shape
-    N = A.size(1)
+    from llmopt.kernels.scan_backward import _forward  # the same fused C pass, without checkpoints
+
     x, dt, Bm, Cm = (t.float().contiguous() for t in (x, dt, Bm, Cm))
     At = A.float().t().contiguous()  # (N, D)
-    h = x.new_zeros(Bsz, N, D)  # the kernel updates the state in place: always a fresh buffer, h0 is never written
-    if h0 is not None:
-        h.copy_(h0.transpose(1, 2))
-    y, w = torch.empty_like(x), x.new_empty(D)
-    ptr = [ctypes.c_void_p(t.data_ptr()) for t in (x, dt, At, Bm, Cm, h, y, w)]
-    lib.selective_scan_fwd(*ptr, Bsz, T, D, N)
+    y, h, _ = _forward(x, dt, At, Bm, Cm, None if h0 is None else h0.float(), 1, keep=False)
     return y, h.transpose(1, 2).contiguous()
 
 

@@ -95,10 +95,7 @@ def choose_qparams(weight: torch.Tensor, *, bits: int, group_size: int | None = 
     w = weight.detach().float().reshape(weight.shape[0], -1, g)  # (N, G, g)
     tiny = torch.finfo(torch.float32).tiny
     if symmetric:
-        # half the code range: int8's restricted [-127, 127] gives absmax / 127; int4's [-8, 7] gives absmax / 7.5,
-        # so -absmax lands on -8 and all 16 codes are used (torchao's MappingType.SYMMETRIC), a 7% finer step
-        # than absmax / 7, which left the code -8 unused
-        scale = (w.abs().amax(-1) / ((qmax - qmin) / 2)).clamp_min(tiny).to(scale_dtype)
+        scale = (w.abs().amax(-1) / qmax).clamp_min(tiny).to(scale_dtype)
         return scale, None
     lo, hi = w.amin(-1).clamp_max(0.0), w.amax(-1).clamp_min(0.0)  # keep 0 representable
     scale = ((hi - lo) / (qmax - qmin)).clamp_min(tiny).to(scale_dtype)

@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--probe-groups", default="32,64,128,0")
     parser.add_argument("--val-batches", type=int, default=16)
     parser.add_argument("--no-torchao", action="store_true", help="skip the torchao QAT peer column")
+    parser.add_argument("--activations", default="int8", help="QAT activation format (int8, int8_asym, none, ...)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -88,16 +89,17 @@ def main() -> None:
         probe = {"fp32": val(model)}
         for g in (int(v) for v in args.probe_groups.split(",")):
             q = copy.deepcopy(model)
-            apply_(q, QATConfig(weight="int4", group_size=g or None, activations="int8"))
+            apply_(q, QATConfig(weight="int4", group_size=g or None, activations=args.activations))
             convert_qat_(q)
-            key = f"int4 {'g' + str(g) if g else 'per-channel'} + int8 act"
+            key = f"int4 {'g' + str(g) if g else 'per-channel'} + {args.activations} act"
             probe[key] = val(q)
             print(f"PTQ {key}: {probe[key]:.4f} ({probe[key] / probe['fp32']:.3f}x fp32)", flush=True)
         print(json.dumps(probe, indent=1))
         return
     group = args.group_size or None
-    config = QATConfig(weight="int4", group_size=group, activations="int8")
+    config = QATConfig(weight="int4", group_size=group, activations=args.activations)
     results: dict = {"model": args.model, "group_size": args.group_size or "per-channel", "steps": args.steps,
+                     "activations": args.activations,
                      "lr": args.lr, "batch": [args.batch_size, args.seq_len]}
 
     fp32 = train(copy.deepcopy(model), args.steps, seed=2, lr_peak=args.lr, warmup=5)

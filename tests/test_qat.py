@@ -24,6 +24,7 @@ def _batch(seed=0):
 
 @pytest.mark.parametrize("config", [
     QATConfig(weight="int4", group_size=32, activations="int8"),
+    QATConfig(weight="int4", group_size=32, activations="int8_asym"),
     QATConfig(weight="int8", group_size=None, activations="int8"),
     QATConfig(weight="int4", group_size=16, symmetric=False, scale_dtype="fp32", activations="none"),
     QATConfig(weight="fp8_e4m3", activations="fp8_e4m3"),
@@ -78,3 +79,18 @@ def test_convert_without_prepare_and_bad_config():
         convert_qat_(_model())
     with pytest.raises(ValueError, match="weight"):
         QATConfig(weight="int3")
+
+
+def test_asymmetric_int8_activations_within_half_a_step_and_exact_zero():
+    from llmopt.quant.int_quant import quantize_activation_int8_asym
+
+    x = torch.randn(64, 48) * 3 + torch.linspace(-1, 5, 48)  # rows with skewed ranges
+    x[:, 0] = 0.0
+    q = quantize_activation_int8_asym(x)
+    lo, hi = x.amin(-1, keepdim=True).clamp_max(0), x.amax(-1, keepdim=True).clamp_min(0)
+    step = (hi - lo) / 255
+    assert ((q - x).abs() <= step * 0.5 + 1e-6).all()
+    assert (q[:, 0] == 0).all()  # zero is representable
+    relu_like = torch.rand(8, 32)  # one-sided rows use every code, symmetric ones only half
+    assert ((quantize_activation_int8_asym(relu_like) - relu_like).abs().amax() <=
+            (relu_like.amax() / 255) * 0.5 + 1e-6)

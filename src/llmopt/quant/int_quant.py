@@ -231,7 +231,26 @@ def fake_quantize_activation_int8(x: torch.Tensor) -> torch.Tensor:
     return straight_through(x, quantize_activation_int8(x))
 
 
+def quantize_activation_int8_asym(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic asymmetric int8 per token: [min, max] (widened to include 0) onto the 256 codes with an integer
+    zero point, quantize then dequantize in x's dtype (no gradient). Finer than symmetric for one-sided rows."""
+    with torch.no_grad():
+        xf = x.float()
+        lo = xf.amin(-1, keepdim=True).clamp_max(0.0)
+        hi = xf.amax(-1, keepdim=True).clamp_min(0.0)
+        scale = ((hi - lo) / 255.0).clamp_min(torch.finfo(torch.float32).tiny)
+        zero = torch.round(-lo / scale) - 128.0  # the code of 0.0
+        codes = (torch.round(xf / scale) + zero).clamp_(-128, 127)
+        return ((codes - zero) * scale).to(x.dtype)
+
+
+def fake_quantize_activation_int8_asym(x: torch.Tensor) -> torch.Tensor:
+    """`quantize_activation_int8_asym(x)` with a straight-through gradient."""
+    return straight_through(x, quantize_activation_int8_asym(x))
+
+
 __all__ = ["IntWeight", "KERNEL_GROUP_SIZES", "choose_qparams", "code_range", "dequantize_codes",
-           "dequantize_weight", "empty_int_weight", "fake_quantize_activation_int8", "fake_quantize_weight",
-           "pack_int4", "quantize_activation_int8", "quantize_codes", "quantize_weight", "straight_through",
+           "dequantize_weight", "empty_int_weight", "fake_quantize_activation_int8", "fake_quantize_activation_int8_asym",
+           "fake_quantize_weight",
+           "pack_int4", "quantize_activation_int8", "quantize_activation_int8_asym", "quantize_codes", "quantize_weight", "straight_through",
            "unpack_int4", "weight_codes"]

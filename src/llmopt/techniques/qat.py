@@ -37,14 +37,16 @@ from llmopt.quant.int_quant import (
     dequantize_weight,
     empty_int_weight,
     fake_quantize_activation_int8,
+    fake_quantize_activation_int8_asym,
     fake_quantize_weight,
     quantize_activation_int8,
+    quantize_activation_int8_asym,
     quantize_weight,
 )
 from llmopt.techniques.weight_only_quant import SCALE_DTYPES, IntWeightOnlyLinear
 
 WEIGHT_FORMATS = ("int4", "int8", "fp8_e4m3", "fp8_e5m2")
-ACTIVATION_FORMATS = ("none", "int8", "fp8_e4m3", "fp8_e5m2")
+ACTIVATION_FORMATS = ("none", "int8", "int8_asym", "fp8_e4m3", "fp8_e5m2")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,8 +59,9 @@ class QATConfig(TechniqueConfig):
     """int weights: input values per scale; None means per output channel."""
     symmetric: bool = True
     """int weights: symmetric codes (scale only) or asymmetric (scale + zero)."""
-    activations: Literal["none", "int8", "fp8_e4m3", "fp8_e5m2"] = "int8"
-    """Input quantization: dynamic int8 per token, dynamic fp8 per tensor, or none (weight-only QAT)."""
+    activations: Literal["none", "int8", "int8_asym", "fp8_e4m3", "fp8_e5m2"] = "int8"
+    """Input quantization: dynamic int8 per token (symmetric, or asymmetric with a zero point: "int8_asym"),
+    dynamic fp8 per tensor, or none (weight-only QAT)."""
     scale_dtype: Literal["fp32", "bf16"] = "bf16"
     """int weights: dtype of the stored scales (the fake quantization uses the same rounded scales)."""
     include: tuple[str, ...] = ("all-linear",)
@@ -85,6 +88,8 @@ def quantize_input(x: torch.Tensor, activations: str, *, fake: bool) -> torch.Te
         return x
     if activations == "int8":
         return fake_quantize_activation_int8(x) if fake else quantize_activation_int8(x)
+    if activations == "int8_asym":
+        return fake_quantize_activation_int8_asym(x) if fake else quantize_activation_int8_asym(x)
     fmt = activations.removeprefix("fp8_")
     if fake:
         return fake_quantize_fp8(x, fmt)

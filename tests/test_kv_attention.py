@@ -70,3 +70,17 @@ def test_rotation_is_exact_before_rounding():
     torch.testing.assert_close(H @ H, torch.eye(64), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="power-of-two"):
         hadamard(48)
+
+
+def test_auto_falls_back_to_torch_without_the_kernel(monkeypatch):
+    cache = _filled(4, "both", 64, 0, 100, kernel="auto")
+    cache.attn_mask(torch.tensor([100]))
+    cache.update(0, torch.tensor([100]), torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64))
+    q = torch.randn(2, 6, 1, 64)
+    with_kernel = cache.attend(0, q, None)
+    monkeypatch.setattr(kv_attention, "available", lambda: False)  # stands in for a machine without a compiler
+    called = []
+    monkeypatch.setattr(cache, "_attend_kernel", lambda *a: called.append(a))
+    without = cache.attend(0, q, None)
+    assert not called
+    torch.testing.assert_close(without, with_kernel, rtol=1e-4, atol=5e-5)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["build_c_library", "ptr"]
+__all__ = ["build_c_library", "builds", "ptr"]
 
 
 def _cpu_id() -> str:
@@ -70,3 +70,13 @@ def build_c_library(name: str, source: str, openmp: bool = False, fallback: str 
 def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
     """The data pointer of a tensor for a ctypes call (None for a missing optional tensor)."""
     return ctypes.c_void_p(None if t is None else t.data_ptr())
+
+
+def builds(load) -> bool:
+    """Whether `load()` (a kernel module's cached library loader) succeeds here: False, not an error, without a
+    compiler or when the library does not load, so callers keep their torch path."""
+    try:
+        load()
+    except (ImportError, OSError):
+        return False
+    return True

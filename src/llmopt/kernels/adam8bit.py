@@ -31,7 +31,7 @@ import functools
 
 import torch
 
-from llmopt.kernels._cbuild import build_c_library, ptr
+from llmopt.kernels._cbuild import build_c_library, builds, ptr
 
 __all__ = ["adamw8bit_kernel_available", "adamw8bit_step_cpu", "fp16_bits_soft", "kernel_applies",
            "require_adamw8bit_kernel"]
@@ -201,11 +201,7 @@ def fp16_bits_soft(x: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def adamw8bit_kernel_available() -> bool:
     """Whether the C kernel builds here (a C compiler on PATH or in $CC); built once, cached."""
-    try:
-        _library()
-    except ImportError:
-        return False
-    return True
+    return builds(_library)
 
 
 def require_adamw8bit_kernel() -> None:

@@ -40,7 +40,7 @@ import functools
 
 import torch
 
-from llmopt.kernels._cbuild import build_c_library
+from llmopt.kernels._cbuild import build_c_library, builds
 
 __all__ = ["IntGemvPlan", "int4_gemv", "int4_kernel_scales", "int8_gemv", "int_gemv_available", "kernel_isa"]
 
@@ -319,11 +319,7 @@ def _lib(isa: str = "native") -> ctypes.CDLL:
 @functools.cache
 def int_gemv_available() -> bool:
     """True when the C kernels build (a C compiler is on PATH); callers otherwise keep their torch path."""
-    try:
-        _lib()
-    except ImportError:
-        return False
-    return True
+    return builds(_lib)
 
 
 def kernel_isa(isa: str = "native") -> str:

@@ -26,7 +26,7 @@ import functools
 
 import torch
 
-from llmopt.kernels._cbuild import build_c_library, ptr
+from llmopt.kernels._cbuild import build_c_library, builds, ptr
 
 __all__ = ["kv_attend_decode_cpu"]
 
@@ -160,11 +160,7 @@ def _library():
 
 def available() -> bool:
     """Whether the C kernel builds here (a C compiler with OpenMP)."""
-    try:
-        _library()
-        return True
-    except ImportError:
-        return False
+    return builds(_library)
 
 
 @torch.no_grad()

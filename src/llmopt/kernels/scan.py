@@ -27,7 +27,7 @@ import functools
 
 import torch
 
-from llmopt.kernels._cbuild import build_c_library, ptr
+from llmopt.kernels._cbuild import build_c_library, builds, ptr
 
 __all__ = ["decode_step_available", "mamba_block_step_cpu", "mamba_decode_step_cpu",
            "selective_scan_cpu", "selective_scan_triton", "use_fused_scan_", "use_triton_scan_"]
@@ -154,11 +154,7 @@ def _c_library():
 @functools.cache
 def decode_step_available() -> bool:
     """Whether the C kernels of this file build here; False (no error) without a compiler."""
-    try:
-        _c_library()
-    except (ImportError, OSError):
-        return False
-    return True
+    return builds(_c_library)
 
 
 def selective_scan_cpu(x, dt, A, Bm, Cm, h0=None):
@@ -172,10 +168,6 @@ def selective_scan_cpu(x, dt, A, Bm, Cm, h0=None):
     At = A.float().t().contiguous()  # (N, D)
     y, h, _ = _forward(x, dt, At, Bm, Cm, None if h0 is None else h0.float(), 1, keep=False)
     return y, h.transpose(1, 2).contiguous()
-
-
-def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
 
 
 @torch.no_grad()
@@ -194,14 +186,14 @@ def mamba_decode_step_cpu(mixer, hidden: torch.Tensor, cache) -> torch.Tensor | 
     xz = mixer.in_proj(hidden[:, 0])  # (B, 2 D): x then z
     xc = xz.new_empty(Bsz, D)
     bias = mixer.conv1d.bias
-    lib.mamba_conv_step(_ptr(xz), xz.stride(0), _ptr(cache.conv[i]), _ptr(mixer.conv1d.weight),
-                        _ptr(bias) if bias is not None else None, _ptr(xc), Bsz, D, K)
+    lib.mamba_conv_step(ptr(xz), xz.stride(0), ptr(cache.conv[i]), ptr(mixer.conv1d.weight),
+                        ptr(bias), ptr(xc), Bsz, D, K)
     xdbl = mixer.x_proj(xc)  # (B, dt_rank + 2 N)
     dt_lin = mixer.dt_proj(xdbl[:, :mixer.dt_rank])  # (B, D), before softplus
     Bm, Cm = xdbl[:, mixer.dt_rank:mixer.dt_rank + N], xdbl[:, mixer.dt_rank + N:]
     y = xz.new_empty(Bsz, D)
-    lib.mamba_ssm_step(_ptr(dt_lin), dt_lin.stride(0), _ptr(mixer.A_log), _ptr(Bm), _ptr(Cm), xdbl.stride(0),
-                       _ptr(xc), _ptr(xz[:, D:]), xz.stride(0), _ptr(mixer.D), _ptr(cache.ssm[i]), _ptr(y), Bsz, D, N)
+    lib.mamba_ssm_step(ptr(dt_lin), dt_lin.stride(0), ptr(mixer.A_log), ptr(Bm), ptr(Cm), xdbl.stride(0),
+                       ptr(xc), ptr(xz[:, D:]), xz.stride(0), ptr(mixer.D), ptr(cache.ssm[i]), ptr(y), Bsz, D, N)
     return mixer.out_proj(y)[:, None]
 
 

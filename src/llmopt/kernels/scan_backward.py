@@ -31,7 +31,7 @@ import functools
 
 import torch
 
-from llmopt.kernels._cbuild import build_c_library, ptr
+from llmopt.kernels._cbuild import build_c_library, builds, ptr
 
 __all__ = ["cpu_scan_available", "selective_scan_cpu_autograd", "CHECKPOINT_EVERY"]
 
@@ -180,11 +180,7 @@ def _library():
 @functools.cache
 def cpu_scan_available() -> bool:
     """Whether the C scan (forward with checkpoints + backward) builds here; False (no error) without a compiler."""
-    try:
-        _library()
-    except (ImportError, OSError):
-        return False
-    return True
+    return builds(_library)
 
 
 def _forward(x, dt, At, Bm, Cm, h0, K: int, keep: bool):

@@ -35,6 +35,7 @@ import math
 import torch
 
 from llmopt.inference.cache import KVCache
+from llmopt.kernels import kv_attention
 
 SCALE_DTYPE = torch.float16
 
@@ -244,15 +245,13 @@ class QuantizedKVCache(KVCache):
             correction = torch.exp(running_max - safe_max)
             weights = torch.exp(scores - safe_max)
             total = total * correction + weights.sum(-1, keepdim=True)
+            out = out * correction
             if out_rot is not None:
                 out_rot = out_rot * correction
-                if stored:
-                    out_rot += weights @ v[:, :, None]
-                    out = out * correction
-                else:
-                    out = out * correction + weights @ v[:, :, None]
+            if stored and out_rot is not None:  # stored values are V H: their sum is rotated back at the end
+                out_rot = out_rot + weights @ v[:, :, None]
             else:
-                out = out * correction + weights @ v[:, :, None]
+                out = out + weights @ v[:, :, None]
             running_max = new_max
         if out_rot is not None:
             out = out + out_rot @ self.H
@@ -263,21 +262,17 @@ class QuantizedKVCache(KVCache):
             return False
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.size(2) == 1):
             return False
-        from llmopt.kernels import kv_attention
-
         if self.kernel == "c":
             return True  # build errors surface
         return kv_attention.available()
 
     def _attend_kernel(self, layer: int, qg: torch.Tensor, mask) -> torch.Tensor:
         """One decode token through the C kernel (`llmopt.kernels.kv_attention`): no dequantized copy at all."""
-        from llmopt.kernels.kv_attention import kv_attend_decode_cpu
-
         q_end, L = self.quantized[layer], self.seq_len
         q = qg[:, :, :, 0]  # (B, H, g, D)
         q_stored = q @ self.H if self.rotate == "both" else q
         keep = None if mask is None else mask[:, 0, 0, :L]
-        out_q, out_w = kv_attend_decode_cpu(
+        out_q, out_w = kv_attention.kv_attend_decode_cpu(
             q_stored, q, self.k_codes[layer], self.k_scale[layer], self.k_zero[layer], self.v_codes[layer],
             self.v_scale[layer], self.v_zero[layer], self.k_window[layer], self.v_window[layer], n_quantized=q_end,
             n_window=L - q_end, group_size=self.group_size, value_group=self.value_group, bits=self.bits, keep=keep)

@@ -83,10 +83,11 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.model == "demo":
         train(model, args.pretrain_steps, seed=1, lr_peak=args.lr * 3, warmup=20)
+    start_val = val(model)
     print(f"start model: {args.model}, pretrained {args.pretrain_steps if args.model == 'demo' else 'upstream'} "
-          f"({time.perf_counter() - t0:.0f} s), val {val(model):.4f}", flush=True)
+          f"({time.perf_counter() - t0:.0f} s), val {start_val:.4f}", flush=True)
     if args.ptq_only:
-        probe = {"fp32": val(model)}
+        probe = {"fp32": start_val}
         for g in (int(v) for v in args.probe_groups.split(",")):
             q = copy.deepcopy(model)
             apply_(q, QATConfig(weight="int4", group_size=g or None, activations=args.activations))

@@ -76,6 +76,68 @@ def test_chunked_attention_equals_sdpa_on_the_dequantized_cache(bits):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def _logits_fed(model, ids, cache, pieces):
+    """Logits of ids (1, n) fed through `cache` in pieces of the given sizes."""
+    out, start = [], 0
+    with torch.no_grad():
+        for size in pieces:
+            end = min(start + size, ids.size(1))
+            out.append(model(ids[:, start:end], input_pos=torch.arange(start, end), cache=cache))
+            start = end
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("bits,group,residual,sinks", [(4, 8, 0, 0), (2, 8, 5, 0), (2, 8, 0, 3), (4, 16, 3, 4)])
+def test_decode_view_chunks_equal_token_by_token(tiny_model, bits, group, residual, sinks):
+    """A multi-token forward sees the cache as token-by-token decoding would: the same logits."""
+    ids = torch.randint(0, 320, (1, 60), generator=torch.Generator().manual_seed(7))
+
+    def cache(view=True):
+        return make_quantized_cache(tiny_model, 1, 64, bits=bits, group_size=group, residual_length=residual,
+                                    sink_tokens=sinks, decode_view=view, chunk_size=16)
+
+    one_by_one = _logits_fed(tiny_model, ids, cache(), [1] * 60)
+    chunked = _logits_fed(tiny_model, ids, cache(), [13, 1, 30, 16])
+    torch.testing.assert_close(chunked, one_by_one, atol=1e-4, rtol=1e-4)
+    stored_view = _logits_fed(tiny_model, ids, cache(view=False), [13, 1, 30, 16])
+    assert (stored_view - one_by_one).abs().max() > 1e-3  # the plain view differs: the test can tell
+
+
+def test_sink_tokens_layout_bytes_and_rollback():
+    cache, k, v = None, None, None
+    gen = torch.Generator().manual_seed(8)
+    cache = QuantizedKVCache(1, 1, 2, 64, 8, bits=2, group_size=8, residual_length=0, sink_tokens=3, rotate="none")
+    k, v = torch.randn(1, 2, 40, 8, generator=gen), torch.randn(1, 2, 40, 8, generator=gen)
+    for start, end in [(0, 2), (2, 14), (14, 40)]:
+        pos = torch.arange(start, end)
+        cache.attn_mask(pos)
+        cache.update(0, pos, k[:, :, start:end], v[:, :, start:end])
+    # sinks 0..2 exact; codes for 3..34 (4 groups of 8); window 35..39
+    assert cache.quantized == [35]
+    assert torch.equal(cache.k_window[0][:, :, :3], k[:, :, :3]) and torch.equal(cache.v_window[0][:, :, :3], v[:, :, :3])
+    assert torch.equal(cache.k_window[0][:, :, 3:8], k[:, :, 35:40])
+    dk, dv = cache.dequantize(0, 3, 35)
+    step = (k[:, :, 3:35].reshape(1, 2, 4, 8, 8).amax(3) - k[:, :, 3:35].reshape(1, 2, 4, 8, 8).amin(3)) / 3
+    assert ((dk - k[:, :, 3:35]).abs().reshape(1, 2, 4, 8, 8).amax(3) <= step * 0.51 + 1e-3).all()
+    # bytes: sinks and window at the cache dtype, the rest as codes
+    dense = 2 * 2 * 8 * 4
+    assert cache.bytes_at(40) == 32 * cache.quantized_bytes_per_token + 8 * dense
+    assert cache.bytes_at(3) == 3 * dense
+    # attention: SDPA over sinks + dequantized codes + window
+    q = torch.randn(1, 4, 1, 8, generator=gen)
+    keys = torch.cat([k[:, :, :3], dk, k[:, :, 35:]], 2)
+    values = torch.cat([v[:, :, :3], dv, v[:, :, 35:]], 2)
+    cache.kernel = "torch"
+    torch.testing.assert_close(cache.attend(0, q, None),
+                               F.scaled_dot_product_attention(q, keys, values, enable_gqa=True), atol=1e-5, rtol=1e-5)
+    cache.truncate(20)  # into the codes: 3 + 16 stay coded, 19 returns to the window
+    assert cache.quantized == [19] and torch.allclose(cache.k_window[0][:, :, 3], dk[:, :, 16])
+    cache.truncate(2)  # into the sinks
+    assert cache.quantized == [2] and cache.seq_len == 2
+    with pytest.raises(ValueError, match="sink_tokens"):
+        QuantizedKVCache(1, 1, 1, 16, 8, sink_tokens=-1)
+
+
 def test_byte_formula():
     cache = QuantizedKVCache(3, 2, 4, 256, 64, bits=4, group_size=64, residual_length=16)
     # per layer and kv head: codes 2 * 64 / 2 bytes, key scales+zeros 2 * 2 * 64 / 64, value 2 * 2 * 1
@@ -129,8 +191,8 @@ def test_rollback_into_quantized_region_and_speculative(tiny_model):
     plain = generate(tiny_model, prompt, 24, cache=make_quantized_cache(tiny_model, 1, 64, bits=4, group_size=8))
     spec = speculative_generate(tiny_model, prompt, 24, proposer=DraftModelProposer(tiny_model), k=3,
                                 adaptive=False, cache=make_quantized_cache(tiny_model, 1, 64, bits=4, group_size=8))
-    # verify forwards see chunks where plain decode sees single tokens, so the groups quantize at different
-    # times; the stored values are the same (groups of the same tokens), so the tokens agree
+    # verify forwards see chunks where plain decode sees single tokens; with decode_view (the default) each
+    # verified position sees the cache as plain decoding did, so the tokens agree
     assert torch.equal(spec.tokens, plain.tokens)
 
 

@@ -9,10 +9,11 @@ from llmopt.kernels import kv_attention
 pytestmark = pytest.mark.skipif(not kv_attention.available(), reason="no C compiler with OpenMP here")
 
 
-def _filled(bits, rotate, group, residual, length, batch=2, kernel="torch", value_group=None):
+def _filled(bits, rotate, group, residual, length, batch=2, kernel="torch", value_group=None, sinks=0):
     torch.manual_seed(0)
     cache = QuantizedKVCache(3, batch, 2, 256, 64, bits=bits, group_size=group, residual_length=residual,
-                             chunk_size=128, rotate=rotate, kernel=kernel, value_group=value_group)
+                             chunk_size=128, rotate=rotate, kernel=kernel, value_group=value_group,
+                             sink_tokens=sinks)
     for layer in range(3):
         k = torch.randn(batch, 2, length, 64) * torch.linspace(0.2, 3, 64)  # channels of different ranges
         v = torch.randn(batch, 2, length, 64)
@@ -48,6 +49,23 @@ def test_kernel_with_smaller_value_groups(value_group):
     ref = cache.attend(0, q, None)
     cache.kernel = "c"
     torch.testing.assert_close(cache.attend(0, q, None), ref, rtol=1e-4, atol=5e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("length", [150, 3])  # past the sinks; inside them (no codes yet)
+def test_kernel_with_sink_tokens(bits, length):
+    cache = _filled(bits, "both", 64, 0, length, sinks=4)
+    assert cache.quantized[0] == (132 if length == 150 else 3)  # 4 sinks + 2 groups of 64; 3 sinks so far
+    cache.attn_mask(torch.tensor([length]))
+    cache.update(0, torch.tensor([length]), torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64))
+    q = torch.randn(2, 6, 1, 64)
+    mask = torch.ones(2, 1, 1, length + 1, dtype=torch.bool)
+    mask[0, ..., :2] = False  # a padded row: the kernel reorders the mask to codes, sinks, window
+    for m in (None, mask):
+        cache.kernel = "torch"
+        ref = cache.attend(0, q, m)
+        cache.kernel = "c"
+        torch.testing.assert_close(cache.attend(0, q, m), ref, rtol=1e-4, atol=5e-5)
 
 
 def test_kernel_honours_a_key_padding_mask():

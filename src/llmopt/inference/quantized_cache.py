@@ -91,7 +91,7 @@ class QuantizedKVCache(KVCache):
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, *, bits: int = 4,
                  group_size: int = 64, residual_length: int = 0, chunk_size: int = 1024,
                  static: bool = False, rotate: str = "auto", kernel: str = "auto",
-                 value_group: int | None = None) -> None:
+                 value_group: int | None = None, sink_tokens: int = 0, decode_view: bool = True) -> None:
         if bits not in (8, 4, 2):
             raise ValueError(f"QuantizedKVCache bits must be 8, 4 or 2, got {bits}")
         if static:
@@ -105,6 +105,8 @@ class QuantizedKVCache(KVCache):
         if residual_length < 0 or chunk_size < group_size:
             raise ValueError(f"need residual_length >= 0 and chunk_size >= group_size, got {residual_length}, "
                              f"{chunk_size}")
+        if sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}")
         if rotate not in ("auto", "none", "values", "both"):
             raise ValueError(f"rotate must be 'auto', 'none', 'values' or 'both', got {rotate!r}")
         if rotate == "auto":  # measured on SmolLM2 int4: ppl +3.3% unrotated, +1.1% with both rotated
@@ -115,12 +117,14 @@ class QuantizedKVCache(KVCache):
         self.kernel = kernel
         self.H = hadamard(head_dim, device) if rotate != "none" else None
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
+        self.sink_tokens, self.decode_view = sink_tokens, decode_view
+        self._fresh = None  # (layer, first position, k, v, q0 before the write): the last write, full precision
         self.chunk_size = chunk_size // group_size * group_size
         super().__init__(n_layer, batch_size, n_kv_head, max_len, head_dim, dtype, device, static=False)
 
     def _allocate(self) -> None:
-        B, H, D, G = self.batch_size, self.n_kv_head, self.head_dim, self.group_size
-        cap = self.max_len // G * G  # positions that can ever be quantized
+        B, H, D, G, S = self.batch_size, self.n_kv_head, self.head_dim, self.group_size, self.sink_tokens
+        cap = max(0, self.max_len - S) // G * G  # positions S.. that can ever be quantized (code index = pos - S)
         packed = D * self.bits // 8
         dev = self.device
 
@@ -133,11 +137,13 @@ class QuantizedKVCache(KVCache):
         self.v_codes = zeros(B, H, cap, packed, dtype=torch.uint8)
         self.v_scale = zeros(B, H, cap, D // self.value_group, 1, dtype=SCALE_DTYPE)
         self.v_zero = zeros(B, H, cap, D // self.value_group, 1, dtype=SCALE_DTYPE)
-        window = min(self.residual_length + G, self.max_len)
+        window = S + min(self.residual_length + G, self.max_len)  # slots [0, S): the sinks; then the window
         self.k_window = zeros(B, H, window, D, dtype=self.dtype)
         self.v_window = zeros(B, H, window, D, dtype=self.dtype)
         self.quantized = [0] * self.n_layer
-        """Per layer, positions [0, quantized) are in codes; [quantized, seq_len) in the window."""
+        """Per layer, positions [0, quantized) are stored: [0, min(S, quantized)) as sinks in full precision
+        (window slots [0, S)), [S, quantized) in codes; positions [quantized, seq_len) are in the window
+        (slots S..). While quantized < sink_tokens the window is empty."""
         self._write_start = 0
 
     # ---- writing -------------------------------------------------------------------------------
@@ -148,8 +154,18 @@ class QuantizedKVCache(KVCache):
         if self._write_start < max(self.quantized):
             self.seq_len = previous
             raise ValueError(f"position {self._write_start} is already quantized (cache holds "
-                             f"{max(self.quantized)} quantized positions); truncate the cache before rewriting it")
+                             f"{max(self.quantized)} stored positions); truncate the cache before rewriting it")
         return mask
+
+    def stored_after(self, q0: int, end: int) -> int:
+        """Stored positions once positions < `end` are written, starting from `q0` stored: the same for one
+        write of many tokens and for token-by-token writes (a group is quantized as soon as it leaves the window)."""
+        S, G = self.sink_tokens, self.group_size
+        if end <= S:
+            return max(q0, end)
+        q = max(q0, S)
+        n = max(0, (end - q - self.residual_length) // G)
+        return q + min(n, (self.k_codes[0].size(2) - (q - S)) // G) * G
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, n_kv_head, T, head_dim); quantize whole groups that left the window. Returns None:
@@ -157,14 +173,22 @@ class QuantizedKVCache(KVCache):
         if k.size(0) != self.batch_size:
             raise ValueError(f"batch of {k.size(0)} rows does not match the cache's batch_size={self.batch_size}; "
                              "build the cache with make_quantized_cache(model, batch_size)")
-        G, q0 = self.group_size, self.quantized[layer]
-        kept = self._write_start - q0  # window tokens before the new ones
-        k_all = torch.cat([self.k_window[layer][:, :, :kept], k.to(self.dtype)], dim=2)  # the window + new only
-        v_all = torch.cat([self.v_window[layer][:, :, :kept], v.to(self.dtype)], dim=2)
-        n_groups = max(0, (k_all.size(2) - self.residual_length) // G)
-        n_groups = min(n_groups, (self.k_codes[layer].size(2) - q0) // G)
+        G, S, q_before = self.group_size, self.sink_tokens, self.quantized[layer]
+        k, v = k.to(self.dtype), v.to(self.dtype)
+        q0 = q_before
+        if q0 < S:  # the first tokens go to the sinks (then the window is empty: seq_len was q0)
+            n = min(S - q0, k.size(2))
+            self.k_window[layer][:, :, q0:q0 + n] = k[:, :, :n]
+            self.v_window[layer][:, :, q0:q0 + n] = v[:, :, :n]
+            k, v, q0 = k[:, :, n:], v[:, :, n:], q0 + n
+        kept = self._write_start - q0 if q0 >= S else 0  # window tokens before the new ones
+        k_all = torch.cat([self.k_window[layer][:, :, S:S + kept], k], dim=2)  # the window + new only
+        v_all = torch.cat([self.v_window[layer][:, :, S:S + kept], v], dim=2)
+        self._fresh = (layer, self.seq_len - k_all.size(2), k_all, v_all, q_before)
+        n_groups = max(0, (k_all.size(2) - self.residual_length) // G) if q0 >= S else 0
+        n_groups = min(n_groups, (self.k_codes[layer].size(2) - (q0 - S)) // G)
         if n_groups:
-            n = n_groups * G
+            n, i0 = n_groups * G, q0 - S
             B, H, _, D = k_all.shape
             kn, vn = k_all[:, :, :n].float(), v_all[:, :, :n].float()
             if self.rotate == "both":
@@ -172,28 +196,30 @@ class QuantizedKVCache(KVCache):
             if self.rotate != "none":
                 vn = vn @ self.H
             kq, ks, kz = quantize_groups(kn.view(B, H, n_groups, G, D), self.bits, dim=3)
-            self.k_codes[layer][:, :, q0:q0 + n] = pack(kq.view(B, H, n, D), self.bits)
-            self.k_scale[layer][:, :, q0 // G:q0 // G + n_groups] = ks
-            self.k_zero[layer][:, :, q0 // G:q0 // G + n_groups] = kz
+            self.k_codes[layer][:, :, i0:i0 + n] = pack(kq.view(B, H, n, D), self.bits)
+            self.k_scale[layer][:, :, i0 // G:i0 // G + n_groups] = ks
+            self.k_zero[layer][:, :, i0 // G:i0 // G + n_groups] = kz
             vq, vs, vz = quantize_groups(vn.view(B, H, n, D // self.value_group, self.value_group), self.bits, dim=4)
-            self.v_codes[layer][:, :, q0:q0 + n] = pack(vq.view(B, H, n, D), self.bits)
-            self.v_scale[layer][:, :, q0:q0 + n] = vs
-            self.v_zero[layer][:, :, q0:q0 + n] = vz
-            self.quantized[layer] = q0 + n
+            self.v_codes[layer][:, :, i0:i0 + n] = pack(vq.view(B, H, n, D), self.bits)
+            self.v_scale[layer][:, :, i0:i0 + n] = vs
+            self.v_zero[layer][:, :, i0:i0 + n] = vz
+            q0 += n
             k_all, v_all = k_all[:, :, n:], v_all[:, :, n:]
-        if k_all.size(2) > self.k_window[layer].size(2):
+        self.quantized[layer] = q0
+        if k_all.size(2) > self.k_window[layer].size(2) - S:
             raise RuntimeError(f"window overflow ({k_all.size(2)} tokens); internal error")
-        self.k_window[layer][:, :, : k_all.size(2)] = k_all
-        self.v_window[layer][:, :, : v_all.size(2)] = v_all
+        self.k_window[layer][:, :, S:S + k_all.size(2)] = k_all
+        self.v_window[layer][:, :, S:S + v_all.size(2)] = v_all
         return None
 
     # ---- reading -------------------------------------------------------------------------------
     def dequantize(self, layer: int, start: int, end: int, *, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of quantized positions [start, end) (multiples of group_size), fp32 (B, H, n, D);
-        with `rotated=True` as stored (rotated by H where `rotate` says so), otherwise rotated back."""
+        """Keys and values of quantized positions [start, end) (sink_tokens + multiples of group_size), fp32
+        (B, H, n, D); with `rotated=True` as stored (rotated by H where `rotate` says so), otherwise rotated back."""
         G = self.group_size
         B, H, D = self.batch_size, self.n_kv_head, self.head_dim
         n = end - start
+        start, end = start - self.sink_tokens, end - self.sink_tokens  # code indices
         k = unpack(self.k_codes[layer][:, :, start:end], self.bits).view(B, H, n // G, G, D).float()
         k = (k * self.k_scale[layer][:, :, start // G:end // G].float()
              + self.k_zero[layer][:, :, start // G:end // G].float()).view(B, H, n, D)
@@ -211,9 +237,14 @@ class QuantizedKVCache(KVCache):
         """softmax(q k^T / sqrt(d)) v over everything the cache holds for `layer`; q (B, n_head, T, D).
 
         `mask` is what `attn_mask` returned for this forward. Returns (B, n_head, T, D) in q's dtype.
+
+        With `decode_view` (the default), the T queries of the forward that just wrote T tokens see the cache
+        as token-by-token decoding would have: the query at position p sees as quantized only the positions
+        stored once p was written (`stored_after`), and the later ones in full precision (from this write).
+        Otherwise every query sees the cache as it is now (later groups of this write already quantized).
         """
         B, n_head, T, D = q.shape
-        H, L = self.n_kv_head, self.seq_len
+        H, L, S = self.n_kv_head, self.seq_len, self.sink_tokens
         qg = q.float().view(B, H, n_head // H, T, D) * (1.0 / math.sqrt(D))  # grouped-query heads share a kv head
         if T == 1 and self._use_kernel(q, mask):
             return self._attend_kernel(layer, qg, mask).view(B, n_head, T, D).to(q.dtype)
@@ -221,25 +252,48 @@ class QuantizedKVCache(KVCache):
             mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril_()
         if mask is not None and mask.dim() == 4:
             mask = mask[:, :, None]  # (B, 1, 1, T, L)
+        q_end = self.quantized[layer]
+        fresh = self._fresh
+        view = None  # (T, 1): positions stored (quantized) as each query was written
+        if (self.decode_view and T > 1 and fresh is not None and fresh[0] == layer
+                and self.seq_len - T == self._write_start and q_end > max(fresh[4], S)):
+            view = torch.tensor([self.stored_after(fresh[4], p + 1) for p in range(L - T, L)],
+                                device=q.device)[:, None]
+            if mask is None:
+                mask = torch.ones(T, L, dtype=torch.bool, device=q.device)
         running_max = torch.full((B, H, n_head // H, T, 1), float("-inf"), device=q.device)
         total = torch.zeros_like(running_max)
         out = torch.zeros(B, H, n_head // H, T, D, device=q.device)
         out_rot = torch.zeros_like(out) if self.rotate != "none" else None  # sum p (V H): rotated back at the end
         q_rot = qg @ self.H if self.rotate == "both" else qg
-        q_end = self.quantized[layer]
-        spans = [(s, min(s + self.chunk_size, q_end)) for s in range(0, q_end, self.chunk_size)] + [(q_end, L)]
-        for start, end in spans:
+        # spans: (kind, first position, last position + 1); "stored" = codes, "fp" = window slots, "fresh" = this write
+        spans = [("fp", 0, min(S, q_end))]
+        spans += [("stored", s, min(s + self.chunk_size, q_end)) for s in range(S, q_end, self.chunk_size)]
+        if view is None:
+            spans.append(("fp", max(q_end, S), L))
+        else:
+            f0 = max(fresh[1], S)
+            spans += [("fresh", s, min(s + self.chunk_size, L)) for s in range(f0, L, self.chunk_size)]
+        for kind, start, end in spans:
             if end <= start:
                 continue
-            stored = start < q_end
-            if stored:
+            if kind == "stored":
                 k, v = self.dequantize(layer, start, end, rotated=True)
-            else:
-                k = self.k_window[layer][:, :, : end - start].float()
-                v = self.v_window[layer][:, :, : end - start].float()
-            scores = (q_rot if stored else qg) @ k[:, :, None].transpose(-1, -2)  # (B, H, g, T, n)
+            elif kind == "fresh":
+                k = fresh[2][:, :, start - fresh[1]:end - fresh[1]].float()
+                v = fresh[3][:, :, start - fresh[1]:end - fresh[1]].float()
+            else:  # sinks sit at slots = positions; the window at slots S + (position - q_end)
+                slot = start if start < S else S + start - q_end
+                k = self.k_window[layer][:, :, slot:slot + end - start].float()
+                v = self.v_window[layer][:, :, slot:slot + end - start].float()
+            rotated = kind == "stored"
+            scores = (q_rot if rotated else qg) @ k[:, :, None].transpose(-1, -2)  # (B, H, g, T, n)
             if mask is not None:
-                scores = scores.masked_fill(~mask[..., start:end], float("-inf"))
+                m = mask[..., start:end]
+                if view is not None and kind != "fp":
+                    cols = torch.arange(start, end, device=q.device)[None, :]
+                    m = m & ((cols < view) if kind == "stored" else (cols >= view))
+                scores = scores.masked_fill(~m, float("-inf"))
             new_max = torch.maximum(running_max, scores.amax(-1, keepdim=True))
             safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)  # all masked so far
             correction = torch.exp(running_max - safe_max)
@@ -248,7 +302,7 @@ class QuantizedKVCache(KVCache):
             out = out * correction
             if out_rot is not None:
                 out_rot = out_rot * correction
-            if stored and out_rot is not None:  # stored values are V H: their sum is rotated back at the end
+            if rotated and out_rot is not None:  # stored values are V H: their sum is rotated back at the end
                 out_rot = out_rot + weights @ v[:, :, None]
             else:
                 out = out + weights @ v[:, :, None]
@@ -267,15 +321,23 @@ class QuantizedKVCache(KVCache):
         return kv_attention.available()
 
     def _attend_kernel(self, layer: int, qg: torch.Tensor, mask) -> torch.Tensor:
-        """One decode token through the C kernel (`llmopt.kernels.kv_attention`): no dequantized copy at all."""
-        q_end, L = self.quantized[layer], self.seq_len
+        """One decode token through the C kernel (`llmopt.kernels.kv_attention`): no dequantized copy at all.
+        The kernel's "window" is the window buffer from slot 0: the sinks, then the window proper (contiguous)."""
+        q_end, L, S = self.quantized[layer], self.seq_len, self.sink_tokens
+        n_sink = min(S, q_end)
+        n_codes = max(0, q_end - S)
         q = qg[:, :, :, 0]  # (B, H, g, D)
         q_stored = q @ self.H if self.rotate == "both" else q
-        keep = None if mask is None else mask[:, 0, 0, :L]
+        keep = None
+        if mask is not None:  # to the kernel's order: codes, sinks, window
+            keep = mask[:, 0, 0, :L]
+            if S:
+                keep = torch.cat([keep[:, n_sink:q_end], keep[:, :n_sink], keep[:, q_end:]], 1)
         out_q, out_w = kv_attention.kv_attend_decode_cpu(
             q_stored, q, self.k_codes[layer], self.k_scale[layer], self.k_zero[layer], self.v_codes[layer],
-            self.v_scale[layer], self.v_zero[layer], self.k_window[layer], self.v_window[layer], n_quantized=q_end,
-            n_window=L - q_end, group_size=self.group_size, value_group=self.value_group, bits=self.bits, keep=keep)
+            self.v_scale[layer], self.v_zero[layer], self.k_window[layer], self.v_window[layer], n_quantized=n_codes,
+            n_window=n_sink + L - q_end, group_size=self.group_size, value_group=self.value_group, bits=self.bits,
+            keep=keep)
         if self.rotate != "none":
             out_q = out_q @ self.H
         return out_q + out_w
@@ -285,21 +347,26 @@ class QuantizedKVCache(KVCache):
         """Forget positions >= length. Quantized positions that come back into the window are dequantized
         into it (they stay at their quantized values)."""
         super().truncate(length)
-        G = self.group_size
+        G, S = self.group_size, self.sink_tokens
+        self._fresh = None
         for layer in range(self.n_layer):
             q_end = self.quantized[layer]
             if q_end <= length:
                 continue
-            start = length // G * G
+            if length <= S:  # only sinks remain
+                self.quantized[layer] = length
+                continue
+            start = S + (length - S) // G * G
             k, v = self.dequantize(layer, start, q_end)
             n = length - start
-            self.k_window[layer][:, :, :n] = k[:, :, :n].to(self.dtype)
-            self.v_window[layer][:, :, :n] = v[:, :, :n].to(self.dtype)
+            self.k_window[layer][:, :, S:S + n] = k[:, :, :n].to(self.dtype)
+            self.v_window[layer][:, :, S:S + n] = v[:, :, :n].to(self.dtype)
             self.quantized[layer] = start
 
     def reset(self) -> None:
         super().reset()
         self.quantized = [0] * self.n_layer
+        self._fresh = None
 
     @property
     def quantized_bytes_per_token(self) -> int | float:
@@ -312,8 +379,8 @@ class QuantizedKVCache(KVCache):
     def bytes_at(self, length: int) -> float:
         """Bytes a sequence of `length` tokens occupies (one row): quantized positions, their scales and the
         full-precision window."""
-        G = self.group_size
-        quantized = max(0, (length - self.residual_length) // G) * G
+        G, S = self.group_size, self.sink_tokens
+        quantized = max(0, (length - S - self.residual_length) // G) * G
         return quantized * self.quantized_bytes_per_token + (length - quantized) * super().bytes_per_token
 
     @property
@@ -331,7 +398,8 @@ class QuantizedKVCache(KVCache):
 def make_quantized_cache(model, batch_size: int, max_len: int | None = None, *, bits: int = 4,
                          group_size: int = 64, residual_length: int = 0, chunk_size: int = 1024,
                          dtype: torch.dtype | None = None, rotate: str = "auto",
-                         kernel: str = "auto", value_group: int | None = None) -> QuantizedKVCache:
+                         kernel: str = "auto", value_group: int | None = None, sink_tokens: int = 0,
+                         decode_view: bool = True) -> QuantizedKVCache:
     """A `QuantizedKVCache` sized from `model.config`, on the model's device (window in the model's dtype)."""
     config = model.config
     if config.family != "llama":
@@ -343,4 +411,5 @@ def make_quantized_cache(model, batch_size: int, max_len: int | None = None, *, 
     return QuantizedKVCache(config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim,
                             param.dtype if dtype is None else dtype, param.device, bits=bits, group_size=group_size,
                             residual_length=residual_length, chunk_size=chunk_size, rotate=rotate,
-                            kernel=kernel, value_group=value_group)
+                            kernel=kernel, value_group=value_group, sink_tokens=sink_tokens,
+                            decode_view=decode_view)

@@ -112,15 +112,63 @@ def _nll_with_cache(model, ids, cache, chunk):
     return total / count
 
 
+def _hf_nll(hf, ids, cache, chunk):
+    """The same through transformers' model with its cache object `cache` in the loop (positions from the cache)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, ids.size(1) - 1, chunk):
+            end = min(start + chunk, ids.size(1) - 1)
+            logits = hf(input_ids=ids[:, start:end], cache=cache, use_cache=True).logits
+            total += torch.nn.functional.cross_entropy(logits[0].float(), ids[0, start + 1:end + 1],
+                                                       reduction="sum").item()
+            count += end - start
+    return total / count
+
+
+def _hf_cache_bytes(cache):
+    """(bytes as stored, bytes with fp16 scales, zero points and window) of a transformers cache, all layers:
+    quanto's packed codes, its per-group scale and shift, and the full-precision residual window."""
+    def leaves(t):
+        if hasattr(t, "__tensor_flatten__"):
+            names, _ = t.__tensor_flatten__()
+            return [x for n in names for x in leaves(getattr(t, n))]
+        return [t]
+
+    stored = fp16 = 0
+    for layer in cache.layers:
+        for name in ("_quantized_keys", "_quantized_values", "keys", "values"):
+            t = getattr(layer, name, None)
+            if t is None or not t.numel():
+                continue
+            for x in leaves(t):
+                stored += x.numel() * x.element_size()
+                fp16 += x.numel() * (1 if x.dtype == torch.uint8 else 2)
+    return stored, fp16
+
+
 def bench_kv(args):
+    """Bytes, perplexity with the cache in the loop and decode speed at `--context`, for our quantized caches
+    (`--bits`) against our fp32 cache, and with `--peer` transformers' QuantizedCache (quanto backend, its
+    defaults: residual 128, q_group_size 64) against transformers' DynamicCache on the same weights.
+
+    Perplexity: `--windows` held-out windows of `--context` tokens (the corpus tail). Ours are fed in chunks
+    of `--chunk`; with `--view decode` (the default) each chunk's queries see the cache as token-by-token
+    decoding would (`QuantizedKVCache(decode_view=True)`, tested equal), so the figure is decode-faithful at
+    any chunk; `--view stored` lets every query see its own chunk's already quantized groups (the older,
+    harsher figure). transformers' caches are fed in chunks of `--peer-chunk` (1 = token by token, the only
+    decode-faithful way for them) over the first `--peer-windows` windows.
+    """
     model, tok = load_pretrained("smollm2-135m")
     c = model.config
     L = args.context
+    bits_list = [int(b) for b in args.bits.split(",")]
+    opts = dict(residual_length=args.residual, group_size=args.group, rotate=args.rotate, kernel=args.kernel,
+                value_group=args.value_group, sink_tokens=args.sinks, decode_view=args.view == "decode")
     fp16 = KVCache(c.n_layer, 1, c.n_kv_head, L, c.head_dim, torch.float16).bytes_per_token
-    for bits in (8, 4, 2):
-        q16 = make_quantized_cache(model, 1, L, bits=bits, dtype=torch.float16, residual_length=args.residual,
-                                   group_size=args.group, rotate=args.rotate, kernel=args.kernel)
-        emit(bench="kv/bytes", bits=bits, context=L, bytes_per_token=q16.bytes_per_token,
+    for bits in bits_list:
+        q16 = make_quantized_cache(model, 1, L, bits=bits, dtype=torch.float16, **opts)
+        emit(bench="kv/bytes", bits=bits, context=L, sinks=args.sinks, group=args.group,
+             value_group=q16.value_group, residual=args.residual, bytes_per_token=q16.bytes_per_token,
              fp16_bytes_per_token=fp16, ratio_vs_fp16=q16.bytes_per_token / fp16,
              worst_case_ratio=max(q16.bytes_at(n) / n for n in range(L - 64, L + 1)) / fp16)
     # perplexity with the cache in the loop: held-out Shakespeare (the tail of the corpus), windows of L tokens
@@ -128,38 +176,84 @@ def bench_kv(args):
     ids = torch.tensor(tok.encode(text[-int(len(text) * 0.05):]))
     windows = [ids[i * L:(i + 1) * L][None] for i in range(args.windows)]
     caches = {"fp32": make_cache(model, 1, L)}
-    caches.update({f"int{b}": make_quantized_cache(model, 1, L, bits=b, residual_length=args.residual,
-                                                   group_size=args.group, rotate=args.rotate, kernel=args.kernel)
-                   for b in (8, 4, 2)})
+    caches.update({f"int{b}": make_quantized_cache(model, 1, L, bits=b, **opts) for b in bits_list})
     nll = {}
     for name, cache in caches.items():
+        t0 = time.perf_counter()
         nll[name] = sum(_nll_with_cache(model, w, cache, args.chunk) for w in windows) / len(windows)
-        emit(bench="kv/perplexity", cache=name, residual=args.residual, group=args.group, rotate=args.rotate,
-             windows=len(windows),
-             tokens_per_window=L, chunk=args.chunk,
-             nll=nll[name], ppl=float(torch.tensor(nll[name]).exp()),
+        emit(bench="kv/perplexity", cache=name, view=args.view if name != "fp32" else "-", residual=args.residual,
+             group=args.group, value_group=getattr(cache, "value_group", None), sinks=args.sinks,
+             rotate=args.rotate, windows=len(windows), tokens_per_window=L, chunk=args.chunk,
+             seconds=time.perf_counter() - t0, nll=nll[name], ppl=float(torch.tensor(nll[name]).exp()),
              ppl_ratio_vs_fp32=float(torch.tensor(nll[name] - nll["fp32"]).exp()))
-    # decode at L context: every cache still holds the last window's L - 1 tokens; each round rolls it back to
-    # L - 64 (a group boundary) and times `new` greedy decode steps from there (the caches rotate per round)
+    hf, peers = None, {}
+    if args.peer:
+        from transformers import DynamicCache, QuantizedCache
+
+        from llmopt.models.hf import to_hf
+
+        hf = to_hf(model).eval()
+        peers = {"transformers_dynamic": lambda: DynamicCache(config=hf.config)}
+        peers.update({f"transformers_quanto_int{b}": lambda b=b: QuantizedCache(backend="quanto", config=hf.config,
+                                                                                nbits=b)
+                      for b in (4, 2)})
+        peer_windows = windows[:args.peer_windows]
+        peer_nll = {}
+        for name, make in peers.items():
+            chunk = args.chunk if name == "transformers_dynamic" else args.peer_chunk  # dynamic: exact at any chunk
+            t0 = time.perf_counter()
+            per_window = []
+            for w in peer_windows:
+                cache = make()
+                per_window.append(_hf_nll(hf, w, cache, chunk))
+            peer_nll[name] = sum(per_window) / len(per_window)
+            stored, as_fp16 = _hf_cache_bytes(cache)
+            n_tok = peer_windows[-1].size(1) - 1
+            dense16 = n_tok * fp16
+            emit(bench="kv/perplexity", cache=name, windows=len(peer_windows), tokens_per_window=L, chunk=chunk,
+                 seconds=time.perf_counter() - t0, nll=peer_nll[name], ppl=float(torch.tensor(peer_nll[name]).exp()),
+                 ppl_ratio_vs_transformers_dynamic=float(torch.tensor(peer_nll[name]
+                                                                      - peer_nll["transformers_dynamic"]).exp()),
+                 ppl_ratio_vs_our_fp32=float(torch.tensor(peer_nll[name] - nll["fp32"]).exp()),
+                 per_window_nll=per_window, cache_tokens=n_tok, bytes_as_stored=stored,
+                 bytes_with_fp16_scales_and_window=as_fp16, ratio_vs_fp16=as_fp16 / dense16)
+    # decode at L context: every cache of ours still holds the last window's L - 1 tokens; each round rolls it
+    # back to L - 64 (a group boundary) and times `new` greedy decode steps from there; transformers' caches are
+    # prefilled with the same L - 64 tokens each round (untimed), then timed the same way. Order rotates per round.
     if args.no_decode:
         return
     new, start_pos = 32, L - 64
-    decode_s = {k: [] for k in caches}
+    prompt = windows[-1][:, :start_pos]
+    decode_s = {k: [] for k in [*caches, *peers]}
     with torch.no_grad():
         for r in range(args.rounds):
-            for name in list(caches)[r % len(caches):] + list(caches)[: r % len(caches)]:
-                cache = caches[name]
-                cache.truncate(start_pos)
+            names = list(decode_s)
+            for name in names[r % len(names):] + names[: r % len(names)]:
                 token = windows[-1][:, start_pos:start_pos + 1]
-                t0 = time.perf_counter()
-                for pos in range(start_pos, start_pos + new):
-                    token, _ = decode_one_token(model, token, torch.tensor([pos]), cache)
+                if name in caches:
+                    cache = caches[name]
+                    cache.truncate(start_pos)
+                    t0 = time.perf_counter()
+                    for pos in range(start_pos, start_pos + new):
+                        token, _ = decode_one_token(model, token, torch.tensor([pos]), cache)
+                else:
+                    cache = peers[name]()
+                    hf(input_ids=prompt, cache=cache, use_cache=True)
+                    t0 = time.perf_counter()
+                    for _ in range(new):
+                        logits = hf(input_ids=token, cache=cache, use_cache=True).logits
+                        token = logits[:, -1:].argmax(-1)
                 decode_s[name].append(time.perf_counter() - t0)
-    for name in caches:
+    for name in decode_s:
         ratios = [b / t for b, t in zip(decode_s["fp32"], decode_s[name])]
-        emit(bench=f"kv/decode at {start_pos} context ({new} decode steps)", cache=name,
-             median_decode_tok_s=new / statistics.median(decode_s[name]),
-             tok_s_ratio_vs_fp32=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
+        row = dict(bench=f"kv/decode at {start_pos} context ({new} decode steps)", cache=name,
+                   median_decode_tok_s=new / statistics.median(decode_s[name]),
+                   tok_s_ratio_vs_fp32=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
+        if peers:
+            rs = [b / t for b, t in zip(decode_s["transformers_dynamic"], decode_s[name])]
+            row.update(tok_s_ratio_vs_transformers_dynamic=statistics.median(rs), peer_ratio_min=min(rs),
+                       peer_ratio_max=max(rs))
+        emit(**row)
 
 
 def bench_hf(args):
@@ -168,7 +262,9 @@ def bench_hf(args):
     Identity: `--prompts` prompts of 32 held-in Shakespeare tokens, `--new-tokens` greedy tokens each, as
     one batch on each side (equal lengths: no padding), compared row by row. Speed: batch 1, one prompt,
     `--speed-tokens` new tokens, ours and theirs alternating for `--rounds` rounds (order flipped every
-    round); tok/s over the whole generate call (32-token prefill included), one ratio per round.
+    round); per round and implementation the call for `--speed-tokens` new tokens and for 1, so decode tok/s
+    (t(n) - t(1) over n - 1 tokens), prefill (t(1)) and the whole call are each compared, one ratio per round.
+    `ours_torch_linears` is our decoding with `kernels="torch"` (F.linear instead of the CPU GEMV kernel).
     """
     from llmopt.models.hf import to_hf
 
@@ -195,19 +291,38 @@ def bench_hf(args):
 
     prompt = torch.tensor([ids[:32]])
     n = args.speed_tokens
-    generate(model, prompt, 4), theirs(prompt, 4)  # warm-up
-    ratios, seconds = [], {"ours": [], "theirs": []}
+    runs = {"ours": lambda m: generate(model, prompt, m),
+            "ours_torch_linears": lambda m: generate(model, prompt, m, kernels="torch"),
+            "transformers": lambda m: theirs(prompt, m)}
+    for run in runs.values():  # warm-up
+        run(4)
+    # Per round and implementation: the whole call for n new tokens and for 1 (prefill + first token), so
+    # decode time = t(n) - t(1) over n - 1 tokens and prefill time = t(1), both measured the same way for both.
+    seconds = {name: {"n": [], "1": []} for name in runs}
     for r in range(args.rounds):
-        for name in ("ours", "theirs")[:: 1 if r % 2 == 0 else -1]:
-            start = time.perf_counter()
-            generate(model, prompt, n) if name == "ours" else theirs(prompt, n)
-            seconds[name].append(time.perf_counter() - start)
-        ratios.append(seconds["theirs"][-1] / seconds["ours"][-1])
-    emit(bench=f"hf/speed {args.dtype}", rounds=args.rounds, prompt_tokens=32, new_tokens=n,
-         threads=torch.get_num_threads(), ours_median_s=statistics.median(seconds["ours"]),
-         transformers_median_s=statistics.median(seconds["theirs"]),
-         tok_s_ratio_vs_transformers=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
-         ratios=ratios)
+        order = list(runs)[r % 3:] + list(runs)[:r % 3]
+        for name in order:
+            for m, key in ((n, "n"), (1, "1")):
+                start = time.perf_counter()
+                runs[name](m)
+                seconds[name][key].append(time.perf_counter() - start)
+
+    def ratios(name, of):
+        return [of(seconds["transformers"], i) / of(seconds[name], i) for i in range(args.rounds)]
+
+    whole = lambda s, i: s["n"][i]  # noqa: E731
+    decode = lambda s, i: max(s["n"][i] - s["1"][i], 1e-9)  # noqa: E731
+    first = lambda s, i: s["1"][i]  # noqa: E731
+    row = dict(bench=f"hf/speed {args.dtype}", rounds=args.rounds, prompt_tokens=32, new_tokens=n,
+               threads=torch.get_num_threads())
+    for name in ("ours", "ours_torch_linears"):
+        for what, of in (("whole_call", whole), ("decode", decode), ("prefill", first)):
+            rs = ratios(name, of)
+            row[f"{name}_{what}_tok_s_ratio_vs_transformers"] = statistics.median(rs)
+            row[f"{name}_{what}_band"] = [min(rs), max(rs)]
+    row["tok_s_ratio_vs_transformers"] = row["ours_whole_call_tok_s_ratio_vs_transformers"]
+    row["median_seconds"] = {name: {k: statistics.median(v) for k, v in s.items()} for name, s in seconds.items()}
+    emit(**row)
 
 
 CODE_PROMPT = """def merge_sorted(a, b):
@@ -285,6 +400,15 @@ def main():
     p.add_argument("--no-decode", action="store_true", help="kv: perplexity and bytes only")
     p.add_argument("--rotate", choices=["auto", "none", "values", "both"], default="auto", help="kv: Hadamard rotation")
     p.add_argument("--kernel", choices=["auto", "torch", "c"], default="auto", help="kv: decode attention path")
+    p.add_argument("--bits", default="8,4,2", help="kv: comma-separated bit widths of our caches")
+    p.add_argument("--sinks", type=int, default=0, help="kv: first tokens kept in full precision")
+    p.add_argument("--value-group", type=int, help="kv: channels per value scale (default: min(group, head_dim))")
+    p.add_argument("--view", choices=["decode", "stored"], default="decode",
+                   help="kv: what a multi-token chunk's queries see (decode = as token-by-token decoding)")
+    p.add_argument("--peer", action="store_true", help="kv: add transformers' QuantizedCache (optimum-quanto)")
+    p.add_argument("--peer-chunk", type=int, default=1, help="kv: transformers' quantized caches fed this many "
+                   "tokens a forward (1 = token by token)")
+    p.add_argument("--peer-windows", type=int, default=1, help="kv: windows for transformers' perplexity")
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--speed-tokens", type=int, default=32)
     p.add_argument("--draft")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from llmopt.inference.cache import KVCache, _max_len_error, make_cache
+from llmopt.inference.cpu_linear import cpu_linear_kernels
 from llmopt.inference.sampling import sample
 
 
@@ -171,6 +172,11 @@ class _Stopper:
         return first.tolist()
 
 
+def _check_kernels(kernels: str) -> None:
+    if kernels not in ("auto", "torch"):
+        raise ValueError(f"kernels must be 'auto' (CPU decode GEMV kernels where they build) or 'torch', got {kernels!r}")
+
+
 # ---- generation ---------------------------------------------------------------------------------
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
@@ -178,7 +184,7 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0
              cache: KVCache | None = None, max_len: int | None = None, compile: bool = False,
              stream: Callable[[torch.Tensor], None] | None = None, draft=None, prompt_lookup: bool = False,
              speculate_k: int = 8, adaptive_k: bool = True, kv_bits: int | None = None,
-             pad_id: int = 0) -> GenerateResult:
+             pad_id: int = 0, kernels: str = "auto") -> GenerateResult:
     """Generate up to `max_new_tokens` after `prompt_ids` ((B, T) tensor, (T,) tensor or list of ints).
 
     temperature 0 is greedy. `seed` seeds a private generator (the global RNG is used when None).
@@ -191,8 +197,11 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0
     slots hidden from attention (`result.prompt_padding` says where). `draft` (a model sharing the
     vocabulary) or `prompt_lookup=True` switch to speculative decoding (`llmopt.inference.speculative`)
     with up to `speculate_k` tokens per round, adapted to the acceptance unless `adaptive_k=False`.
-    `kv_bits` (8, 4 or 2) stores the keys and values in a `QuantizedKVCache`.
+    `kv_bits` (8, 4 or 2) stores the keys and values in a `QuantizedKVCache`. `kernels="auto"` runs the
+    plain linears of a CPU model through the decode GEMV kernel (`llmopt.inference.cpu_linear`; not with
+    `compile`), `"torch"` keeps `F.linear`.
     """
+    _check_kernels(kernels)
     if draft is not None and prompt_lookup:
         raise ValueError("pass either a draft model or prompt_lookup=True, not both")
     if kv_bits is not None:
@@ -214,7 +223,8 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0
         proposer = DraftModelProposer(draft) if draft is not None else PromptLookupProposer()
         return speculative_generate(model, prompt_ids, max_new_tokens, proposer=proposer, k=speculate_k,
                                     adaptive=adaptive_k, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    seed=seed, stop_ids=stop_ids, cache=cache, pad_id=pad_id, stream=stream)
+                                    seed=seed, stop_ids=stop_ids, cache=cache, pad_id=pad_id, stream=stream,
+                                    kernels=kernels)
     param = next(model.parameters())
     device = param.device
     idx, padding = _prepare_prompts(prompt_ids, device, pad_id)
@@ -244,28 +254,29 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     stopper = _Stopper(stop_ids, B, device)
 
-    _sync(device)
-    start = time.perf_counter()
-    token = stopper(sample(prefill(model, idx, cache), **sampling))  # (B,)
-    _sync(device)
-    prefill_seconds = time.perf_counter() - start
-    out = [token]
-    if stream is not None:
-        stream(token)
-
-    start = time.perf_counter()
-    steps = 0
-    for pos in range(T, needed - 1):
-        if stopper.done():
-            break
-        token, _ = decode(model, token[:, None], torch.tensor([pos], device=device), cache, **sampling)
-        token = stopper(token[:, 0])
-        out.append(token)
-        steps += 1
+    with cpu_linear_kernels(model, enabled=kernels == "auto" and not compile):
+        _sync(device)
+        start = time.perf_counter()
+        token = stopper(sample(prefill(model, idx, cache), **sampling))  # (B,)
+        _sync(device)
+        prefill_seconds = time.perf_counter() - start
+        out = [token]
         if stream is not None:
             stream(token)
-    _sync(device)
-    decode_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()
+        steps = 0
+        for pos in range(T, needed - 1):
+            if stopper.done():
+                break
+            token, _ = decode(model, token[:, None], torch.tensor([pos], device=device), cache, **sampling)
+            token = stopper(token[:, 0])
+            out.append(token)
+            steps += 1
+            if stream is not None:
+                stream(token)
+        _sync(device)
+        decode_seconds = time.perf_counter() - start
 
     tokens = torch.cat([idx, torch.stack(out, dim=1)], dim=1)
     return GenerateResult(tokens=tokens, prompt_len=T, num_new_tokens=stopper.counts(tokens[:, T:]),

@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 import torch
 
 from llmopt.inference.cache import KVCache, _max_len_error, make_cache
-from llmopt.inference.generate import (GenerateResult, _make_generator, _prepare_prompts, _Stopper, _sync,
-                                       prefill)
+from llmopt.inference.cpu_linear import cpu_linear_kernels
+from llmopt.inference.generate import (GenerateResult, _check_kernels, _make_generator, _prepare_prompts,
+                                       _Stopper, _sync, prefill)
 from llmopt.inference.sampling import logits_to_probs, sample
 
 
@@ -233,13 +234,26 @@ def speculative_generate(model, prompt_ids, max_new_tokens: int, *, proposer, k:
                          temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                          seed: int | None = None, stop_ids: int | Iterable[int] | None = None,
                          cache: KVCache | None = None, pad_id: int = 0,
-                         stream: Callable[[torch.Tensor], None] | None = None) -> SpeculativeResult:
+                         stream: Callable[[torch.Tensor], None] | None = None,
+                         kernels: str = "auto") -> SpeculativeResult:
     """Generate like `generate`, with `proposer` guessing up to `k` tokens per target forward.
 
     `proposer`: `DraftModelProposer(draft)` or `PromptLookupProposer()`. `adaptive`: choose k per round
     from the measured acceptance and costs (up to `k`); False proposes exactly k (tests, statistics).
-    `stream(tokens)` gets each emitted column, shape (B,), as in `generate`.
+    `stream(tokens)` gets each emitted column, shape (B,), as in `generate`. `kernels`: as in `generate` (the
+    draft model's linears too).
     """
+    _check_kernels(kernels)
+    with cpu_linear_kernels(model, getattr(proposer, "draft", None), enabled=kernels == "auto"):
+        return _speculative_generate(model, prompt_ids, max_new_tokens, proposer=proposer, k=k, adaptive=adaptive,
+                                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                     stop_ids=stop_ids, cache=cache, pad_id=pad_id, stream=stream)
+
+
+def _speculative_generate(model, prompt_ids, max_new_tokens: int, *, proposer, k: int, adaptive: bool,
+                          temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
+                          stop_ids, cache: KVCache | None, pad_id: int,
+                          stream: Callable[[torch.Tensor], None] | None) -> SpeculativeResult:
     device = next(model.parameters()).device
     idx, padding = _prepare_prompts(prompt_ids, device, pad_id)
     B, T = idx.shape

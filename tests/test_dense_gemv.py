@@ -1,0 +1,119 @@
+"""The dense fp32 / bf16 decode kernel (llmopt.kernels.dense_gemv) = x @ W.float().T in fp32 on every path (AVX2
+and the scalar fallback, odd shapes, 1-33 rows, threads), and `cpu_linear_kernels`, which routes a model's
+plain linears through it for a generation call: same greedy tokens, restored afterwards, grad falls back."""
+
+import pytest
+import torch
+from torch import nn
+
+from llmopt.inference import generate, generate_reference
+from llmopt.inference.cpu_linear import MAX_ROWS, cpu_linear_kernels
+from llmopt.kernels.dense_gemv import DenseGemvPlan, dense_gemv, dense_gemv_available
+
+pytestmark = pytest.mark.skipif(not dense_gemv_available(), reason="no C compiler: the dense gemv kernel cannot build")
+
+
+def _close(y, x, w):
+    ref = x.double() @ w.double().t()
+    torch.testing.assert_close(y.double(), ref, atol=1e-5 * max(1.0, ref.abs().max().item()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ["native", "scalar"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,K", [(97, 384), (4, 8), (33, 13), (1, 77), (130, 1536)])
+def test_matches_float64_reference(isa, dtype, N, K):
+    torch.manual_seed(N * K)
+    w = torch.randn(N, K).to(dtype)
+    for M in (1, 2, 3, 8, 33):
+        x = torch.randn(M, K)
+        _close(dense_gemv(x, w, isa=isa), x, w.float())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threads_give_the_same_result(threads):
+    torch.manual_seed(0)
+    w, x = torch.randn(101, 256), torch.randn(3, 256)
+    torch.testing.assert_close(dense_gemv(x, w, threads=threads), dense_gemv(x, w, threads=1), atol=0, rtol=0)
+
+
+def test_bf16_activations_are_widened_and_plan_reads_the_stored_weight():
+    torch.manual_seed(1)
+    w = torch.randn(40, 64, dtype=torch.bfloat16)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    _close(dense_gemv(x, w), x.float(), w.float())
+    plan = DenseGemvPlan(w)
+    _close(plan(x.float().contiguous(), 1), x.float(), w.float())
+
+
+def test_bad_input_errors():
+    w = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="x \\(M, K\\)"):
+        dense_gemv(torch.randn(2, 15), w)
+    with pytest.raises(TypeError, match="fp32 or bf16"):
+        DenseGemvPlan(w.double())
+    with pytest.raises(TypeError, match="fp32 or bf16"):
+        DenseGemvPlan(w[None])
+    with pytest.raises(ValueError, match="no backward"):
+        dense_gemv(torch.randn(2, 16, requires_grad=True), w)
+
+
+# ---- cpu_linear_kernels -----------------------------------------------------------------------------------
+
+class _Lora(nn.Linear):
+    """A Linear subclass (as LoRA / quantized layers are): never routed."""
+
+
+def test_routes_plain_linears_and_restores_them(tiny_model):
+    tiny_model.eval()
+    sub = _Lora(4, 4)
+    tiny_model.extra_sub = sub
+    linears = [m for m in tiny_model.modules() if type(m) is nn.Linear]
+    with torch.no_grad(), cpu_linear_kernels(tiny_model) as n:
+        assert n == len(linears) > 0
+        assert all("forward" in m.__dict__ for m in linears)
+        assert "forward" not in sub.__dict__
+        with cpu_linear_kernels(tiny_model) as inner:  # re-entrant: the outer block keeps them
+            assert inner == 0
+        assert all("forward" in m.__dict__ for m in linears)
+    assert not any("forward" in m.__dict__ for m in tiny_model.modules())
+    del tiny_model.extra_sub
+    with pytest.raises(RuntimeError), cpu_linear_kernels(tiny_model):
+        raise RuntimeError("inside")
+    assert not any("forward" in m.__dict__ for m in tiny_model.modules())
+
+
+@pytest.mark.parametrize("rows", [1, 3, MAX_ROWS, MAX_ROWS + 5])
+def test_routed_linear_equals_f_linear_and_grad_falls_back(rows):
+    torch.manual_seed(rows)
+    lin = nn.Linear(48, 20)
+    x = torch.randn(1, rows, 48)
+    ref = lin(x)
+    with cpu_linear_kernels(lin):
+        y = lin(x)  # grad enabled and the weight requires grad: F.linear, differentiable
+        assert y.requires_grad
+        torch.testing.assert_close(y, ref, atol=0, rtol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(lin(x), ref.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_prefill_upcast_is_close_to_bf16_linear():
+    torch.manual_seed(2)
+    lin = nn.Linear(64, 96, bias=False).to(torch.bfloat16)
+    x = torch.randn(2, 40, 64, dtype=torch.bfloat16)  # 80 rows: the prefill path
+    ref = x.float() @ lin.weight.float().t()
+    with torch.no_grad(), cpu_linear_kernels(lin):
+        y = lin(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, atol=1e-2, rtol=1e-2)  # one bf16 rounding of an fp32 product
+
+
+def test_generate_with_kernels_equals_reference_and_torch(tiny_model):
+    tiny_model.eval()
+    prompt = torch.randint(0, tiny_model.config.vocab_size, (2, 7))
+    auto = generate(tiny_model, prompt, 12).tokens
+    plain = generate(tiny_model, prompt, 12, kernels="torch").tokens
+    ref = generate_reference(tiny_model, prompt, 12).tokens
+    assert torch.equal(auto, ref) and torch.equal(plain, ref)
+    assert not any("forward" in m.__dict__ for m in tiny_model.modules())
+    with pytest.raises(ValueError, match="kernels must be"):
+        generate(tiny_model, prompt, 2, kernels="fast")

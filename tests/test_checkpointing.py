@@ -76,14 +76,39 @@ def test_inference_with_cache_and_no_grad_runs_plain():
     assert torch.equal(generate(model, prompt, 6).new_tokens, generate(reference, prompt, 6).new_tokens)
 
 
-def test_budget_plan_is_greedy_selective_then_full():
-    probe = {f"layers.{i}": {"none": 100.0, "selective": 60.0, "full": 10.0, "flops": 1.0,
+def test_budget_plan_is_the_cheapest_that_fits():
+    """Coarse probe rows (no per-op record): none / selective / full per block, least recompute first."""
+    probe = {f"layers.{i}": {"none": 100.0, "selective": 60.0, "full": 10.0, "flops": 1e9,
                              "selective_recompute_flops": 0.0} for i in range(3)}
     assert plan_budget(probe, 300) == {"layers.0": "none", "layers.1": "none", "layers.2": "none"}
-    assert plan_budget(probe, 230) == {"layers.0": "selective", "layers.1": "selective", "layers.2": "none"}
-    assert plan_budget(probe, 100) == {"layers.0": "full", "layers.1": "full", "layers.2": "selective"}
+    assert sorted(plan_budget(probe, 230).values()) == ["none", "selective", "selective"]
+    assert sorted(plan_budget(probe, 100).values()) == ["full", "full", "selective"]
     with pytest.raises(ValueError, match="budget"):
         plan_budget(probe, 20)
+
+
+def test_budget_plan_keeps_op_outputs_per_block_and_beats_whole_block_choices():
+    """With the per-op record the planner keeps a subset of op outputs per block: it fits the same budget as the
+    coarse none/selective/full plan with fewer recomputed matmul FLOPs, and the gradients stay bitwise equal."""
+    from llmopt.techniques.checkpointing import plan_bytes, plan_cost, probe_outside_blocks
+
+    model = _model()
+    probe = probe_blocks(model, block_list(model), 8, 128)
+    assert all("ops" in row and 0 < row["stop"] <= len(row["ops"]) for row in probe.values())
+    budget = 0.5 * sum(r["none"] for r in probe.values())
+    coarse = {f: {k: v for k, v in row.items() if k not in ("ops", "stop")} for f, row in probe.items()}
+    fine_plan, coarse_plan = plan_budget(probe, budget), plan_budget(coarse, budget)
+    assert plan_bytes(probe, fine_plan) <= budget and plan_bytes(coarse, coarse_plan) <= budget
+    assert any(isinstance(p, frozenset) for p in fine_plan.values())
+    assert plan_cost(probe, fine_plan) < plan_cost(probe, coarse_plan)
+    reference = _model()
+    planned = copy.deepcopy(reference)
+    outside = probe_outside_blocks(planned, block_list(planned), probe, 8, 128)
+    report = apply_(planned, ActivationCheckpointingConfig(policy="budget", budget_bytes=int(budget + outside)))
+    assert "planned selective" in report.notes[0]
+    ref_loss, ref_grads = _grads(reference)
+    loss, grads = _grads(planned)
+    assert torch.equal(loss, ref_loss) and all(torch.equal(grads[k], ref_grads[k]) for k in ref_grads)
 
 
 def test_budget_measured_on_the_model_fits():
@@ -93,8 +118,10 @@ def test_budget_measured_on_the_model_fits():
     assert row["full"] < row["selective"] < row["none"]
     budget = int(sum(r["none"] for r in probe.values()) * 0.5)
     report = apply_(model, ActivationCheckpointingConfig(policy="budget", budget_bytes=budget))
-    chosen = [model.layers[i].__dict__.get("_llmopt_checkpoint_policy", "none") for i in range(3)]
-    assert sum(probe[f"layers.{i}"][p] for i, p in enumerate(chosen)) <= budget
+    from llmopt.techniques.checkpointing import plan_bytes
+
+    chosen = {f"layers.{i}": model.layers[i].__dict__.get("_llmopt_checkpoint_policy", "none") for i in range(3)}
+    assert plan_bytes(probe, chosen) <= budget
     assert "MiB" in report.notes[0]
 
 

@@ -34,13 +34,17 @@ Stage CHECKPOINTING: after surgery (LoRA, quantization), before compile. Reversi
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (SAC_IGNORED_OPS, CheckpointPolicy, checkpoint,
+                                   create_selective_checkpoint_contexts)
 
 from llmopt.core import ApplyReport, Stage, TechniqueConfig, fqn_filter, register, register_revert
 
@@ -95,10 +99,26 @@ def selective_context():
     return create_selective_checkpoint_contexts(_selective_policy)
 
 
-def _checkpointed_forward(original, policy: str, *args: Any, **kwargs: Any):
+def planned_context(cached: frozenset[int]):
+    """The context pair for `checkpoint(context_fn=...)` that keeps the outputs of the block's ops number `cached`
+    (numbered in forward order, as `record_block_ops` lists them) and recomputes every other op."""
+    counter = itertools.count()
+
+    def policy(ctx, op, *args, **kwargs):  # called once per op, in the forward only
+        return CheckpointPolicy.MUST_SAVE if next(counter) in cached else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def _checkpointed_forward(original, policy, *args: Any, **kwargs: Any):
     if policy == "none" or kwargs.get("cache") is not None or not torch.is_grad_enabled():
         return original(*args, **kwargs)
-    context = {"context_fn": selective_context} if policy == "selective" else {}
+    if policy == "selective":
+        context = {"context_fn": selective_context}
+    elif isinstance(policy, frozenset):
+        context = {"context_fn": functools.partial(planned_context, policy)}
+    else:
+        context = {}
     return checkpoint(original, *args, use_reentrant=False, **context, **kwargs)
 
 
@@ -111,8 +131,9 @@ def block_list(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return best
 
 
-def wrap_block_(block: nn.Module, policy: str) -> None:
-    """Run `block` under checkpointing `policy` ("none", "selective", "full"), in place (instance forward)."""
+def wrap_block_(block: nn.Module, policy: str | frozenset[int]) -> None:
+    """Run `block` under checkpointing `policy` ("none", "selective", "full", or a frozenset of the op numbers
+    whose outputs a selective checkpoint keeps, as `plan_budget` chooses), in place (instance forward)."""
     if "forward" in block.__dict__:
         raise ValueError(f"{type(block).__name__} already has an instance forward (checkpointed or compiled); "
                          "revert_ that technique first")
@@ -124,6 +145,84 @@ def wrap_block_(block: nn.Module, policy: str) -> None:
 def unwrap_block_(block: nn.Module) -> None:
     block.__dict__.pop("forward", None)
     block.__dict__.pop("_llmopt_checkpoint_policy", None)
+
+
+# ---- the budget planner: per-op caching choices, costed, solved as a knapsack ---------------------
+
+MATMUL_FLOPS_PER_S = 4e10
+"""Cost model (used only to rank plans): matrix-product throughput of one CPU core, fp32 (measured ~3.7e10 here)."""
+MEMORY_BYTES_PER_S = 1e10
+"""Cost model: bytes an elementwise op reads + writes per second (mul ~4.7e10, silu ~0.4e10 here)."""
+OP_OVERHEAD_S = 1e-5
+"""Cost model: per op recomputed, or passed through the caching dispatch mode (Python) in a selective block."""
+
+
+def _op_flops(func, args, kwargs, out) -> float:
+    from torch.utils.flop_counter import flop_registry
+
+    if func in (aten._scaled_dot_product_flash_attention_for_cpu.default,):
+        q, k = args[0], args[1]  # (B, H, T, D), (B, Hk, S, D): QK^T and PV, 2 FLOPs per multiply-add
+        return 4.0 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
+    formula = flop_registry.get(getattr(func, "_overloadpacket", None))
+    if formula is None:
+        return 0.0
+    try:
+        return float(formula(*args, **kwargs, out_val=out))
+    except Exception:  # a formula that does not fit this overload: count the op as elementwise
+        return 0.0
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_leaves
+
+    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Records every op a block's forward dispatches (in the order the caching mode of selective checkpointing
+    numbers them: SAC_IGNORED_OPS skipped): its fresh output bytes, FLOPs and bytes moved; and, through a
+    saved-tensor hook, the index of the last op before which autograd saved a tensor for backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[dict[str, Any]] = []
+        self.last_pack = 0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        self.last_pack = len(self.ops)
+        return t
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in SAC_IGNORED_OPS:
+            return out
+        ins = _tensors((args, kwargs))
+        in_storages = {t.untyped_storage().data_ptr() for t in ins}
+        outs = _tensors(out)
+        fresh = {}
+        for t in outs:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in in_storages:
+                fresh[ptr] = t.untyped_storage().nbytes()
+        moved = sum(t.numel() * t.element_size() for t in ins + outs) if fresh else 0
+        self.ops.append({"op": str(func), "bytes": float(sum(fresh.values())), "flops": _op_flops(func, args, kwargs, out),
+                         "moved": float(moved), "fresh": bool(fresh) and len(fresh) == len(outs)})
+        return out
+
+
+def _op_cost(op: dict[str, Any]) -> float:
+    return op["flops"] / MATMUL_FLOPS_PER_S + op["moved"] / MEMORY_BYTES_PER_S + OP_OVERHEAD_S
+
+
+def record_block_ops(block: nn.Module, x: torch.Tensor, rest: list, kwargs: dict) -> tuple[list[dict[str, Any]], int]:
+    """(ops of one forward of `block`, number of ops a recomputation runs before it has every tensor backward
+    needs: ops from there on are never recomputed, non-reentrant checkpoint stops early)."""
+    recorder = _OpRecorder()
+    with torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t), recorder:
+        out = block.forward(x, *rest, **kwargs)
+    del out
+    return recorder.ops, recorder.last_pack
 
 
 # ---- probing: saved bytes and FLOPs per block ---------------------------------------------------
@@ -196,6 +295,9 @@ def probe_blocks(model: nn.Module, blocks: list[tuple[str, nn.Module]], batch_si
             block.forward(x.detach(), *rest, **kwargs)
         row["flops"] = float(counter.get_total_flops())
         row["selective_recompute_flops"] = 0.0  # every op the counter counts (matmul, attention) is saved
+        ops, stop = record_block_ops(block, x.detach().requires_grad_(True), rest, kwargs)
+        if _numbering_matches(block, ops, x, rest, kwargs):  # else: the planner keeps to none/selective/full
+            row["ops"], row["stop"] = ops, stop
         result[fqn] = row
     return result
 
@@ -222,24 +324,168 @@ def probe_outside_blocks(model: nn.Module, blocks: list[tuple[str, nn.Module]], 
     return max(0.0, total - sum(probe[fqn]["full"] for fqn, _ in blocks))
 
 
-def plan_budget(probe: dict[str, dict[str, float]], budget: int) -> dict[str, str]:
-    """Greedy per-block policy: selective where needed (cheapest recompute), then full, until saved bytes fit."""
-    plan = {fqn: "none" for fqn in probe}
+def _numbering_matches(block: nn.Module, ops: list[dict[str, Any]], x: torch.Tensor, rest: list, kwargs: dict) -> bool:
+    """Whether selective checkpointing's caching mode sees the block's ops in the order `record_block_ops` numbered
+    them (the planned policy keeps outputs by that number)."""
+    seen: list[str] = []
 
-    def total() -> float:
-        return sum(probe[f][plan[f]] for f in plan)
+    def policy(ctx, op, *args, **kw):
+        seen.append(str(op))
+        return CheckpointPolicy.PREFER_RECOMPUTE
 
-    for target in ("selective", "full"):
-        for fqn in plan:
-            if total() <= budget:
+    with torch.enable_grad():
+        out = checkpoint(block.forward, x.detach().requires_grad_(True), *rest, use_reentrant=False,
+                         context_fn=lambda: create_selective_checkpoint_contexts(policy), **kwargs)
+    del out
+    return seen == [op["op"] for op in ops]
+
+
+def _block_options(row: dict[str, Any], unit: float, cells: int, rnd=math.ceil):
+    """One block's cheapest option at every capacity 0..cells (in units of `unit` bytes, sizes rounded by `rnd`):
+    (cost array, kind array 0 none / 1 full / 2 selective, and a function from a capacity to the plan value)."""
+    inf = float("inf")
+    cost = np.full(cells + 1, inf)
+    kind = np.zeros(cells + 1, dtype=np.int8)
+    none_u, full_u = rnd(row["none"] / unit), rnd(row["full"] / unit)
+    ops = row.get("ops")
+    if ops is None:  # coarse probe: the three whole-block policies
+        full_cost = row["flops"] / MATMUL_FLOPS_PER_S
+        sel_u = rnd(row["selective"] / unit)
+        sac = np.full(cells + 1, inf)
+        if sel_u <= cells:
+            sac[sel_u:] = row["selective_recompute_flops"] / MATMUL_FLOPS_PER_S + OP_OVERHEAD_S
+        choose_sac = lambda c: "selective"  # noqa: E731
+    else:
+        stop = row["stop"]
+        full_cost = sum(_op_cost(op) for op in ops[:stop])
+        items = [(i, rnd(op["bytes"] / unit), _op_cost(op)) for i, op in enumerate(ops[:stop])
+                 if op["fresh"] and op["bytes"] > 0]
+        items = [it for it in items if it[1] <= cells]
+        dp = np.full(cells + 1, full_cost + len(ops) * OP_OVERHEAD_S)  # nothing cached: recompute all, plus the mode
+        keep = np.zeros((len(items), cells + 1), dtype=bool)
+        for j, (_, w, v) in enumerate(items):  # 0/1 knapsack: cache op j (w units) to skip recomputing it (v)
+            cand = dp[:cells + 1 - w] - v
+            better = cand < dp[w:]
+            keep[j, w:] = better
+            dp[w:] = np.where(better, cand, dp[w:])
+        sac = np.full(cells + 1, inf)
+        if full_u <= cells:
+            sac[full_u:] = dp[:cells + 1 - full_u]
+
+        def choose_sac(c: int) -> frozenset[int]:
+            r, chosen = c - full_u, []
+            for j in range(len(items) - 1, -1, -1):
+                if keep[j, r]:
+                    chosen.append(items[j][0])
+                    r -= items[j][1]
+            return frozenset(chosen)
+    if full_u <= cells:
+        cost[full_u:], kind[full_u:] = full_cost, 1
+    better = sac < cost
+    cost, kind = np.where(better, sac, cost), np.where(better, 2, kind)
+    if none_u <= cells:
+        cost[none_u:], kind[none_u:] = 0.0, 0
+
+    def choose(c: int):
+        return ("none", "full", None)[kind[c]] or choose_sac(c)
+
+    return cost, choose
+
+
+def plan_budget(probe: dict[str, dict[str, Any]], budget: float, *, cells: int = 4096) -> dict[str, Any]:
+    """Per block, the checkpointing that fits the blocks' saved bytes into `budget` at the least recompute cost.
+
+    Options per block: none (cost 0); full (recompute every op); selective with any set of the block's ops
+    whose outputs are kept (probe rows with "ops", from `record_block_ops`: each op kept costs its output bytes,
+    each op recomputed costs its FLOPs / MATMUL_FLOPS_PER_S + bytes moved / MEMORY_BYTES_PER_S + OP_OVERHEAD_S;
+    ops after the last tensor backward needs are never recomputed and cost nothing), or, for rows without
+    "ops", the SAVE_OPS selective policy. Solved exactly on a grid of `cells` units of budget/cells bytes (sizes
+    rounded up, so the plan's bytes never exceed the budget): a 0/1 knapsack per block, then a min-plus
+    combination over blocks. Returns {fqn: "none" | "full" | "selective" | frozenset of kept op numbers}."""
+    if budget <= 0 and any(row["full"] > 0 for row in probe.values()):
+        raise ValueError(f"budget_bytes={budget} leaves nothing for the blocks' inputs; raise the budget")
+    unit = max(float(budget), 1.0) / cells
+    fqns = list(probe)
+    # sizes rounded to the nearest unit first (exact fits stay feasible); if that plan overshoots, rounded up
+    for rnd in (round, math.ceil):
+        options = [_block_options(probe[f], unit, cells, rnd) for f in fqns]
+        total, choices = options[0][0], []
+        for cost, _ in options[1:]:
+            # min over k of total[c - k] + cost[k]; cost only steps down at a few k, and total is non-increasing,
+            # so within a step the smallest k is best
+            steps = [k for k in range(cells + 1) if np.isfinite(cost[k]) and (k == 0 or cost[k] < cost[k - 1])]
+            best, arg = np.full(cells + 1, np.inf), np.zeros(cells + 1, dtype=np.int64)
+            for k in steps:
+                cand = total[:cells + 1 - k] + cost[k]
+                better = cand < best[k:]
+                best[k:] = np.where(better, cand, best[k:])
+                arg[k:] = np.where(better, k, arg[k:])
+            total = best
+            choices.append(arg)
+        if np.isfinite(total[cells]):
+            plan = _backtrack(fqns, options, choices, cells)
+            if plan_bytes(probe, plan) <= budget:
                 return plan
-            if probe[fqn][target] < probe[fqn][plan[fqn]]:
-                plan[fqn] = target
-    if total() > budget:
-        raise ValueError(f"budget_bytes={budget} is below what full checkpointing of every block needs at the probe "
-                         f"shape ({int(total())} bytes); raise the budget, or lower the batch or sequence length")
-    return plan
+    need = sum(probe[f]["full"] for f in fqns)
+    raise ValueError(f"budget_bytes={int(budget)} is below what full checkpointing of every block needs at the "
+                     f"probe shape ({int(need)} bytes); raise the budget, or lower the batch or sequence length")
 
+
+def _backtrack(fqns, options, choices, cells) -> dict[str, Any]:
+    plan, c = {}, cells
+    for b in range(len(fqns) - 1, 0, -1):
+        k = int(choices[b - 1][c])
+        plan[fqns[b]] = options[b][1](k)
+        c -= k
+    plan[fqns[0]] = options[0][1](c)
+    return {f: plan[f] for f in fqns}
+
+
+def plan_bytes(probe: dict[str, dict[str, Any]], plan: dict[str, Any]) -> float:
+    """The blocks' saved bytes under `plan`, by the probe."""
+    total = 0.0
+    for f, p in plan.items():
+        row = probe[f]
+        total += (row[p] if isinstance(p, str) else row["full"] + sum(row["ops"][i]["bytes"] for i in p))
+    return total
+
+
+def _kept(row: dict[str, Any], p) -> set[int]:
+    if p == "selective":
+        names = {str(o) for o in SAVE_OPS}
+        return {i for i, op in enumerate(row["ops"]) if op["op"] in names}
+    return set() if p == "full" else set(p)
+
+
+def plan_cost(probe: dict[str, dict[str, Any]], plan: dict[str, Any]) -> float:
+    """The cost model's seconds of recomputation per probe step under `plan` (rows with the per-op record)."""
+    total = 0.0
+    for f, p in plan.items():
+        row = probe[f]
+        if p == "none":
+            continue
+        kept = _kept(row, p)
+        total += sum(_op_cost(op) for i, op in enumerate(row["ops"][:row["stop"]]) if i not in kept)
+        total += 0.0 if p == "full" else len(row["ops"]) * OP_OVERHEAD_S
+    return total
+
+
+def plan_recompute(probe: dict[str, dict[str, Any]], plan: dict[str, Any]) -> tuple[float, float]:
+    """(recomputed FLOPs, bytes moved by recomputed ops without FLOPs) per step under `plan`, by the probe."""
+    flops = moved = 0.0
+    for f, p in plan.items():
+        row = probe[f]
+        if p == "none":
+            continue
+        if "ops" not in row:
+            flops += row["flops"] if p == "full" else row["selective_recompute_flops"]
+            continue
+        stop, kept = row["stop"], _kept(row, p)
+        for i, op in enumerate(row["ops"][:stop]):
+            if i not in kept:
+                flops += op["flops"]
+                moved += 0.0 if op["flops"] else op["moved"]
+    return flops, moved
 
 # ---- the technique --------------------------------------------------------------------------------
 
@@ -278,19 +524,24 @@ def apply_checkpointing(model: nn.Module, config: ActivationCheckpointingConfig,
             continue
         wrap_block_(block, plan[fqn])
         name = type(block).__name__
-        report.changed[fqn] = (name, f"{name}[checkpoint {plan[fqn]}]")
+        label = plan[fqn] if isinstance(plan[fqn], str) else f"selective, {len(plan[fqn])} op outputs kept"
+        report.changed[fqn] = (name, f"{name}[checkpoint {label}]")
     if probe is not None:
         before = sum(probe[f]["none"] for f in plan)
-        after = sum(probe[f][plan[f]] for f in plan)
-        recompute = sum(probe[f]["flops"] if plan[f] == "full" else probe[f]["selective_recompute_flops"]
-                        for f in plan if plan[f] != "none")
+        after = plan_bytes(probe, plan)
+        recompute, moved = plan_recompute(probe, plan)
         forward = sum(probe[f]["flops"] for f in plan)
         counts = {p: sum(1 for f in plan if plan[f] == p) for p in POLICIES}
+        planned = sum(1 for f in plan if isinstance(plan[f], frozenset))
+        kept = ", ".join(sorted({f"{len(plan[f])} of {sum(op['fresh'] for op in probe[f]['ops'])}" for f in plan
+                                 if isinstance(plan[f], frozenset)}))
         report.notes.append(
             f"probe {config.probe_batch_size}x{config.probe_seq_len} tokens: blocks save {after / 2**20:.2f} MiB for "
             f"backward instead of {before / 2**20:.2f} MiB ({counts['full']} full, {counts['selective']} selective, "
-            f"{counts['none']} plain); recompute +{recompute / 1e9:.3f} GFLOP per step "
-            f"(+{100 * recompute / max(3 * forward, 1):.0f}% of the blocks' forward+backward matmul FLOPs)")
+            + (f"{planned} planned selective keeping {kept} op outputs, " if planned else "")
+            + f"{counts['none']} plain); recompute +{recompute / 1e9:.3f} GFLOP per step "
+            f"(+{100 * recompute / max(3 * forward, 1):.0f}% of the blocks' forward+backward matmul FLOPs)"
+            + (f" and {moved / 2**20:.0f} MiB of elementwise traffic" if moved else ""))
         if config.policy == "budget":
             if outside is None:
                 report.notes.append("the model has no loss(idx, targets): the budget covered the blocks only")

@@ -104,38 +104,46 @@ def test_decode_view_chunks_equal_token_by_token(tiny_model, bits, group, residu
 
 
 def test_sink_tokens_layout_bytes_and_rollback():
-    cache, k, v = None, None, None
+    """The first S positions are read from a full-precision copy once their group is quantized."""
     gen = torch.Generator().manual_seed(8)
-    cache = QuantizedKVCache(1, 1, 2, 64, 8, bits=2, group_size=8, residual_length=0, sink_tokens=3, rotate="none")
-    k, v = torch.randn(1, 2, 40, 8, generator=gen), torch.randn(1, 2, 40, 8, generator=gen)
-    for start, end in [(0, 2), (2, 14), (14, 40)]:
+    cache = QuantizedKVCache(1, 1, 2, 64, 8, bits=2, group_size=8, residual_length=0, sink_tokens=3, rotate="none",
+                             kernel="torch")
+    k, v = torch.randn(1, 2, 37, 8, generator=gen), torch.randn(1, 2, 37, 8, generator=gen)
+    k[:, :, :3] *= 20  # large sinks: they must not widen the first key group's range
+    for start, end in [(0, 2), (2, 14), (14, 37)]:
         pos = torch.arange(start, end)
         cache.attn_mask(pos)
         cache.update(0, pos, k[:, :, start:end], v[:, :, start:end])
-    # sinks 0..2 exact; codes for 3..34 (4 groups of 8); window 35..39
-    assert cache.quantized == [35]
+    assert cache.quantized == [32]  # 4 groups of 8 in codes, 32..36 in the window
     assert torch.equal(cache.k_window[0][:, :, :3], k[:, :, :3]) and torch.equal(cache.v_window[0][:, :, :3], v[:, :, :3])
-    assert torch.equal(cache.k_window[0][:, :, 3:8], k[:, :, 35:40])
-    dk, dv = cache.dequantize(0, 3, 35)
-    step = (k[:, :, 3:35].reshape(1, 2, 4, 8, 8).amax(3) - k[:, :, 3:35].reshape(1, 2, 4, 8, 8).amin(3)) / 3
-    assert ((dk - k[:, :, 3:35]).abs().reshape(1, 2, 4, 8, 8).amax(3) <= step * 0.51 + 1e-3).all()
-    # bytes: sinks and window at the cache dtype, the rest as codes
+    assert torch.equal(cache.k_window[0][:, :, 3:8], k[:, :, 32:37])
+    dk, dv = cache.dequantize(0, 0, 32)
+    ranges = [k[:, :, 3:8]] + [k[:, :, s:s + 8] for s in (8, 16, 24)]  # group 0's range leaves the sinks out
+    for g, part in enumerate(ranges):
+        step = (part.amax(2) - part.amin(2)) / 3
+        lo = 3 if g == 0 else 8 * g
+        assert ((dk[:, :, lo:8 * g + 8] - k[:, :, lo:8 * g + 8]).abs().amax(2) <= step * 0.51 + 1e-3).all()
+    # bytes: the window and the sinks' copy at the cache dtype, the rest as codes
     dense = 2 * 2 * 8 * 4
-    assert cache.bytes_at(40) == 32 * cache.quantized_bytes_per_token + 8 * dense
+    assert cache.bytes_at(37) == 32 * cache.quantized_bytes_per_token + (5 + 3) * dense
     assert cache.bytes_at(3) == 3 * dense
-    # attention: SDPA over sinks + dequantized codes + window
+    # attention: SDPA over exact sinks + dequantized codes + window
     q = torch.randn(1, 4, 1, 8, generator=gen)
-    keys = torch.cat([k[:, :, :3], dk, k[:, :, 35:]], 2)
-    values = torch.cat([v[:, :, :3], dv, v[:, :, 35:]], 2)
-    cache.kernel = "torch"
-    torch.testing.assert_close(cache.attend(0, q, None),
-                               F.scaled_dot_product_attention(q, keys, values, enable_gqa=True), atol=1e-5, rtol=1e-5)
-    cache.truncate(20)  # into the codes: 3 + 16 stay coded, 19 returns to the window
-    assert cache.quantized == [19] and torch.allclose(cache.k_window[0][:, :, 3], dk[:, :, 16])
-    cache.truncate(2)  # into the sinks
-    assert cache.quantized == [2] and cache.seq_len == 2
+
+    def sdpa(keys, values):
+        return F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
+
+    want = sdpa(torch.cat([k[:, :, :3], dk[:, :, 3:], k[:, :, 32:]], 2), torch.cat([v[:, :, :3], dv[:, :, 3:], v[:, :, 32:]], 2))
+    torch.testing.assert_close(cache.attend(0, q, None), want, atol=1e-5, rtol=1e-5)
+    cache.truncate(20)  # into the codes: 16..19 return to the window at their quantized values
+    assert cache.quantized == [16] and torch.equal(cache.k_window[0][:, :, 3:7], dk[:, :, 16:20])
+    cache.truncate(5)  # into the sinks' group: the sinks come back exact, 3 and 4 at their quantized values
+    assert cache.quantized == [0] and cache.seq_len == 5
+    assert torch.equal(cache.k_window[0][:, :, 3:6], k[:, :, :3]) and torch.equal(cache.k_window[0][:, :, 6:8], dk[:, :, 3:5])
+    want = sdpa(torch.cat([k[:, :, :3], dk[:, :, 3:5]], 2), torch.cat([v[:, :, :3], dv[:, :, 3:5]], 2))
+    torch.testing.assert_close(cache.attend(0, q, None), want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="sink_tokens"):
-        QuantizedKVCache(1, 1, 1, 16, 8, sink_tokens=-1)
+        QuantizedKVCache(1, 1, 1, 16, 8, sink_tokens=9, group_size=8)
 
 
 def test_byte_formula():

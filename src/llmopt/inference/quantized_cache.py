@@ -105,8 +105,8 @@ class QuantizedKVCache(KVCache):
         if residual_length < 0 or chunk_size < group_size:
             raise ValueError(f"need residual_length >= 0 and chunk_size >= group_size, got {residual_length}, "
                              f"{chunk_size}")
-        if sink_tokens < 0:
-            raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}")
+        if not 0 <= sink_tokens <= group_size:
+            raise ValueError(f"sink_tokens must be in [0, group_size={group_size}], got {sink_tokens}")
         if rotate not in ("auto", "none", "values", "both"):
             raise ValueError(f"rotate must be 'auto', 'none', 'values' or 'both', got {rotate!r}")
         if rotate == "auto":  # measured on SmolLM2 int4: ppl +3.3% unrotated, +1.1% with both rotated
@@ -124,7 +124,7 @@ class QuantizedKVCache(KVCache):
 
     def _allocate(self) -> None:
         B, H, D, G, S = self.batch_size, self.n_kv_head, self.head_dim, self.group_size, self.sink_tokens
-        cap = max(0, self.max_len - S) // G * G  # positions S.. that can ever be quantized (code index = pos - S)
+        cap = self.max_len // G * G  # positions that can ever be quantized
         packed = D * self.bits // 8
         dev = self.device
 
@@ -141,9 +141,9 @@ class QuantizedKVCache(KVCache):
         self.k_window = zeros(B, H, window, D, dtype=self.dtype)
         self.v_window = zeros(B, H, window, D, dtype=self.dtype)
         self.quantized = [0] * self.n_layer
-        """Per layer, positions [0, quantized) are stored: [0, min(S, quantized)) as sinks in full precision
-        (window slots [0, S)), [S, quantized) in codes; positions [quantized, seq_len) are in the window
-        (slots S..). While quantized < sink_tokens the window is empty."""
+        """Per layer, positions [0, quantized) are in codes, [quantized, seq_len) in the window (slots S..).
+        Slots [0, S) hold a full-precision copy of positions [0, S), the sinks: once quantized, attention reads
+        them from there and ignores their codes."""
         self._write_start = 0
 
     # ---- writing -------------------------------------------------------------------------------
@@ -160,12 +160,9 @@ class QuantizedKVCache(KVCache):
     def stored_after(self, q0: int, end: int) -> int:
         """Stored positions once positions < `end` are written, starting from `q0` stored: the same for one
         write of many tokens and for token-by-token writes (a group is quantized as soon as it leaves the window)."""
-        S, G = self.sink_tokens, self.group_size
-        if end <= S:
-            return max(q0, end)
-        q = max(q0, S)
-        n = max(0, (end - q - self.residual_length) // G)
-        return q + min(n, (self.k_codes[0].size(2) - (q - S)) // G) * G
+        G = self.group_size
+        n = max(0, (end - q0 - self.residual_length) // G)
+        return q0 + min(n, (self.k_codes[0].size(2) - q0) // G) * G
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, n_kv_head, T, head_dim); quantize whole groups that left the window. Returns None:
@@ -173,24 +170,24 @@ class QuantizedKVCache(KVCache):
         if k.size(0) != self.batch_size:
             raise ValueError(f"batch of {k.size(0)} rows does not match the cache's batch_size={self.batch_size}; "
                              "build the cache with make_quantized_cache(model, batch_size)")
-        G, S, q_before = self.group_size, self.sink_tokens, self.quantized[layer]
+        G, S, q0, ws = self.group_size, self.sink_tokens, self.quantized[layer], self._write_start
         k, v = k.to(self.dtype), v.to(self.dtype)
-        q0 = q_before
-        if q0 < S:  # the first tokens go to the sinks (then the window is empty: seq_len was q0)
-            n = min(S - q0, k.size(2))
-            self.k_window[layer][:, :, q0:q0 + n] = k[:, :, :n]
-            self.v_window[layer][:, :, q0:q0 + n] = v[:, :, :n]
-            k, v, q0 = k[:, :, n:], v[:, :, n:], q0 + n
-        kept = self._write_start - q0 if q0 >= S else 0  # window tokens before the new ones
+        if ws < S:  # a full-precision copy of the sinks
+            n = min(S - ws, k.size(2))
+            self.k_window[layer][:, :, ws:ws + n] = k[:, :, :n]
+            self.v_window[layer][:, :, ws:ws + n] = v[:, :, :n]
+        kept = ws - q0  # window tokens before the new ones
         k_all = torch.cat([self.k_window[layer][:, :, S:S + kept], k], dim=2)  # the window + new only
         v_all = torch.cat([self.v_window[layer][:, :, S:S + kept], v], dim=2)
-        self._fresh = (layer, self.seq_len - k_all.size(2), k_all, v_all, q_before)
-        n_groups = max(0, (k_all.size(2) - self.residual_length) // G) if q0 >= S else 0
-        n_groups = min(n_groups, (self.k_codes[layer].size(2) - (q0 - S)) // G)
+        self._fresh = (layer, self.seq_len - k_all.size(2), k_all, v_all, q0)
+        n_groups = max(0, (k_all.size(2) - self.residual_length) // G)
+        n_groups = min(n_groups, (self.k_codes[layer].size(2) - q0) // G)
         if n_groups:
-            n, i0 = n_groups * G, q0 - S
+            n, i0 = n_groups * G, q0
             B, H, _, D = k_all.shape
             kn, vn = k_all[:, :, :n].float(), v_all[:, :, :n].float()
+            if q0 == 0 and S:  # the sinks' codes are never read: keep them out of the first key group's range
+                kn[:, :, :S] = kn[:, :, S:S + 1]
             if self.rotate == "both":
                 kn = kn @ self.H
             if self.rotate != "none":
@@ -214,12 +211,12 @@ class QuantizedKVCache(KVCache):
 
     # ---- reading -------------------------------------------------------------------------------
     def dequantize(self, layer: int, start: int, end: int, *, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of quantized positions [start, end) (sink_tokens + multiples of group_size), fp32
-        (B, H, n, D); with `rotated=True` as stored (rotated by H where `rotate` says so), otherwise rotated back."""
+        """Keys and values of quantized positions [start, end) (multiples of group_size), fp32 (B, H, n, D), from
+        their codes (for sinks too); with `rotated=True` as stored (rotated by H where `rotate` says so), otherwise
+        rotated back."""
         G = self.group_size
         B, H, D = self.batch_size, self.n_kv_head, self.head_dim
         n = end - start
-        start, end = start - self.sink_tokens, end - self.sink_tokens  # code indices
         k = unpack(self.k_codes[layer][:, :, start:end], self.bits).view(B, H, n // G, G, D).float()
         k = (k * self.k_scale[layer][:, :, start // G:end // G].float()
              + self.k_zero[layer][:, :, start // G:end // G].float()).view(B, H, n, D)
@@ -253,26 +250,28 @@ class QuantizedKVCache(KVCache):
         if mask is not None and mask.dim() == 4:
             mask = mask[:, :, None]  # (B, 1, 1, T, L)
         q_end = self.quantized[layer]
+        n_sink = min(S, q_end)  # positions [0, n_sink) are read from the sinks' full-precision copy
         fresh = self._fresh
         view = None  # (T, 1): positions stored (quantized) as each query was written
         if (self.decode_view and T > 1 and fresh is not None and fresh[0] == layer
-                and self.seq_len - T == self._write_start and q_end > max(fresh[4], S)):
+                and self.seq_len - T == self._write_start and q_end > fresh[4]):
             view = torch.tensor([self.stored_after(fresh[4], p + 1) for p in range(L - T, L)],
                                 device=q.device)[:, None]
-            if mask is None:
-                mask = torch.ones(T, L, dtype=torch.bool, device=q.device)
+        if mask is None and (view is not None or n_sink):
+            mask = torch.ones(T, L, dtype=torch.bool, device=q.device)
         running_max = torch.full((B, H, n_head // H, T, 1), float("-inf"), device=q.device)
         total = torch.zeros_like(running_max)
         out = torch.zeros(B, H, n_head // H, T, D, device=q.device)
         out_rot = torch.zeros_like(out) if self.rotate != "none" else None  # sum p (V H): rotated back at the end
         q_rot = qg @ self.H if self.rotate == "both" else qg
-        # spans: (kind, first position, last position + 1); "stored" = codes, "fp" = window slots, "fresh" = this write
-        spans = [("fp", 0, min(S, q_end))]
-        spans += [("stored", s, min(s + self.chunk_size, q_end)) for s in range(S, q_end, self.chunk_size)]
+        # spans: (kind, first position, last position + 1); "stored" = codes, "fp" = sink or window slots,
+        # "fresh" = this write in full precision
+        spans = [("fp", 0, n_sink)]
+        spans += [("stored", s, min(s + self.chunk_size, q_end)) for s in range(0, q_end, self.chunk_size)]
         if view is None:
-            spans.append(("fp", max(q_end, S), L))
+            spans.append(("fp", q_end, L))
         else:
-            f0 = max(fresh[1], S)
+            f0 = max(fresh[1], n_sink)
             spans += [("fresh", s, min(s + self.chunk_size, L)) for s in range(f0, L, self.chunk_size)]
         for kind, start, end in spans:
             if end <= start:
@@ -283,15 +282,17 @@ class QuantizedKVCache(KVCache):
                 k = fresh[2][:, :, start - fresh[1]:end - fresh[1]].float()
                 v = fresh[3][:, :, start - fresh[1]:end - fresh[1]].float()
             else:  # sinks sit at slots = positions; the window at slots S + (position - q_end)
-                slot = start if start < S else S + start - q_end
+                slot = start if start < n_sink else S + start - q_end
                 k = self.k_window[layer][:, :, slot:slot + end - start].float()
                 v = self.v_window[layer][:, :, slot:slot + end - start].float()
             rotated = kind == "stored"
             scores = (q_rot if rotated else qg) @ k[:, :, None].transpose(-1, -2)  # (B, H, g, T, n)
             if mask is not None:
                 m = mask[..., start:end]
+                cols = torch.arange(start, end, device=q.device)[None, :]
+                if kind == "stored" and start < n_sink:
+                    m = m & (cols >= n_sink)
                 if view is not None and kind != "fp":
-                    cols = torch.arange(start, end, device=q.device)[None, :]
                     m = m & ((cols < view) if kind == "stored" else (cols >= view))
                 scores = scores.masked_fill(~m, float("-inf"))
             new_max = torch.maximum(running_max, scores.amax(-1, keepdim=True))
@@ -322,21 +323,23 @@ class QuantizedKVCache(KVCache):
 
     def _attend_kernel(self, layer: int, qg: torch.Tensor, mask) -> torch.Tensor:
         """One decode token through the C kernel (`llmopt.kernels.kv_attention`): no dequantized copy at all.
-        The kernel's "window" is the window buffer from slot 0: the sinks, then the window proper (contiguous)."""
+        The kernel's "window" is the window buffer from slot 0: the sink slots, then the window proper."""
         q_end, L, S = self.quantized[layer], self.seq_len, self.sink_tokens
-        n_sink = min(S, q_end)
-        n_codes = max(0, q_end - S)
         q = qg[:, :, :, 0]  # (B, H, g, D)
         q_stored = q @ self.H if self.rotate == "both" else q
-        keep = None
-        if mask is not None:  # to the kernel's order: codes, sinks, window
-            keep = mask[:, 0, 0, :L]
-            if S:
-                keep = torch.cat([keep[:, n_sink:q_end], keep[:, :n_sink], keep[:, q_end:]], 1)
+        keep = None if mask is None else mask[:, 0, 0, :L]
+        if S:  # the kernel's order: codes, then the S sink slots, then the window
+            keep = torch.ones(self.batch_size, L, dtype=torch.bool, device=q.device) if keep is None else keep
+            n_sink = min(S, q_end)  # a sink is read from its slot once it is in codes (from the window before)
+            sinks = torch.zeros(self.batch_size, S, dtype=torch.bool, device=q.device)
+            sinks[:, :n_sink] = keep[:, :n_sink]
+            codes = keep[:, :q_end].clone()
+            codes[:, :n_sink] = False  # the sinks' codes are never read
+            keep = torch.cat([codes, sinks, keep[:, q_end:]], 1)
         out_q, out_w = kv_attention.kv_attend_decode_cpu(
             q_stored, q, self.k_codes[layer], self.k_scale[layer], self.k_zero[layer], self.v_codes[layer],
-            self.v_scale[layer], self.v_zero[layer], self.k_window[layer], self.v_window[layer], n_quantized=n_codes,
-            n_window=n_sink + L - q_end, group_size=self.group_size, value_group=self.value_group, bits=self.bits,
+            self.v_scale[layer], self.v_zero[layer], self.k_window[layer], self.v_window[layer], n_quantized=q_end,
+            n_window=S + L - q_end, group_size=self.group_size, value_group=self.value_group, bits=self.bits,
             keep=keep)
         if self.rotate != "none":
             out_q = out_q @ self.H
@@ -353,14 +356,15 @@ class QuantizedKVCache(KVCache):
             q_end = self.quantized[layer]
             if q_end <= length:
                 continue
-            if length <= S:  # only sinks remain
-                self.quantized[layer] = length
-                continue
-            start = S + (length - S) // G * G
+            start = length // G * G
             k, v = self.dequantize(layer, start, q_end)
             n = length - start
             self.k_window[layer][:, :, S:S + n] = k[:, :, :n].to(self.dtype)
             self.v_window[layer][:, :, S:S + n] = v[:, :, :n].to(self.dtype)
+            if start < S:  # sinks come back exact
+                m = min(S, length) - start
+                self.k_window[layer][:, :, S:S + m] = self.k_window[layer][:, :, start:start + m]
+                self.v_window[layer][:, :, S:S + m] = self.v_window[layer][:, :, start:start + m]
             self.quantized[layer] = start
 
     def reset(self) -> None:
@@ -380,8 +384,9 @@ class QuantizedKVCache(KVCache):
         """Bytes a sequence of `length` tokens occupies (one row): quantized positions, their scales and the
         full-precision window."""
         G, S = self.group_size, self.sink_tokens
-        quantized = max(0, (length - S - self.residual_length) // G) * G
-        return quantized * self.quantized_bytes_per_token + (length - quantized) * super().bytes_per_token
+        quantized = max(0, (length - self.residual_length) // G) * G
+        full = length - quantized + min(S, quantized)  # the window, and the sinks' copy once they are in codes
+        return quantized * self.quantized_bytes_per_token + full * super().bytes_per_token
 
     @property
     def bytes_per_token(self) -> float:

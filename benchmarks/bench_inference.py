@@ -177,15 +177,34 @@ def bench_kv(args):
     windows = [ids[i * L:(i + 1) * L][None] for i in range(args.windows)]
     caches = {"fp32": make_cache(model, 1, L)}
     caches.update({f"int{b}": make_quantized_cache(model, 1, L, bits=b, **opts) for b in bits_list})
+    variants = {}  # --also: perplexity (and bytes) only
+    keys = {"group": "group_size", "residual": "residual_length", "sinks": "sink_tokens", "value_group": "value_group",
+            "rotate": "rotate", "view": "decode_view"}
+    for spec in args.also or []:
+        fields = dict(kv.split("=") for kv in spec.split(","))
+        bits = int(fields.pop("bits"))
+        o = dict(opts)
+        for key, value in fields.items():
+            if key not in keys:
+                raise SystemExit(f"--also {spec!r}: unknown field {key!r}; use bits and {', '.join(keys)}")
+            o[keys[key]] = value == "decode" if key == "view" else value if key == "rotate" else int(value)
+        name = f"int{bits} " + " ".join(f"{k}={v}" for k, v in fields.items())
+        variants[name] = make_quantized_cache(model, 1, L, bits=bits, **o)
+        q16 = make_quantized_cache(model, 1, L, bits=bits, dtype=torch.float16, **o)
+        emit(bench="kv/bytes", cache=name, context=L, ratio_vs_fp16=q16.bytes_per_token / fp16,
+             worst_case_ratio=max(q16.bytes_at(n) / n for n in range(L - 64, L + 1)) / fp16)
     nll = {}
-    for name, cache in caches.items():
+    for name, cache in {**caches, **variants}.items():
         t0 = time.perf_counter()
-        nll[name] = sum(_nll_with_cache(model, w, cache, args.chunk) for w in windows) / len(windows)
-        emit(bench="kv/perplexity", cache=name, view=args.view if name != "fp32" else "-", residual=args.residual,
-             group=args.group, value_group=getattr(cache, "value_group", None), sinks=args.sinks,
-             rotate=args.rotate, windows=len(windows), tokens_per_window=L, chunk=args.chunk,
+        per_window = [_nll_with_cache(model, w, cache, args.chunk) for w in windows]
+        nll[name] = sum(per_window) / len(windows)
+        quantized = name != "fp32"
+        emit(bench="kv/perplexity", cache=name, view=("decode" if cache.decode_view else "stored") if quantized else "-",
+             residual=getattr(cache, "residual_length", None), group=getattr(cache, "group_size", None),
+             value_group=getattr(cache, "value_group", None), sinks=getattr(cache, "sink_tokens", None),
+             rotate=getattr(cache, "rotate", None), windows=len(windows), tokens_per_window=L, chunk=args.chunk,
              seconds=time.perf_counter() - t0, nll=nll[name], ppl=float(torch.tensor(nll[name]).exp()),
-             ppl_ratio_vs_fp32=float(torch.tensor(nll[name] - nll["fp32"]).exp()))
+             ppl_ratio_vs_fp32=float(torch.tensor(nll[name] - nll["fp32"]).exp()), per_window_nll=per_window)
     hf, peers = None, {}
     if args.peer:
         from transformers import DynamicCache, QuantizedCache
@@ -405,6 +424,8 @@ def main():
     p.add_argument("--value-group", type=int, help="kv: channels per value scale (default: min(group, head_dim))")
     p.add_argument("--view", choices=["decode", "stored"], default="decode",
                    help="kv: what a multi-token chunk's queries see (decode = as token-by-token decoding)")
+    p.add_argument("--also", action="append", help="kv: another cache, perplexity and bytes only, e.g. "
+                   "bits=2,group=32,sinks=4 (fields: bits, group, residual, sinks, value_group, rotate, view)")
     p.add_argument("--peer", action="store_true", help="kv: add transformers' QuantizedCache (optimum-quanto)")
     p.add_argument("--peer-chunk", type=int, default=1, help="kv: transformers' quantized caches fed this many "
                    "tokens a forward (1 = token by token)")

@@ -199,7 +199,8 @@ def bench_kv(args):
         per_window = [_nll_with_cache(model, w, cache, args.chunk) for w in windows]
         nll[name] = sum(per_window) / len(windows)
         quantized = name != "fp32"
-        emit(bench="kv/perplexity", cache=name, view=("decode" if cache.decode_view else "stored") if quantized else "-",
+        view = ("decode" if cache.decode_view else "stored") if quantized else "-"
+        emit(bench="kv/perplexity", cache=name, view=view,
              residual=getattr(cache, "residual_length", None), group=getattr(cache, "group_size", None),
              value_group=getattr(cache, "value_group", None), sinks=getattr(cache, "sink_tokens", None),
              rotate=getattr(cache, "rotate", None), windows=len(windows), tokens_per_window=L, chunk=args.chunk,

@@ -115,7 +115,8 @@ def test_sink_tokens_layout_bytes_and_rollback():
         cache.attn_mask(pos)
         cache.update(0, pos, k[:, :, start:end], v[:, :, start:end])
     assert cache.quantized == [32]  # 4 groups of 8 in codes, 32..36 in the window
-    assert torch.equal(cache.k_window[0][:, :, :3], k[:, :, :3]) and torch.equal(cache.v_window[0][:, :, :3], v[:, :, :3])
+    assert torch.equal(cache.k_window[0][:, :, :3], k[:, :, :3])
+    assert torch.equal(cache.v_window[0][:, :, :3], v[:, :, :3])
     assert torch.equal(cache.k_window[0][:, :, 3:8], k[:, :, 32:37])
     dk, dv = cache.dequantize(0, 0, 32)
     ranges = [k[:, :, 3:8]] + [k[:, :, s:s + 8] for s in (8, 16, 24)]  # group 0's range leaves the sinks out
@@ -133,13 +134,15 @@ def test_sink_tokens_layout_bytes_and_rollback():
     def sdpa(keys, values):
         return F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
 
-    want = sdpa(torch.cat([k[:, :, :3], dk[:, :, 3:], k[:, :, 32:]], 2), torch.cat([v[:, :, :3], dv[:, :, 3:], v[:, :, 32:]], 2))
+    want = sdpa(torch.cat([k[:, :, :3], dk[:, :, 3:], k[:, :, 32:]], 2),
+                torch.cat([v[:, :, :3], dv[:, :, 3:], v[:, :, 32:]], 2))
     torch.testing.assert_close(cache.attend(0, q, None), want, atol=1e-5, rtol=1e-5)
     cache.truncate(20)  # into the codes: 16..19 return to the window at their quantized values
     assert cache.quantized == [16] and torch.equal(cache.k_window[0][:, :, 3:7], dk[:, :, 16:20])
     cache.truncate(5)  # into the sinks' group: the sinks come back exact, 3 and 4 at their quantized values
     assert cache.quantized == [0] and cache.seq_len == 5
-    assert torch.equal(cache.k_window[0][:, :, 3:6], k[:, :, :3]) and torch.equal(cache.k_window[0][:, :, 6:8], dk[:, :, 3:5])
+    assert torch.equal(cache.k_window[0][:, :, 3:6], k[:, :, :3])
+    assert torch.equal(cache.k_window[0][:, :, 6:8], dk[:, :, 3:5])
     want = sdpa(torch.cat([k[:, :, :3], dk[:, :, 3:5]], 2), torch.cat([v[:, :, :3], dv[:, :, 3:5]], 2))
     torch.testing.assert_close(cache.attend(0, q, None), want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="sink_tokens"):

@@ -210,7 +210,8 @@ class QuantizedKVCache(KVCache):
         return None
 
     # ---- reading -------------------------------------------------------------------------------
-    def dequantize(self, layer: int, start: int, end: int, *, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def dequantize(self, layer: int, start: int, end: int, *,
+                   rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of quantized positions [start, end) (multiples of group_size), fp32 (B, H, n, D), from
         their codes (for sinks too); with `rotated=True` as stored (rotated by H where `rotate` says so), otherwise
         rotated back."""

@@ -22,6 +22,17 @@ unchanged up to rounding: q k^T = (q H)(k H)^T and p V = (p (V H)) H, so `attend
 rotated keys and the accumulated output of the rotated values once per call (two (T, D) x (D, D) products);
 the full-precision window stays unrotated.
 
+Attention sinks (`sink_tokens=S`, S <= group_size; KVQuant / IntactKV): a full-precision copy of the first S
+positions is kept, and once their group is quantized attention reads them from the copy and never their codes;
+the first key group's range leaves them out. Bytes: S more tokens at the cache dtype.
+
+Decode view (`decode_view=True`, the default): a forward that writes T > 1 tokens (a chunked prefill, a
+speculative verify step) lets the query at position p see the cache as token-by-token decoding would have at
+p: positions stored once p was written (`stored_after`) from their codes, later ones in full precision (from
+this write, held for the duration of the layer's attention only). So logits do not depend on how the tokens
+were chunked (tested against token-by-token on the tiny model), and a chunked perplexity is the decoding one.
+With `decode_view=False` every query sees the cache as it is after the write.
+
 Numerics contract: lossy, bounded. Asymmetric min-max rounding: every dequantized key or value is within
 half a step, (max - min) / (2^bits - 1) / 2, of the original over its group (plus fp16 rounding of the
 scale and zero point); the full-precision window is exact. The effect on the model is measured

@@ -153,8 +153,12 @@ MATMUL_FLOPS_PER_S = 4e10
 """Cost model (used only to rank plans): matrix-product throughput of one CPU core, fp32 (measured ~3.7e10 here)."""
 MEMORY_BYTES_PER_S = 1e10
 """Cost model: bytes an elementwise op reads + writes per second (mul ~4.7e10, silu ~0.4e10 here)."""
-OP_OVERHEAD_S = 1e-5
-"""Cost model: per op recomputed, or passed through the caching dispatch mode (Python) in a selective block."""
+OP_OVERHEAD_S = 5e-6
+"""Cost model: dispatching one recomputed op (eager, C++)."""
+SELECTIVE_OP_OVERHEAD_S = 1e-4
+"""Cost model: per op of a selective block, its trips through the caching and the cached dispatch modes (Python,
+forward and recompute): measured here as selective checkpointing keeping nothing minus full checkpointing,
+~12 ms per demo block of 65 ops at 8x128 tokens (~10% of the block's forward+backward)."""
 
 
 def _op_flops(func, args, kwargs, out) -> float:
@@ -353,7 +357,7 @@ def _block_options(row: dict[str, Any], unit: float, cells: int, rnd=math.ceil):
         sel_u = rnd(row["selective"] / unit)
         sac = np.full(cells + 1, inf)
         if sel_u <= cells:
-            sac[sel_u:] = row["selective_recompute_flops"] / MATMUL_FLOPS_PER_S + OP_OVERHEAD_S
+            sac[sel_u:] = row["selective_recompute_flops"] / MATMUL_FLOPS_PER_S + SELECTIVE_OP_OVERHEAD_S
         choose_sac = lambda c: "selective"  # noqa: E731
     else:
         stop = row["stop"]
@@ -361,7 +365,7 @@ def _block_options(row: dict[str, Any], unit: float, cells: int, rnd=math.ceil):
         items = [(i, rnd(op["bytes"] / unit), _op_cost(op)) for i, op in enumerate(ops[:stop])
                  if op["fresh"] and op["bytes"] > 0]
         items = [it for it in items if it[1] <= cells]
-        dp = np.full(cells + 1, full_cost + len(ops) * OP_OVERHEAD_S)  # nothing cached: recompute all, plus the mode
+        dp = np.full(cells + 1, full_cost + len(ops) * SELECTIVE_OP_OVERHEAD_S)  # nothing kept: all, plus the modes
         keep = np.zeros((len(items), cells + 1), dtype=bool)
         for j, (_, w, v) in enumerate(items):  # 0/1 knapsack: cache op j (w units) to skip recomputing it (v)
             cand = dp[:cells + 1 - w] - v
@@ -397,7 +401,8 @@ def plan_budget(probe: dict[str, dict[str, Any]], budget: float, *, cells: int =
 
     Options per block: none (cost 0); full (recompute every op); selective with any set of the block's ops
     whose outputs are kept (probe rows with "ops", from `record_block_ops`: each op kept costs its output bytes,
-    each op recomputed costs its FLOPs / MATMUL_FLOPS_PER_S + bytes moved / MEMORY_BYTES_PER_S + OP_OVERHEAD_S;
+    each op recomputed costs its FLOPs / MATMUL_FLOPS_PER_S + bytes moved / MEMORY_BYTES_PER_S + OP_OVERHEAD_S, and
+    a selective block SELECTIVE_OP_OVERHEAD_S per op for its dispatch modes;
     ops after the last tensor backward needs are never recomputed and cost nothing), or, for rows without
     "ops", the SAVE_OPS selective policy. Solved exactly on a grid of `cells` units of budget/cells bytes (sizes
     rounded up, so the plan's bytes never exceed the budget): a 0/1 knapsack per block, then a min-plus
@@ -466,7 +471,7 @@ def plan_cost(probe: dict[str, dict[str, Any]], plan: dict[str, Any]) -> float:
             continue
         kept = _kept(row, p)
         total += sum(_op_cost(op) for i, op in enumerate(row["ops"][:row["stop"]]) if i not in kept)
-        total += 0.0 if p == "full" else len(row["ops"]) * OP_OVERHEAD_S
+        total += 0.0 if p == "full" else len(row["ops"]) * SELECTIVE_OP_OVERHEAD_S
     return total
 
 

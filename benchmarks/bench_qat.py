@@ -13,7 +13,9 @@ Recovery = (PTQ - QAT) / (PTQ - fp32) on the validation loss (the goal is >= 0.7
 `--model smollm2-135m` skips step 1 and fine-tunes the pretrained SmolLM2-135M (bundled package, its own
 tokenizer) on the bundled corpus instead: a model trained long enough for PTQ to open a gap, which a demo
 model trained for minutes does not. `--group-size 0` quantizes per output channel; `--ptq-only` prints the
-PTQ gap of the starting model for the formats given to `--probe-groups` and stops.
+PTQ gap of the starting model for the formats given to `--probe-groups` and stops. `--scale-grad absmax`
+trains ours with `QATConfig(scale_grad="absmax")` (PTQ is the same either way: it only changes the gradient).
+torchao's own PTQ (its prepare + convert of the fp32 continuation) is reported as `torchao_ptq`.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def main() -> None:
     parser.add_argument("--val-batches", type=int, default=16)
     parser.add_argument("--no-torchao", action="store_true", help="skip the torchao QAT peer column")
     parser.add_argument("--activations", default="int8", help="QAT activation format (int8, int8_asym, none, ...)")
+    parser.add_argument("--scale-grad", default="none", choices=("none", "absmax"),
+                        help="QATConfig.scale_grad of our QAT (absmax: the scale's gradient reaches the weight that sets it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -98,15 +102,16 @@ def main() -> None:
         print(json.dumps(probe, indent=1))
         return
     group = args.group_size or None
-    config = QATConfig(weight="int4", group_size=group, activations=args.activations)
+    config = QATConfig(weight="int4", group_size=group, activations=args.activations, scale_grad=args.scale_grad)
+    ptq_config = QATConfig(weight="int4", group_size=group, activations=args.activations)
     results: dict = {"model": args.model, "group_size": args.group_size or "per-channel", "steps": args.steps,
-                     "activations": args.activations,
+                     "activations": args.activations, "scale_grad": args.scale_grad,
                      "lr": args.lr, "batch": [args.batch_size, args.seq_len]}
 
     fp32 = train(copy.deepcopy(model), args.steps, seed=2, lr_peak=args.lr, warmup=5)
     results["fp32"] = val(fp32)
     ptq = copy.deepcopy(fp32)
-    apply_(ptq, config)
+    apply_(ptq, ptq_config)
     convert_qat_(ptq)
     results["ptq"] = val(ptq)
     print(f"fp32 {results['fp32']:.4f}  ptq {results['ptq']:.4f}", flush=True)
@@ -134,6 +139,12 @@ def main() -> None:
         # activations are asymmetric) on the same Linears: lm_head stays full precision in both.
         base = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group) if group else PerAxis(0))
         only_blocks = lambda mod, fqn: isinstance(mod, torch.nn.Linear) and not fqn.endswith("lm_head")  # noqa: E731
+        # torchao's PTQ: its own prepare + convert of the fp32 continuation (its grid: absmax / 7.5, all 16 codes)
+        peer_ptq = copy.deepcopy(fp32)
+        quantize_(peer_ptq, TorchaoQATConfig(base, step="prepare"), filter_fn=only_blocks)
+        quantize_(peer_ptq, TorchaoQATConfig(base, step="convert"), filter_fn=only_blocks)
+        results["torchao_ptq"] = val(peer_ptq)
+        del peer_ptq
         peer = copy.deepcopy(model)
         quantize_(peer, TorchaoQATConfig(base, step="prepare"), filter_fn=only_blocks)
         train(peer, args.steps, seed=2, lr_peak=args.lr, warmup=5)
@@ -141,7 +152,12 @@ def main() -> None:
         quantize_(peer, TorchaoQATConfig(base, step="convert"), filter_fn=only_blocks)
         results["torchao_qat"] = val(peer)
         results["torchao_recovery"] = (results["ptq"] - results["torchao_qat"]) / gap if gap else float("nan")
-        print(f"torchao qat {results['torchao_qat']:.4f} recovery {results['torchao_recovery']:.2f}", flush=True)
+        own_gap = results["torchao_ptq"] - results["fp32"]
+        results["torchao_recovery_own_ptq"] = ((results["torchao_ptq"] - results["torchao_qat"]) / own_gap
+                                               if own_gap else float("nan"))
+        print(f"torchao ptq {results['torchao_ptq']:.4f} qat {results['torchao_qat']:.4f} recovery "
+              f"{results['torchao_recovery']:.2f} (of our PTQ gap), {results['torchao_recovery_own_ptq']:.2f} "
+              "(of its own PTQ gap)", flush=True)
     print(json.dumps(results, indent=1))
     if args.json:
         with open(args.json, "w") as f:

@@ -25,6 +25,7 @@ def _batch(seed=0):
 @pytest.mark.parametrize("config", [
     QATConfig(weight="int4", group_size=32, activations="int8"),
     QATConfig(weight="int4", group_size=32, activations="int8_asym"),
+    QATConfig(weight="int4", group_size=32, activations="int8", scale_grad="absmax"),
     QATConfig(weight="int8", group_size=None, activations="int8"),
     QATConfig(weight="int4", group_size=16, symmetric=False, scale_dtype="fp32", activations="none"),
     QATConfig(weight="fp8_e4m3", activations="fp8_e4m3"),
@@ -79,6 +80,37 @@ def test_convert_without_prepare_and_bad_config():
         convert_qat_(_model())
     with pytest.raises(ValueError, match="weight"):
         QATConfig(weight="int3")
+    with pytest.raises(ValueError, match="scale_grad"):
+        QATConfig(scale_grad="lsq")
+    with pytest.raises(ValueError, match="symmetric"):
+        QATConfig(scale_grad="absmax", symmetric=False)
+    with pytest.raises(ValueError, match="symmetric int weights"):
+        QATConfig(weight="fp8_e4m3", scale_grad="absmax")
+
+
+@pytest.mark.parametrize("group_size", [32, None])
+def test_absmax_scale_gradient_is_autograd_through_the_scale_and_keeps_the_forward(group_size):
+    """scale_grad="absmax": same forward value; gradient = autograd of s * round(w / s) with a straight-through
+    round and s = absmax / qmax NOT detached (the weight that sets s also gets the scale's gradient)."""
+    from llmopt.quant.int_quant import fake_quantize_weight
+
+    torch.manual_seed(0)
+    w = (torch.randn(6, 64) * 0.05).requires_grad_()
+    grad = torch.randn(6, 64)
+    out = fake_quantize_weight(w, bits=4, group_size=group_size, scale_grad="absmax")
+    out.backward(grad)
+    assert torch.equal(out, fake_quantize_weight(w.detach(), bits=4, group_size=group_size))
+    ref_w = w.detach().clone().requires_grad_()
+    g = group_size or 64
+    groups = ref_w.reshape(6, -1, g)
+    scale = groups.abs().amax(-1, keepdim=True) / 7
+    u = groups / scale
+    (((u + (torch.round(u) - u).detach()) * scale).reshape(6, 64)).backward(grad)
+    torch.testing.assert_close(w.grad, ref_w.grad, rtol=1e-5, atol=1e-5)
+    plain = w.detach().clone().requires_grad_()
+    fake_quantize_weight(plain, bits=4, group_size=group_size).backward(grad)
+    differs = (w.grad != plain.grad).reshape(6, -1, g).sum(-1)
+    assert (differs == 1).all()  # only the absmax weight of each group gets the extra term
 
 
 def test_asymmetric_int8_activations_within_half_a_step_and_exact_zero():

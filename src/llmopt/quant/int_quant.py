@@ -207,14 +207,60 @@ def straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
     return _StraightThrough.apply(x, quantized.detach())
 
 
+class _StraightThroughAbsmaxScale(torch.autograd.Function):
+    """Forward: the quantized weight, exactly. Backward: the straight-through gradient, plus, for the one weight
+    of each group that sets the group's symmetric scale `s = |w_max| / qmax`, the gradient through that scale:
+    `sign(w_max) / qmax * sum_i g_i (code_i - w_i / s)` (what autograd gives for `s * round(w / s)` with a
+    straight-through round and `s` not detached; the scale gradient of LSQ, Esser et al. arXiv:1902.08153,
+    taken by the weight that sets the scale instead of by a separate parameter). Saves only the scales and the
+    argmax positions; the codes are recomputed in the backward."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, quantized: torch.Tensor, scale: torch.Tensor, argmax: torch.Tensor,
+                qmin: int, qmax: int) -> torch.Tensor:
+        ctx.save_for_backward(weight, scale, argmax)
+        ctx.qmin, ctx.qmax = qmin, qmax
+        return quantized
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, scale, argmax = ctx.saved_tensors
+        N, K = weight.shape
+        G = scale.shape[-1]
+        w = weight.detach().float().reshape(N, G, K // G) / scale.float()[..., None]
+        residual = torch.round(w).clamp_(ctx.qmin, ctx.qmax) - w  # code - w / s
+        g = grad.float().reshape(N, G, K // G)
+        scale_grad = (g * residual).sum(-1, keepdim=True) / ctx.qmax  # d loss / d |w_max|
+        sign = torch.gather(torch.sign(weight.detach().float().reshape(N, G, K // G)), -1, argmax)
+        g = g.scatter_add(-1, argmax, sign * scale_grad)
+        return g.reshape(N, K).to(grad.dtype), None, None, None, None, None
+
+
+SCALE_GRADS = ("none", "absmax")
+"""How the gradient treats the dynamic weight scale: "none" (plain straight-through: the scale is a constant),
+"absmax" (the gradient through each group's scale reaches the weight that sets it; symmetric only)."""
+
+
 def fake_quantize_weight(weight: torch.Tensor, *, bits: int, group_size: int | None = None, symmetric: bool = True,
-                         scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """dequantize(quantize(weight)) in the weight's dtype, with a straight-through gradient."""
+                         scale_dtype: torch.dtype = torch.float32, scale_grad: str = "none") -> torch.Tensor:
+    """dequantize(quantize(weight)) in the weight's dtype, with a straight-through gradient (`scale_grad`: see
+    `SCALE_GRADS`; the forward value is the same for every choice)."""
+    if scale_grad not in SCALE_GRADS:
+        raise ValueError(f"scale_grad must be one of {SCALE_GRADS}, got {scale_grad!r}")
+    if scale_grad == "absmax" and not symmetric:
+        raise ValueError("scale_grad='absmax' routes the gradient of a symmetric scale; use symmetric=True "
+                         "or scale_grad='none'")
     with torch.no_grad():
         g = _check_group(tuple(weight.shape), group_size, bits)
         scale, zero = choose_qparams(weight, bits=bits, group_size=g, symmetric=symmetric, scale_dtype=scale_dtype)
         codes = quantize_codes(weight, scale, zero, bits=bits, symmetric=symmetric)
         dq = dequantize_codes(codes, scale, zero, torch.float32).to(weight.dtype)
+        if scale_grad == "absmax":
+            N, K = weight.shape
+            argmax = weight.detach().reshape(N, K // g, g).abs().argmax(-1, keepdim=True)
+    if scale_grad == "absmax" and weight.requires_grad and torch.is_grad_enabled():
+        qmin, qmax = code_range(bits, symmetric)
+        return _StraightThroughAbsmaxScale.apply(weight, dq, scale, argmax, qmin, qmax)
     return straight_through(weight, dq)
 
 
@@ -249,7 +295,7 @@ def fake_quantize_activation_int8_asym(x: torch.Tensor) -> torch.Tensor:
     return straight_through(x, quantize_activation_int8_asym(x))
 
 
-__all__ = ["IntWeight", "KERNEL_GROUP_SIZES", "choose_qparams", "code_range", "dequantize_codes",
+__all__ = ["IntWeight", "KERNEL_GROUP_SIZES", "SCALE_GRADS", "choose_qparams", "code_range", "dequantize_codes",
            "dequantize_weight", "empty_int_weight", "fake_quantize_activation_int8", "fake_quantize_activation_int8_asym",
            "fake_quantize_weight",
            "pack_int4", "quantize_activation_int8", "quantize_activation_int8_asym", "quantize_codes", "quantize_weight", "straight_through",

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from llmopt.core import ApplyReport, Stage, TechniqueConfig, fqn_filter, register, register_revert, replace_modules
 from llmopt.quant.fp8 import dequantize_fp8, fake_quantize_fp8, quantize_fp8
 from llmopt.quant.int_quant import (
+    SCALE_GRADS,
     dequantize_weight,
     empty_int_weight,
     fake_quantize_activation_int8,
@@ -64,6 +65,11 @@ class QATConfig(TechniqueConfig):
     dynamic fp8 per tensor, or none (weight-only QAT)."""
     scale_dtype: Literal["fp32", "bf16"] = "bf16"
     """int weights: dtype of the stored scales (the fake quantization uses the same rounded scales)."""
+    scale_grad: Literal["none", "absmax"] = "none"
+    """int weights, symmetric: how the gradient treats each group's dynamic scale (absmax / qmax). "none": plain
+    straight-through, the scale is a constant. "absmax": the gradient through the scale also reaches the weight
+    that sets it, so that weight moves for its effect on the whole group's grid (the forward, and so the converted
+    model, is the same either way)."""
     include: tuple[str, ...] = ("all-linear",)
     """fqn_filter patterns of the Linear layers to quantize ("all-linear": every Linear but lm_head)."""
     exclude: tuple[str, ...] = ()
@@ -74,6 +80,11 @@ class QATConfig(TechniqueConfig):
             raise ValueError(f"weight must be one of {WEIGHT_FORMATS}, got {self.weight!r}")
         if self.activations not in ACTIVATION_FORMATS:
             raise ValueError(f"activations must be one of {ACTIVATION_FORMATS}, got {self.activations!r}")
+        if self.scale_grad not in SCALE_GRADS:
+            raise ValueError(f"scale_grad must be one of {SCALE_GRADS}, got {self.scale_grad!r}")
+        if self.scale_grad != "none" and (self.bits is None or not self.symmetric):
+            raise ValueError(f"scale_grad={self.scale_grad!r} applies to symmetric int weights; use weight='int4' or "
+                             "'int8' with symmetric=True, or scale_grad='none'")
         if self.group_size is not None and (self.group_size <= 0 or self.group_size % 2):
             raise ValueError(f"group_size must be a positive even number or None, got {self.group_size}")
 
@@ -121,7 +132,7 @@ class FakeQuantLinear(nn.Linear):
         c = self.qat
         if c.bits is not None:
             return fake_quantize_weight(self.weight, bits=c.bits, group_size=c.group_size, symmetric=c.symmetric,
-                                        scale_dtype=SCALE_DTYPES[c.scale_dtype])
+                                        scale_dtype=SCALE_DTYPES[c.scale_dtype], scale_grad=c.scale_grad)
         return fake_quantize_fp8(self.weight, c.weight.removeprefix("fp8_"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -113,11 +113,21 @@ def _nll_with_cache(model, ids, cache, chunk):
 
 
 def _hf_nll(hf, ids, cache, chunk):
-    """The same through transformers' model with its cache object `cache` in the loop (positions from the cache)."""
+    """The same through transformers' model with its cache object `cache` in the loop (positions from the cache).
+
+    `chunk=0`: one token, then `cache`'s residual length per forward. transformers' QuantizedCache quantizes its
+    first forward's tokens at once and then flushes its window whenever a forward brings it to the residual
+    length, so this schedule makes the same flushes, and lets every query see the same tokens in full
+    precision, as feeding token by token (`chunk=1`) does, at the cost of a chunked prefill."""
     total, count = 0.0, 0
+    n = ids.size(1) - 1
+    if chunk == 0:
+        step = cache.layers[0].residual_length if hasattr(cache.layers[0], "residual_length") else 256
+        bounds = [0, *range(1, n, step), n]
+    else:
+        bounds = [*range(0, n, chunk), n]
     with torch.no_grad():
-        for start in range(0, ids.size(1) - 1, chunk):
-            end = min(start + chunk, ids.size(1) - 1)
+        for start, end in zip(bounds[:-1], bounds[1:]):
             logits = hf(input_ids=ids[:, start:end], cache=cache, use_cache=True).logits
             total += torch.nn.functional.cross_entropy(logits[0].float(), ids[0, start + 1:end + 1],
                                                        reduction="sum").item()
@@ -155,8 +165,9 @@ def bench_kv(args):
     of `--chunk`; with `--view decode` (the default) each chunk's queries see the cache as token-by-token
     decoding would (`QuantizedKVCache(decode_view=True)`, tested equal), so the figure is decode-faithful at
     any chunk; `--view stored` lets every query see its own chunk's already quantized groups (the older,
-    harsher figure). transformers' caches are fed in chunks of `--peer-chunk` (1 = token by token, the only
-    decode-faithful way for them) over the first `--peer-windows` windows.
+    harsher figure). transformers' caches are fed `--peer-chunk` tokens a forward over the first
+    `--peer-windows` windows: 1 = token by token, 0 (default) = one token, then 128 (the residual length) a
+    forward, which makes the same flushes as token by token, so it is decode-faithful too.
     """
     model, tok = load_pretrained("smollm2-135m")
     c = model.config
@@ -195,6 +206,13 @@ def bench_kv(args):
              worst_case_ratio=max(q16.bytes_at(n) / n for n in range(L - 64, L + 1)) / fp16)
     nll = {}
     for name, cache in {**caches, **variants}.items():
+        if args.skip_ppl:  # the decode timing below needs our caches filled: prefill the last window instead
+            with torch.no_grad():
+                cache.reset()
+                for start in range(0, L - 1, args.chunk):
+                    end = min(start + args.chunk, L - 1)
+                    model(windows[-1][:, start:end], input_pos=torch.arange(start, end), cache=cache)
+            continue
         t0 = time.perf_counter()
         per_window = [_nll_with_cache(model, w, cache, args.chunk) for w in windows]
         nll[name] = sum(per_window) / len(windows)
@@ -225,16 +243,16 @@ def bench_kv(args):
             per_window = []
             for w in peer_windows:
                 cache = make()
-                per_window.append(_hf_nll(hf, w, cache, chunk))
+                per_window.append(_hf_nll(hf, w[:, :args.peer_tokens or None], cache, chunk))
             peer_nll[name] = sum(per_window) / len(per_window)
             stored, as_fp16 = _hf_cache_bytes(cache)
-            n_tok = peer_windows[-1].size(1) - 1
+            n_tok = peer_windows[-1][:, :args.peer_tokens or None].size(1) - 1
             dense16 = n_tok * fp16
             emit(bench="kv/perplexity", cache=name, windows=len(peer_windows), tokens_per_window=L, chunk=chunk,
                  seconds=time.perf_counter() - t0, nll=peer_nll[name], ppl=float(torch.tensor(peer_nll[name]).exp()),
                  ppl_ratio_vs_transformers_dynamic=float(torch.tensor(peer_nll[name]
                                                                       - peer_nll["transformers_dynamic"]).exp()),
-                 ppl_ratio_vs_our_fp32=float(torch.tensor(peer_nll[name] - nll["fp32"]).exp()),
+                 ppl_ratio_vs_our_fp32=float(torch.tensor(peer_nll[name] - nll["fp32"]).exp()) if nll else None,
                  per_window_nll=per_window, cache_tokens=n_tok, bytes_as_stored=stored,
                  bytes_with_fp16_scales_and_window=as_fp16, ratio_vs_fp16=as_fp16 / dense16)
     # decode at L context: every cache of ours still holds the last window's L - 1 tokens; each round rolls it
@@ -428,9 +446,11 @@ def main():
     p.add_argument("--also", action="append", help="kv: another cache, perplexity and bytes only, e.g. "
                    "bits=2,group=32,sinks=4 (fields: bits, group, residual, sinks, value_group, rotate, view)")
     p.add_argument("--peer", action="store_true", help="kv: add transformers' QuantizedCache (optimum-quanto)")
-    p.add_argument("--peer-chunk", type=int, default=1, help="kv: transformers' quantized caches fed this many "
-                   "tokens a forward (1 = token by token)")
+    p.add_argument("--peer-chunk", type=int, default=0, help="kv: transformers' quantized caches fed this many "
+                   "tokens a forward (1 = token by token; 0 = 1, then 128 a forward: the same as token by token)")
     p.add_argument("--peer-windows", type=int, default=1, help="kv: windows for transformers' perplexity")
+    p.add_argument("--peer-tokens", type=int, help="kv: only the first N tokens of each window for transformers")
+    p.add_argument("--skip-ppl", action="store_true", help="kv: no perplexity for our caches (decode timing only)")
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--speed-tokens", type=int, default=32)
     p.add_argument("--draft")

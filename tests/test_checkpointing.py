@@ -92,7 +92,8 @@ def test_budget_plan_keeps_op_outputs_per_block_and_beats_whole_block_choices():
     coarse none/selective/full plan with fewer recomputed matmul FLOPs, and the gradients stay bitwise equal."""
     from llmopt.techniques.checkpointing import plan_bytes, plan_cost, probe_outside_blocks
 
-    model = _model()
+    wide = dict(dim=128, intermediate_size=352, head_dim=32)  # at tiny's width whole blocks are cheapest
+    model = _model(**wide)
     probe = probe_blocks(model, block_list(model), 8, 128)
     assert all("ops" in row and 0 < row["stop"] <= len(row["ops"]) for row in probe.values())
     budget = 0.5 * sum(r["none"] for r in probe.values())
@@ -101,7 +102,7 @@ def test_budget_plan_keeps_op_outputs_per_block_and_beats_whole_block_choices():
     assert plan_bytes(probe, fine_plan) <= budget and plan_bytes(coarse, coarse_plan) <= budget
     assert any(isinstance(p, frozenset) for p in fine_plan.values())
     assert plan_cost(probe, fine_plan) < plan_cost(probe, coarse_plan)
-    reference = _model()
+    reference = _model(**wide)
     planned = copy.deepcopy(reference)
     outside = probe_outside_blocks(planned, block_list(planned), probe, 8, 128)
     report = apply_(planned, ActivationCheckpointingConfig(policy="budget", budget_bytes=int(budget + outside)))

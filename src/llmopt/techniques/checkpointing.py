@@ -15,19 +15,24 @@ recomputes the whole block in backward. "selective" passes a `create_selective_c
 policy that saves the outputs of matrix products and attention (expensive to recompute, cheap to
 store relative to their FLOPs) and recomputes everything else (norms, RoPE, SiLU, products, casts).
 "budget" measures, once at apply time on a probe batch (`probe_batch_size` x `probe_seq_len` tokens),
-the bytes each block saves for backward under no / selective / full checkpointing (saved-tensor hooks,
-unique storages, parameters excluded), then picks per block, greedily: selective first (it costs
-almost no matmul FLOPs), then full, until the step's saved bytes fit `budget_bytes`. The budget is for the
-whole step: what the model saves outside the blocks (embedding, final norm, loss; measured once with every
-block fully checkpointed) is subtracted first. Saved bytes scale with batch x sequence, so give the probe
-the shape you train with.
+the bytes each block saves for backward under no / full checkpointing (saved-tensor hooks, unique storages,
+parameters excluded) and records every op of the block's forward (`record_block_ops`: output bytes, FLOPs,
+bytes moved, and the point after which a recomputation stops early because backward has every tensor it
+needs). Per block the options are none, full, or selective with any set of op outputs kept (the selective
+policy above is one such set); each kept output costs its bytes, each recomputed op its FLOPs and bytes
+moved, and a selective block the Python dispatch modes its ops pass through. `plan_budget` solves this
+exactly (a 0/1 knapsack per block, then a min-plus combination over blocks) for the least modelled recompute
+time whose saved bytes fit. The budget is for the whole step: what the model saves outside the blocks
+(embedding, final norm, loss; measured once with every block fully checkpointed) is subtracted first. Saved
+bytes scale with batch x sequence, so give the probe the shape you train with.
 
 With a KV cache (inference) or under `torch.no_grad()` the block runs plainly.
 
 Numerics contract: exact. The recomputation repeats the same ops on the same inputs (RNG state is
-restored by `checkpoint`), so logits, loss and gradients are bitwise those of the unwrapped model
-(tests/test_checkpointing.py checks gradient equality in fp32). Cost: the report notes the recomputed
-matmul FLOPs per probe step (as counted by `torch.utils.flop_counter`; elementwise ops are not counted).
+restored by `checkpoint`), and a kept output is the forward's own tensor, so logits, loss and gradients are
+bitwise those of the unwrapped model (tests/test_checkpointing.py checks gradient equality in fp32). Cost:
+the report notes the recomputed matmul/attention FLOPs per probe step and the bytes the recomputed
+elementwise ops move.
 Stage CHECKPOINTING: after surgery (LoRA, quantization), before compile. Reversible.
 """
 

@@ -78,3 +78,26 @@ def test_loss_chunks_leave_a_fused_ops_loss_alone():
     fused = model.loss_fn
     report = apply_(model, BufferReuseConfig())
     assert model.loss_fn is fused and "loss_fn" in report.skipped
+
+
+def test_trim_before_backward_wraps_the_loss_exactly_and_reverts():
+    import torch
+
+    import llmopt
+    from llmopt.core import apply_, parse_technique_spec, revert_
+    from llmopt.models import ModelConfig, build_model
+    from llmopt.models.loss import linear_cross_entropy
+
+    llmopt.load_techniques()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("tiny"))
+    x = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(0))
+    reference = model.loss(x[:, :-1], x[:, 1:])[0]
+    report = apply_(model, parse_technique_spec("buffer_reuse:trim_before_backward=True,loss_chunks=False,"
+                                                "mmap_threshold=none"))
+    assert "malloc_trim" in report.changed["loss_fn"][1]
+    loss_sum, n = model.loss(x[:, :-1], x[:, 1:])
+    (loss_sum / n).backward()
+    assert torch.equal(loss_sum, reference)
+    revert_(model, "buffer_reuse")
+    assert model.loss_fn is linear_cross_entropy

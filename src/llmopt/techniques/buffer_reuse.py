@@ -77,6 +77,10 @@ class BufferReuseConfig(TechniqueConfig):
     to the size of each mmap'ed block freed (up to 32 MiB), after which freed activations of a few MiB
     stay in the heap and the resident set grows. None leaves glibc's dynamic threshold."""
 
+    trim_before_backward: bool = False
+    """CPU/glibc: also call malloc_trim(0) right after the loss is computed (the forward is done, its
+    temporaries are freed, and the step is about to reach its peak in the backward)."""
+
     loss_chunks: bool = True
     """Replace the full-logits loss with the chunked linear + cross-entropy over one preallocated logits buffer."""
     loss_chunk_rows: int = 0
@@ -156,6 +160,13 @@ def configure_allocator(device_type: str, malloc_arenas: int | None, mmap_thresh
     return notes
 
 
+def _trimmed_loss(loss_fn, libc, *args, **kwargs):
+    out = loss_fn(*args, **kwargs)
+    if torch.is_grad_enabled():
+        libc.malloc_trim(0)
+    return out
+
+
 @register(BufferReuseConfig, name="buffer_reuse", stage=Stage.SURGERY, workload="train")
 def apply_buffer_reuse(model: nn.Module, config: BufferReuseConfig, *, filter_fn=None) -> ApplyReport:
     """Add the bucketing/trimming hook and apply the allocator settings (process-wide: listed in the notes)."""
@@ -183,6 +194,15 @@ def apply_buffer_reuse(model: nn.Module, config: BufferReuseConfig, *, filter_fn
             report.revert_state["loss_fn"] = loss_fn
             report.changed["loss_fn"] = ("linear_cross_entropy", f"chunked loss, one {rows} x {vocab} fp32 "
                                          f"logits buffer ({rows * vocab * 4 / 2**20:.1f} MiB) reused")
+    libc = _libc() if config.trim_before_backward else None
+    if config.trim_before_backward and (libc is None or loss_fn is None):
+        report.skipped["trim_before_backward"] = "needs glibc and a model.loss_fn to wrap"
+    elif libc is not None:
+        current = model.loss_fn
+        report.revert_state.setdefault("loss_fn", current)
+        model.loss_fn = functools.partial(_trimmed_loss, current, libc)
+        old = report.changed.get("loss_fn", ("linear_cross_entropy", "linear_cross_entropy"))
+        report.changed["loss_fn"] = (old[0], old[1] + ", then malloc_trim(0) before the backward")
     return report
 
 

@@ -244,3 +244,21 @@ def test_compiled_decode_gives_the_same_greedy_tokens(tiny_model):
     assert torch.equal(compiled.tokens, eager.tokens)
     again = generate(tiny_model, _prompt(2, 6, seed=11), 12, compile=True)  # same shapes: no recompile
     assert torch.equal(again.tokens, generate_reference(tiny_model, _prompt(2, 6, seed=11), 12).tokens)
+
+
+def test_last_logits_equals_full_forward_and_respects_hooks(tiny_model):
+    from llmopt.inference.generate import last_logits
+
+    tiny_model.eval()
+    idx = torch.randint(0, tiny_model.config.vocab_size, (2, 9))
+    pos = torch.arange(9)
+    with torch.no_grad():
+        full = tiny_model(idx)[:, -1]
+        fast = last_logits(tiny_model, idx, pos, make_cache(tiny_model, 2, 16))
+        torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+        handle = tiny_model.register_forward_hook(lambda m, a, out: out * 2)  # a hook: the full forward runs
+        try:
+            hooked = last_logits(tiny_model, idx, pos, make_cache(tiny_model, 2, 16))
+        finally:
+            handle.remove()
+    torch.testing.assert_close(hooked, 2 * full, atol=1e-5, rtol=1e-5)

@@ -37,7 +37,7 @@ import torch
 from llmopt.inference.cache import KVCache, _max_len_error, make_cache
 from llmopt.inference.cpu_linear import cpu_linear_kernels
 from llmopt.inference.generate import (GenerateResult, _check_kernels, _make_generator, _prepare_prompts,
-                                       _Stopper, _sync, prefill)
+                                       _Stopper, _sync, last_logits, prefill)
 from llmopt.inference.sampling import logits_to_probs, sample
 
 
@@ -75,7 +75,7 @@ class DraftModelProposer:
         B, S = seq.shape
         cache, device = self.cache, seq.device
         start = cache.seq_len
-        logits = self.draft(seq[:, start:], input_pos=torch.arange(start, S, device=device), cache=cache)[:, -1]
+        logits = last_logits(self.draft, seq[:, start:], torch.arange(start, S, device=device), cache)
         tokens, probs = [], []
         for j in range(k):
             if j > 0:

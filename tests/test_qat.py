@@ -26,6 +26,8 @@ def _batch(seed=0):
     QATConfig(weight="int4", group_size=32, activations="int8"),
     QATConfig(weight="int4", group_size=32, activations="int8_asym"),
     QATConfig(weight="int4", group_size=32, activations="int8", scale_grad="absmax"),
+    QATConfig(weight="int4", group_size=32, activations="int8_asym", full_range=True, scale_dtype="fp32"),
+    QATConfig(weight="int8", group_size=None, activations="int8", full_range=True),
     QATConfig(weight="int8", group_size=None, activations="int8"),
     QATConfig(weight="int4", group_size=16, symmetric=False, scale_dtype="fp32", activations="none"),
     QATConfig(weight="fp8_e4m3", activations="fp8_e4m3"),
@@ -126,3 +128,26 @@ def test_asymmetric_int8_activations_within_half_a_step_and_exact_zero():
     relu_like = torch.rand(8, 32)  # one-sided rows use every code, symmetric ones only half
     assert ((quantize_activation_int8_asym(relu_like) - relu_like).abs().amax() <=
             (relu_like.amax() / 255) * 0.5 + 1e-6)
+
+
+def test_full_range_uses_all_sixteen_codes_and_masks_the_clamped_gradient():
+    """full_range: scale absmax / 7.5, codes in [-8, 7] (torchao's symmetric int4 grid); a group's largest
+    positive weight rounds to 8, is clamped to 7 and gets no gradient; every other weight passes straight."""
+    from llmopt.quant.int_quant import fake_quantize_weight, quantize_weight, weight_codes
+
+    torch.manual_seed(0)
+    w = (torch.randn(4, 64) * 0.05).requires_grad_()
+    q = quantize_weight(w.detach(), bits=4, group_size=32, full_range=True)
+    codes = weight_codes(q).reshape(4, 2, 32)
+    groups = w.detach().reshape(4, 2, 32)
+    torch.testing.assert_close(q.scale, groups.abs().amax(-1) / 7.5)
+    assert codes.min() >= -8 and codes.max() <= 7
+    at_max = groups.abs().argmax(-1, keepdim=True)
+    positive_max = torch.gather(groups, -1, at_max).squeeze(-1) > 0
+    assert torch.equal(torch.gather(codes, -1, at_max).squeeze(-1), torch.where(positive_max, 7, -8).to(codes.dtype))
+    out = fake_quantize_weight(w, bits=4, group_size=32, full_range=True)
+    out.backward(torch.ones_like(out))
+    masked = (w.grad == 0).reshape(4, 2, 32)
+    clamped = torch.round(groups / q.scale[..., None]) > 7  # 7.5 in exact arithmetic; fp32 may land just below
+    assert torch.equal(masked, clamped) and clamped.any()
+    assert (clamped.sum(-1) <= positive_max.long()).all()

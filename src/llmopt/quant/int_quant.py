@@ -35,13 +35,20 @@ KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 """Group sizes `torch._weight_int4pack_mm_for_cpu` accepts (others fall back to unpack + matmul)."""
 
 
-def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    """(qmin, qmax) of the signed codes: int8 symmetric [-127, 127], asymmetric [-128, 127]; int4 [-8, 7]."""
+def code_range(bits: int, symmetric: bool, full_range: bool = False) -> tuple[int, int]:
+    """(qmin, qmax) of the signed codes: int8 symmetric [-127, 127], asymmetric [-128, 127]; int4 [-8, 7];
+    `full_range` (symmetric): [-2**(bits-1), 2**(bits-1) - 1] for both."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     qmax = 2 ** (bits - 1) - 1
-    qmin = -qmax if (symmetric and bits == 8) else -qmax - 1
+    qmin = -qmax if (symmetric and bits == 8 and not full_range) else -qmax - 1
     return qmin, qmax
+
+
+def _check_full_range(full_range: bool, symmetric: bool) -> None:
+    if full_range and not symmetric:
+        raise ValueError("full_range is a symmetric mapping (asymmetric ranges already use every code); "
+                         "use symmetric=True or full_range=False")
 
 
 @dataclass(frozen=True)
@@ -88,14 +95,18 @@ def _check_group(shape: tuple[int, ...], group_size: int | None, bits: int) -> i
 
 
 def choose_qparams(weight: torch.Tensor, *, bits: int, group_size: int | None = None, symmetric: bool = True,
-                   scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(scale, zero) of shape (N, K // g) in scale_dtype (zero None when symmetric)."""
+                   scale_dtype: torch.dtype = torch.float32,
+                   full_range: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale, zero) of shape (N, K // g) in scale_dtype (zero None when symmetric). Symmetric: `absmax / qmax`,
+    or with `full_range` `absmax / (qmax + 0.5)` (torchao's MappingType.SYMMETRIC: all 2**bits codes are used, a
+    group's largest positive weight clips by half a step)."""
     g = _check_group(tuple(weight.shape), group_size, bits)
+    _check_full_range(full_range, symmetric)
     qmin, qmax = code_range(bits, symmetric)
     w = weight.detach().float().reshape(weight.shape[0], -1, g)  # (N, G, g)
     tiny = torch.finfo(torch.float32).tiny
     if symmetric:
-        scale = (w.abs().amax(-1) / qmax).clamp_min(tiny).to(scale_dtype)
+        scale = (w.abs().amax(-1) / (qmax + 0.5 if full_range else qmax)).clamp_min(tiny).to(scale_dtype)
         return scale, None
     lo, hi = w.amin(-1).clamp_max(0.0), w.amax(-1).clamp_min(0.0)  # keep 0 representable
     scale = ((hi - lo) / (qmax - qmin)).clamp_min(tiny).to(scale_dtype)
@@ -104,9 +115,9 @@ def choose_qparams(weight: torch.Tensor, *, bits: int, group_size: int | None = 
 
 
 def quantize_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, *, bits: int,
-                   symmetric: bool) -> torch.Tensor:
+                   symmetric: bool, full_range: bool = False) -> torch.Tensor:
     """Signed int8 codes (N, K) of `weight` for the given (stored) scale and zero."""
-    qmin, qmax = code_range(bits, symmetric)
+    qmin, qmax = code_range(bits, symmetric, full_range)
     N, K = weight.shape
     G = scale.shape[-1]
     w = weight.detach().float().reshape(N, G, K // G)
@@ -153,13 +164,14 @@ def unpack_int4(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 
 def quantize_weight(weight: torch.Tensor, *, bits: int, group_size: int | None = None, symmetric: bool = True,
-                    scale_dtype: torch.dtype = torch.float32) -> IntWeight:
+                    scale_dtype: torch.dtype = torch.float32, full_range: bool = False) -> IntWeight:
     """Quantize a 2-D weight to int8 or packed int4 codes with per-group (or per-channel) scales."""
     if not weight.is_floating_point():
         raise TypeError(f"quantize_weight takes a floating-point weight, got {weight.dtype}")
     g = _check_group(tuple(weight.shape), group_size, bits)
-    scale, zero = choose_qparams(weight, bits=bits, group_size=g, symmetric=symmetric, scale_dtype=scale_dtype)
-    codes = quantize_codes(weight, scale, zero, bits=bits, symmetric=symmetric)
+    scale, zero = choose_qparams(weight, bits=bits, group_size=g, symmetric=symmetric, scale_dtype=scale_dtype,
+                                 full_range=full_range)
+    codes = quantize_codes(weight, scale, zero, bits=bits, symmetric=symmetric, full_range=full_range)
     if bits == 4:
         codes = pack_int4(codes)
     return IntWeight(codes=codes, scale=scale, zero=zero, shape=tuple(weight.shape), bits=bits, group_size=g)
@@ -176,8 +188,9 @@ def dequantize_weight(q: IntWeight, dtype: torch.dtype = torch.float32) -> torch
 
 
 def empty_int_weight(shape: tuple[int, int], *, bits: int, group_size: int | None, symmetric: bool,
-                     scale_dtype: torch.dtype, device: torch.device | str) -> IntWeight:
-    """Tensors of the right shapes and dtypes, uninitialized (for a meta-device model)."""
+                     scale_dtype: torch.dtype, device: torch.device | str, full_range: bool = False) -> IntWeight:
+    """Tensors of the right shapes and dtypes, uninitialized (for a meta-device model; `full_range` changes no
+    shape)."""
     g = _check_group(shape, group_size, bits)
     N, K = shape
     codes = (torch.empty(N, K, dtype=torch.int8, device=device) if bits == 8
@@ -236,25 +249,55 @@ class _StraightThroughAbsmaxScale(torch.autograd.Function):
         return g.reshape(N, K).to(grad.dtype), None, None, None, None, None
 
 
+class _StraightThroughInRange(torch.autograd.Function):
+    """Forward: the quantized weight, exactly. Backward: the gradient where `round(w / s)` was inside the code
+    range, zero where it was clamped (the clamp-aware straight-through estimator, as torchao's fake quantization
+    computes it). Saves the weight and the scales; the mask is recomputed in the backward."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, quantized: torch.Tensor, scale: torch.Tensor, qmin: int,
+                qmax: int) -> torch.Tensor:
+        ctx.save_for_backward(weight, scale)
+        ctx.qmin, ctx.qmax = qmin, qmax
+        return quantized
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, scale = ctx.saved_tensors
+        N, K = weight.shape
+        G = scale.shape[-1]
+        r = torch.round(weight.detach().float().reshape(N, G, K // G) / scale.float()[..., None])
+        inside = ((r >= ctx.qmin) & (r <= ctx.qmax)).reshape(N, K)
+        return grad * inside.to(grad.dtype), None, None, None, None
+
+
 SCALE_GRADS = ("none", "absmax")
 """How the gradient treats the dynamic weight scale: "none" (plain straight-through: the scale is a constant),
 "absmax" (the gradient through each group's scale reaches the weight that sets it; symmetric only)."""
 
 
 def fake_quantize_weight(weight: torch.Tensor, *, bits: int, group_size: int | None = None, symmetric: bool = True,
-                         scale_dtype: torch.dtype = torch.float32, scale_grad: str = "none") -> torch.Tensor:
+                         scale_dtype: torch.dtype = torch.float32, scale_grad: str = "none",
+                         full_range: bool = False) -> torch.Tensor:
     """dequantize(quantize(weight)) in the weight's dtype, with a straight-through gradient (`scale_grad`: see
-    `SCALE_GRADS`; the forward value is the same for every choice)."""
+    `SCALE_GRADS`; the forward value is the same for every choice). With `full_range` (see `choose_qparams`)
+    the weights clamped to the code range get no gradient (clamp-aware straight-through)."""
     if scale_grad not in SCALE_GRADS:
         raise ValueError(f"scale_grad must be one of {SCALE_GRADS}, got {scale_grad!r}")
     if scale_grad == "absmax" and not symmetric:
         raise ValueError("scale_grad='absmax' routes the gradient of a symmetric scale; use symmetric=True "
                          "or scale_grad='none'")
+    if full_range and scale_grad != "none":
+        raise ValueError("full_range takes scale_grad='none'")
     with torch.no_grad():
         g = _check_group(tuple(weight.shape), group_size, bits)
-        scale, zero = choose_qparams(weight, bits=bits, group_size=g, symmetric=symmetric, scale_dtype=scale_dtype)
-        codes = quantize_codes(weight, scale, zero, bits=bits, symmetric=symmetric)
+        scale, zero = choose_qparams(weight, bits=bits, group_size=g, symmetric=symmetric, scale_dtype=scale_dtype,
+                                     full_range=full_range)
+        codes = quantize_codes(weight, scale, zero, bits=bits, symmetric=symmetric, full_range=full_range)
         dq = dequantize_codes(codes, scale, zero, torch.float32).to(weight.dtype)
+    if full_range and weight.requires_grad and torch.is_grad_enabled():
+        return _StraightThroughInRange.apply(weight, dq, scale, *code_range(bits, symmetric, True))
+    with torch.no_grad():
         if scale_grad == "absmax":
             N, K = weight.shape
             argmax = weight.detach().reshape(N, K // g, g).abs().argmax(-1, keepdim=True)

@@ -70,6 +70,9 @@ class QATConfig(TechniqueConfig):
     straight-through, the scale is a constant. "absmax": the gradient through the scale also reaches the weight
     that sets it, so that weight moves for its effect on the whole group's grid (the forward, and so the converted
     model, is the same either way)."""
+    full_range: bool = False
+    """int weights, symmetric: scale absmax / (qmax + 0.5) and all 2**bits codes (int4: [-8, 7]; torchao's
+    MappingType.SYMMETRIC), instead of absmax / qmax; weights clamped to the code range get no gradient."""
     include: tuple[str, ...] = ("all-linear",)
     """fqn_filter patterns of the Linear layers to quantize ("all-linear": every Linear but lm_head)."""
     exclude: tuple[str, ...] = ()
@@ -85,6 +88,9 @@ class QATConfig(TechniqueConfig):
         if self.scale_grad != "none" and (self.bits is None or not self.symmetric):
             raise ValueError(f"scale_grad={self.scale_grad!r} applies to symmetric int weights; use weight='int4' or "
                              "'int8' with symmetric=True, or scale_grad='none'")
+        if self.full_range and (self.bits is None or not self.symmetric or self.scale_grad != "none"):
+            raise ValueError("full_range applies to symmetric int weights with scale_grad='none'; use weight='int4' "
+                             "or 'int8', symmetric=True, or full_range=False")
         if self.group_size is not None and (self.group_size <= 0 or self.group_size % 2):
             raise ValueError(f"group_size must be a positive even number or None, got {self.group_size}")
 
@@ -132,7 +138,8 @@ class FakeQuantLinear(nn.Linear):
         c = self.qat
         if c.bits is not None:
             return fake_quantize_weight(self.weight, bits=c.bits, group_size=c.group_size, symmetric=c.symmetric,
-                                        scale_dtype=SCALE_DTYPES[c.scale_dtype], scale_grad=c.scale_grad)
+                                        scale_dtype=SCALE_DTYPES[c.scale_dtype], scale_grad=c.scale_grad,
+                                        full_range=c.full_range)
         return fake_quantize_fp8(self.weight, c.weight.removeprefix("fp8_"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,7 +171,7 @@ class QuantizedLinear(nn.Module):
         self.int_linear = None
         if c.bits is not None:
             kwargs = dict(bits=c.bits, group_size=c.group_size, symmetric=c.symmetric,
-                          scale_dtype=SCALE_DTYPES[c.scale_dtype])
+                          scale_dtype=SCALE_DTYPES[c.scale_dtype], full_range=c.full_range)
             q = (empty_int_weight(tuple(weight.shape), device="meta", **kwargs) if weight.is_meta
                  else quantize_weight(weight, **kwargs))
             # kernel="dequant", no chunking: the exact arithmetic of the fake forward

@@ -57,12 +57,13 @@ def main() -> None:
     none_bytes = account_training_step(base, torch.optim.SGD(base.parameters(), lr=0.0), loss_of(base)).activations
     budget = int(a.fraction * none_bytes)
     models, notes, activations = {}, {}, {}
-    for name in ["none", "budget", "full", "budget_coarse", "selective"]:
+    for name in ["none", "budget", "budget_blocks", "full", "budget_coarse", "selective"]:
         if (name == "budget_coarse" and a.no_coarse) or (name == "selective" and not a.selective):
             continue
         m = fresh()
-        if name == "budget":
-            notes[name] = apply_(m, ActivationCheckpointingConfig(policy="budget", budget_bytes=budget,
+        if name in ("budget", "budget_blocks"):  # budget: units="best" (whole blocks or their parts)
+            units = "blocks" if name == "budget_blocks" else "best"
+            notes[name] = apply_(m, ActivationCheckpointingConfig(policy="budget", budget_bytes=budget, units=units,
                                                                   probe_batch_size=B, probe_seq_len=T)).notes
         elif name in ("full", "selective"):
             notes[name] = apply_(m, ActivationCheckpointingConfig(policy=name, probe_batch_size=B,

@@ -43,7 +43,8 @@ def _saved_bytes(model):
 
 @pytest.mark.parametrize("config", [ActivationCheckpointingConfig(policy="full"),
                                     ActivationCheckpointingConfig(policy="selective"),
-                                    ActivationCheckpointingConfig(policy="budget", budget_bytes=3 * 2**20)])
+                                    ActivationCheckpointingConfig(policy="budget", budget_bytes=3 * 2**20),
+                                    ActivationCheckpointingConfig(policy="budget", budget_bytes=4 * 2**20, units="parts")])
 def test_gradients_bitwise_equal_to_no_checkpointing(config):
     reference = _model()
     model = copy.deepcopy(reference)
@@ -118,7 +119,7 @@ def test_budget_measured_on_the_model_fits():
     row = probe["layers.0"]
     assert row["full"] < row["selective"] < row["none"]
     budget = int(sum(r["none"] for r in probe.values()) * 0.5)
-    report = apply_(model, ActivationCheckpointingConfig(policy="budget", budget_bytes=budget))
+    report = apply_(model, ActivationCheckpointingConfig(policy="budget", budget_bytes=budget, units="blocks"))
     from llmopt.techniques.checkpointing import plan_bytes
 
     chosen = {f"layers.{i}": model.layers[i].__dict__.get("_llmopt_checkpoint_policy", "none") for i in range(3)}

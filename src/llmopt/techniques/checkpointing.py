@@ -82,6 +82,10 @@ class ActivationCheckpointingConfig(TechniqueConfig):
     """policy="budget": batch size of the probe that measures each block's saved bytes."""
     probe_seq_len: int = 128
     """policy="budget": sequence length of the probe (capped at model.config.max_seq_len)."""
+    units: Literal["best", "blocks", "parts"] = "best"
+    """policy="budget": plan per whole block, per part (each block's direct children, e.g. its norms, attention
+    and MLP, checkpointed separately: a selective part pays the dispatch modes for its own ops only), or
+    "best": both, and keep the plan with the lower modelled recompute time."""
     include: tuple[str, ...] = ()
     """Checkpoint only these blocks (fqn_filter patterns, e.g. "layers.0"); empty means every block."""
 
@@ -290,6 +294,8 @@ def probe_blocks(model: nn.Module, blocks: list[tuple[str, nn.Module]], batch_si
     exclude = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     result = {}
     for fqn, block in blocks:
+        if fqn not in inputs:  # a part the forward never calls
+            continue
         args, kwargs = inputs[fqn]
         x = args[0].detach().requires_grad_(True)
         rest = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:]]
@@ -474,6 +480,10 @@ def plan_cost(probe: dict[str, dict[str, Any]], plan: dict[str, Any]) -> float:
         row = probe[f]
         if p == "none":
             continue
+        if "ops" not in row:
+            total += (row["flops"] / MATMUL_FLOPS_PER_S if p == "full"
+                      else row["selective_recompute_flops"] / MATMUL_FLOPS_PER_S + SELECTIVE_OP_OVERHEAD_S)
+            continue
         kept = _kept(row, p)
         total += sum(_op_cost(op) for i, op in enumerate(row["ops"][:row["stop"]]) if i not in kept)
         total += 0.0 if p == "full" else len(row["ops"]) * SELECTIVE_OP_OVERHEAD_S
@@ -525,7 +535,19 @@ def apply_checkpointing(model: nn.Module, config: ActivationCheckpointingConfig,
             raise ValueError(f"budget_bytes={config.budget_bytes} is below what the step saves outside the blocks "
                              f"({int(outside)} bytes: embedding, final norm, loss) at the probe shape; raise the "
                              "budget, or shrink the loss's activations first (fused_ops' chunked cross-entropy)")
-        plan = plan_budget(probe, blocks_budget)
+        plan = plan_budget(probe, blocks_budget) if config.units != "parts" else None
+        if config.units != "blocks":
+            parts = [(f"{fqn}.{name}", child) for fqn, block in blocks for name, child in block.named_children()]
+            parts_probe = probe_blocks(model, parts, config.probe_batch_size, config.probe_seq_len)
+            try:
+                parts_plan = plan_budget(parts_probe, blocks_budget)
+            except ValueError:
+                if plan is None:
+                    raise
+                parts_plan = None
+            if parts_plan is not None and (plan is None or plan_cost(parts_probe, parts_plan) < plan_cost(probe, plan)):
+                plan, probe = parts_plan, parts_probe
+                blocks = [(fqn, part) for fqn, part in parts if fqn in parts_plan]
     else:
         plan = {fqn: config.policy for fqn, _ in blocks}
     for fqn, block in blocks:
@@ -546,12 +568,13 @@ def apply_checkpointing(model: nn.Module, config: ActivationCheckpointingConfig,
         kept = ", ".join(sorted({f"{len(plan[f])} of {sum(op['fresh'] for op in probe[f]['ops'])}" for f in plan
                                  if isinstance(plan[f], frozenset)}))
         report.notes.append(
-            f"probe {config.probe_batch_size}x{config.probe_seq_len} tokens: blocks save {after / 2**20:.2f} MiB for "
+            f"probe {config.probe_batch_size}x{config.probe_seq_len} tokens: {'blocks' if plan.keys() <= dict(block_list(model)).keys() else 'block parts'} save {after / 2**20:.2f} MiB for "
             f"backward instead of {before / 2**20:.2f} MiB ({counts['full']} full, {counts['selective']} selective, "
             + (f"{planned} planned selective keeping {kept} op outputs, " if planned else "")
             + f"{counts['none']} plain); recompute +{recompute / 1e9:.3f} GFLOP per step "
             f"(+{100 * recompute / max(3 * forward, 1):.0f}% of the blocks' forward+backward matmul FLOPs)"
-            + (f" and {moved / 2**20:.0f} MiB of elementwise traffic" if moved else ""))
+            + (f" and {moved / 2**20:.0f} MiB of elementwise traffic" if moved else "")
+            + (f"; modelled recompute {1e3 * plan_cost(probe, plan):.0f} ms per probe step" if config.policy == "budget" else ""))
         if config.policy == "budget":
             if outside is None:
                 report.notes.append("the model has no loss(idx, targets): the budget covered the blocks only")

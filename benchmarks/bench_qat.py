@@ -14,7 +14,9 @@ Recovery = (PTQ - QAT) / (PTQ - fp32) on the validation loss (the goal is >= 0.7
 tokenizer) on the bundled corpus instead: a model trained long enough for PTQ to open a gap, which a demo
 model trained for minutes does not. `--group-size 0` quantizes per output channel; `--ptq-only` prints the
 PTQ gap of the starting model for the formats given to `--probe-groups` and stops. `--scale-grad absmax`
-trains ours with `QATConfig(scale_grad="absmax")` (PTQ is the same either way: it only changes the gradient).
+trains ours with `QATConfig(scale_grad="absmax")` (PTQ is the same either way: it only changes the gradient);
+`--full-range` / `--scale-dtype fp32` train ours on torchao's grid. `ptq` is always our default grid (absmax / 7,
+the better PTQ), so recovery never gains from a worse PTQ; `ptq_own_format` is PTQ in the trained format.
 torchao's own PTQ (its prepare + convert of the fp32 continuation) is reported as `torchao_ptq`.
 """
 
@@ -51,6 +53,10 @@ def main() -> None:
     parser.add_argument("--activations", default="int8", help="QAT activation format (int8, int8_asym, none, ...)")
     parser.add_argument("--scale-grad", default="none", choices=("none", "absmax"),
                         help="QATConfig.scale_grad of our QAT (absmax: the scale's gradient reaches the weight that sets it)")
+    parser.add_argument("--full-range", action="store_true",
+                        help="QATConfig.full_range for our QAT: torchao's int4 grid (absmax / 7.5, codes [-8, 7], "
+                             "clamp-aware STE)")
+    parser.add_argument("--scale-dtype", default="bf16", choices=("bf16", "fp32"), help="QATConfig.scale_dtype of our QAT")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -102,10 +108,12 @@ def main() -> None:
         print(json.dumps(probe, indent=1))
         return
     group = args.group_size or None
-    config = QATConfig(weight="int4", group_size=group, activations=args.activations, scale_grad=args.scale_grad)
-    ptq_config = QATConfig(weight="int4", group_size=group, activations=args.activations)
+    config = QATConfig(weight="int4", group_size=group, activations=args.activations, scale_grad=args.scale_grad,
+                       full_range=args.full_range, scale_dtype=args.scale_dtype)
+    ptq_config = QATConfig(weight="int4", group_size=group, activations=args.activations)  # the better PTQ grid
     results: dict = {"model": args.model, "group_size": args.group_size or "per-channel", "steps": args.steps,
-                     "activations": args.activations, "scale_grad": args.scale_grad,
+                     "activations": args.activations, "scale_grad": args.scale_grad, "full_range": args.full_range,
+                     "scale_dtype": args.scale_dtype,
                      "lr": args.lr, "batch": [args.batch_size, args.seq_len]}
 
     fp32 = train(copy.deepcopy(model), args.steps, seed=2, lr_peak=args.lr, warmup=5)
@@ -115,6 +123,14 @@ def main() -> None:
     convert_qat_(ptq)
     results["ptq"] = val(ptq)
     print(f"fp32 {results['fp32']:.4f}  ptq {results['ptq']:.4f}", flush=True)
+    if config != ptq_config:  # PTQ in the exact format our QAT converts to (recovery is taken from `ptq`, the better one)
+        own = copy.deepcopy(fp32)
+        apply_(own, QATConfig(weight="int4", group_size=group, activations=args.activations,
+                              full_range=args.full_range, scale_dtype=args.scale_dtype))
+        convert_qat_(own)
+        results["ptq_own_format"] = val(own)
+        del own
+        print(f"ptq in our QAT's format {results['ptq_own_format']:.4f}", flush=True)
 
     qat = copy.deepcopy(model)
     apply_(qat, config)

@@ -69,13 +69,14 @@ def test_routes_plain_linears_and_restores_them(tiny_model):
     tiny_model.extra_sub = sub
     linears = [m for m in tiny_model.modules() if type(m) is nn.Linear]
     with torch.no_grad(), cpu_linear_kernels(tiny_model) as n:
-        assert n == len(linears) > 0
+        assert n == len(linears) + 1 > 1  # the linears and the model's hidden_states (the stack decode step)
+        assert "hidden_states" in tiny_model.__dict__
         assert all("forward" in m.__dict__ for m in linears)
         assert "forward" not in sub.__dict__
         with cpu_linear_kernels(tiny_model) as inner:  # re-entrant: the outer block keeps them
             assert inner == 0
         assert all("forward" in m.__dict__ for m in linears)
-    assert not any("forward" in m.__dict__ for m in tiny_model.modules())
+    assert not any("forward" in m.__dict__ or "hidden_states" in m.__dict__ for m in tiny_model.modules())
     del tiny_model.extra_sub
     with pytest.raises(RuntimeError), cpu_linear_kernels(tiny_model):
         raise RuntimeError("inside")
@@ -117,3 +118,69 @@ def test_generate_with_kernels_equals_reference_and_torch(tiny_model):
     assert not any("forward" in m.__dict__ for m in tiny_model.modules())
     with pytest.raises(ValueError, match="kernels must be"):
         generate(tiny_model, prompt, 2, kernels="fast")
+
+
+# ---- the stack decode step (StackDecodePlan through cpu_linear_kernels) -----------------------------------
+
+def _decode_logits(model, ids, steps, *, fast, dtype=None):
+    from llmopt.inference import decode_one_token, make_cache, prefill
+
+    cache = make_cache(model, ids.size(0), ids.size(1) + steps + 1, dtype=dtype)
+    out = []
+    with torch.no_grad(), cpu_linear_kernels(model, enabled=fast):
+        tok = prefill(model, ids, cache).argmax(-1)[:, None]
+        for i in range(steps):
+            tok, logits = decode_one_token(model, tok, torch.tensor([ids.size(1) + i]), cache)
+            out.append(logits.float())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo"])
+def test_stack_decode_step_equals_the_module_path(preset):
+    from llmopt.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name(preset)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (3, 6))
+    ref = _decode_logits(model, ids, 8, fast=False)
+    torch.testing.assert_close(_decode_logits(model, ids, 8, fast=True), ref, atol=2e-5, rtol=1e-5)
+    # a bf16 cache under fp32 weights, and a bf16 model: within bf16 rounding of the fp32 logits
+    torch.testing.assert_close(_decode_logits(model, ids, 8, fast=True, dtype=torch.bfloat16), ref, atol=0.05, rtol=0.05)
+    model = model.to(torch.bfloat16)
+    torch.testing.assert_close(_decode_logits(model, ids, 8, fast=True), ref, atol=0.1, rtol=0.1)
+
+
+def test_stack_decode_scalar_build_equals_native(tiny_model):
+    from llmopt.inference.cpu_linear import _stack_plan
+    from llmopt.kernels.dense_gemv import StackDecodePlan
+
+    native = _stack_plan(tiny_model)
+    scalar = StackDecodePlan(native.layers, n_head=native.n_head, n_kv_head=native.n_kv_head,
+                             head_dim=native.head_dim, eps=native.eps, isa="scalar")
+    c = tiny_model.config
+    torch.manual_seed(1)
+    bufs = [[torch.randn(2, c.n_kv_head, 16, c.head_dim) for _ in range(c.n_layer)] for _ in range(2)]
+    bufs2 = [[t.clone() for t in b] for b in bufs]
+    pad = torch.zeros(2, 16, dtype=torch.bool)
+    pad[1, :3] = True  # a left-padded row
+    x = torch.randn(2, c.dim)
+    y1 = native.step(x.clone(), 9, tiny_model.rope_cos[9], tiny_model.rope_sin[9], *bufs, pad)
+    y2 = scalar.step(x.clone(), 9, tiny_model.rope_cos[9], tiny_model.rope_sin[9], *bufs2, pad)
+    torch.testing.assert_close(y1, y2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bufs[0][0][:, :, 9], bufs2[0][0][:, :, 9], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="outside the cache"):
+        native.step(x.clone(), 16, tiny_model.rope_cos[0], tiny_model.rope_sin[0], *bufs)
+
+
+def test_stack_decode_is_not_used_for_replaced_modules_or_hooks(tiny_model):
+    from llmopt.inference.cpu_linear import _stack_plan
+
+    assert _stack_plan(tiny_model) is not None
+    handle = tiny_model.layers[0].mlp.register_forward_hook(lambda m, a, out: out)
+    try:
+        assert _stack_plan(tiny_model) is None
+    finally:
+        handle.remove()
+    tiny_model.layers[1].self_attn.v_proj = _Lora(tiny_model.config.dim, tiny_model.layers[1].self_attn.v_proj.out_features,
+                                                  bias=False)
+    assert _stack_plan(tiny_model) is None

@@ -66,8 +66,64 @@ def _fast_forward(module: nn.Linear, plan, threads: int, upcast_bf16: bool):
     return forward
 
 
+def _has_hooks(model: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def _stack_plan(model: nn.Module):
+    """A `StackDecodePlan` over the model's blocks when every piece is the stock one (Llama `Transformer`, `Block`,
+    `Attention`, `FeedForward`, `RMSNorm`, bias-free `nn.Linear`, fp32 or bf16 CPU weights, no hooks): a
+    technique that replaced any of them (flash attention, LoRA, quantization, fused ops, ...) keeps the
+    module-by-module path. None otherwise."""
+    from llmopt.models.llama import Attention, Block, FeedForward, RMSNorm, Transformer
+
+    if type(model) is not Transformer or _has_hooks(model) or type(model.norm) is not RMSNorm:
+        return None
+    layers = []
+    for block in model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        if (type(block) is not Block or type(attn) is not Attention or type(mlp) is not FeedForward
+                or type(block.input_layernorm) is not RMSNorm or type(block.post_attention_layernorm) is not RMSNorm):
+            return None
+        linears = dict(wq=attn.q_proj, wk=attn.k_proj, wv=attn.v_proj, wo=attn.o_proj, wg=mlp.gate_proj,
+                       wu=mlp.up_proj, wd=mlp.down_proj)
+        if any(type(m) is not nn.Linear or m.bias is not None for m in linears.values()):
+            return None
+        layer = {k: m.weight for k, m in linears.items()}
+        layer.update(n1=block.input_layernorm.weight, n2=block.post_attention_layernorm.weight)
+        if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16) for t in layer.values()):
+            return None
+        layers.append(layer)
+    eps = {b.input_layernorm.eps for b in model.layers} | {b.post_attention_layernorm.eps for b in model.layers}
+    if len(eps) != 1 or len({t.dtype for layer in layers for t in layer.values()}) != 1:
+        return None
+    from llmopt.kernels.dense_gemv import StackDecodePlan
+
+    c = model.config
+    return StackDecodePlan(layers, n_head=c.n_head, n_kv_head=c.n_kv_head, head_dim=c.head_dim, eps=eps.pop())
+
+
+def _fast_hidden_states(model: nn.Module, plan, threads: int):
+    from llmopt.inference.cache import KVCache
+
+    stock = type(model).hidden_states
+    dtype = model.layers[0].self_attn.q_proj.weight.dtype
+
+    def hidden_states(idx: torch.Tensor, *, input_pos: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        if (cache is None or type(cache) is not KVCache or idx.size(1) != 1 or input_pos is None or torch.is_grad_enabled()
+                or idx.device.type != "cpu" or cache.dtype not in (torch.float32, torch.bfloat16)):
+            return stock(model, idx, input_pos=input_pos, cache=cache)
+        cache.attn_mask(input_pos)  # validates the position and advances seq_len, as the stock forward does
+        pos = int(input_pos[0])
+        x = model.embed_tokens(idx)[:, 0].float().contiguous()  # (B, dim)
+        plan.step(x, pos, model.rope_cos[pos], model.rope_sin[pos], cache.k, cache.v, cache.key_padding, threads)
+        return model.norm(x.to(dtype)[:, None])
+
+    return hidden_states
+
+
 @contextlib.contextmanager
-def cpu_linear_kernels(*models: nn.Module | None, enabled: bool = True):
+def cpu_linear_kernels(*models: nn.Module | None, enabled: bool = True, stack: bool = True):
     """Route the plain `nn.Linear` layers of `models` (None entries are skipped) through the CPU decode kernel
     inside the block; a no-op when `enabled` is False, the kernel does not build here, or nothing qualifies.
     Re-entrant: layers already routed by an outer block are left to it."""
@@ -81,6 +137,10 @@ def cpu_linear_kernels(*models: nn.Module | None, enabled: bool = True):
             for model in models:
                 if model is None:
                     continue
+                plan = _stack_plan(model) if stack and "hidden_states" not in model.__dict__ else None
+                if plan is not None:
+                    model.hidden_states = _fast_hidden_states(model, plan, threads)
+                    patched.append(model)
                 for module in model.modules():
                     w = getattr(module, "weight", None)
                     if (type(module) is not nn.Linear or "forward" in module.__dict__ or w is None
@@ -94,3 +154,4 @@ def cpu_linear_kernels(*models: nn.Module | None, enabled: bool = True):
     finally:
         for module in patched:
             module.__dict__.pop("forward", None)
+            module.__dict__.pop("hidden_states", None)

@@ -29,9 +29,10 @@ import torch
 
 from llmopt.kernels._cbuild import build_c_library, builds
 
-__all__ = ["DenseGemvPlan", "dense_gemv", "dense_gemv_available"]
+__all__ = ["DenseGemvPlan", "StackDecodePlan", "dense_gemv", "dense_gemv_available"]
 
 _C_SOURCE = r"""
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #ifdef __AVX2__
@@ -106,6 +107,143 @@ int dense_gemv_isa(void) {
 #endif
 }
 
+static void gemv(const float* x, const void* w, float* y, long M, long N, long K, int bf16, int nthreads) {
+  const long nblk = (N + 3) / 4;
+  if (bf16) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1)
+    for (long b = 0; b < nblk; b++) block(x, w, y, M, N, K, 4 * b, 1);
+  } else {
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1)
+    for (long b = 0; b < nblk; b++) block(x, w, y, M, N, K, 4 * b, 0);
+  }
+}
+
+/* ---- one decode step of a stack of Llama blocks (B rows, one token each, all at position pos) ----------------
+   Per layer: x += o(attn(rope(q(n1(x))), rope(k(n1(x))) -> cache, v(n1(x)) -> cache)); x += down(silu(gate(n2(x)))
+   * up(n2(x))). Weights and norm weights fp32 or bf16 (wbf16), the cache fp32 or bf16 (cbf16), arithmetic fp32;
+   x is fp32 (B, dim) in and out. Attention: keys [0, pos] of the row, minus the slots pad marks (its own kept). */
+typedef struct { const void *wq, *wk, *wv, *wo, *wg, *wu, *wd, *n1, *n2; void *kc, *vc; } layer_t;
+typedef struct { long n_layer, dim, n_head, n_kv, hd, inter, max_len, wbf16, cbf16; float eps; } cfg_t;
+
+static inline void store_c(void* c, long i, float v, int bf16) {
+  if (bf16) {
+    uint32_t u; memcpy(&u, &v, 4);
+    u += 0x7FFF + ((u >> 16) & 1);  /* round to nearest even */
+    ((uint16_t*)c)[i] = (uint16_t)(u >> 16);
+  } else ((float*)c)[i] = v;
+}
+
+/* Plain loops the compiler vectorizes (-O3 -ffast-math): the attention's per-key dot products and updates. */
+static inline float dot_f32(const float* restrict a, const float* restrict b, long n) {
+  float s = 0.f;
+  for (long i = 0; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+static inline float dot_bf16(const float* restrict a, const uint16_t* restrict b, long n) {
+  float s = 0.f;
+  for (long i = 0; i < n; i++) { uint32_t u = (uint32_t)b[i] << 16; float f; memcpy(&f, &u, 4); s += a[i] * f; }
+  return s;
+}
+static inline void axpy_f32(float* restrict y, float p, const float* restrict v, long n) {
+  for (long i = 0; i < n; i++) y[i] += p * v[i];
+}
+static inline void axpy_bf16(float* restrict y, float p, const uint16_t* restrict v, long n) {
+  for (long i = 0; i < n; i++) { uint32_t u = (uint32_t)v[i] << 16; float f; memcpy(&f, &u, 4); y[i] += p * f; }
+}
+
+static void rmsnorm(const float* x, const void* w, int wbf16, float* out, long B, long D, float eps) {
+  for (long b = 0; b < B; b++) {
+    const float* xb = x + b * D;
+    float ss = 0.f;
+    for (long i = 0; i < D; i++) ss += xb[i] * xb[i];
+    const float r = 1.0f / sqrtf(ss / (float)D + eps);
+    for (long i = 0; i < D; i++) out[b * D + i] = load1(w, i, wbf16) * (xb[i] * r);
+  }
+}
+
+static void rope(float* v, long nheads, long hd, const float* cs, const float* sn) {
+  const long h2 = hd / 2;
+  for (long h = 0; h < nheads; h++) {
+    float* p = v + h * hd;
+    for (long i = 0; i < h2; i++) {
+      const float a = p[i], b = p[i + h2];
+      p[i] = a * cs[i] - b * sn[i];
+      p[i + h2] = b * cs[i + h2] + a * sn[i + h2];
+    }
+  }
+}
+
+long llama_decode_work(const cfg_t* c, long B) {  /* floats of scratch llama_decode needs */
+  return B * (2 * c->dim + 2 * c->n_head * c->hd + 2 * c->n_kv * c->hd + 3 * c->inter) + B * c->n_head * (c->max_len + 16);
+}
+
+void llama_decode(const cfg_t* c, const layer_t* L, float* x, long B, long pos, const float* cs, const float* sn,
+                  const uint8_t* pad, float* work, int nthreads) {
+  const long D = c->dim, nh = c->n_head, nkv = c->n_kv, hd = c->hd, I = c->inter, ML = c->max_len;
+  const int wb = (int)c->wbf16, cb = (int)c->cbf16;
+  float *xn = work, *q = xn + B * D, *k = q + B * nh * hd, *v = k + B * nkv * hd, *att = v + B * nkv * hd;
+  float *g = att + B * nh * hd, *u = g + B * I, *o = u + B * I, *sc = o + B * (D > I ? D : I);
+  const float scale = 1.0f / sqrtf((float)hd);
+  const long grp = nh / nkv;
+  for (long l = 0; l < c->n_layer; l++) {
+    const layer_t* ly = L + l;
+    rmsnorm(x, ly->n1, wb, xn, B, D, c->eps);
+    gemv(xn, ly->wq, q, B, nh * hd, D, wb, nthreads);
+    gemv(xn, ly->wk, k, B, nkv * hd, D, wb, nthreads);
+    gemv(xn, ly->wv, v, B, nkv * hd, D, wb, nthreads);
+    for (long b = 0; b < B; b++) {
+      rope(q + b * nh * hd, nh, hd, cs, sn);
+      rope(k + b * nkv * hd, nkv, hd, cs, sn);
+      for (long h = 0; h < nkv; h++)
+        for (long i = 0; i < hd; i++) {
+          const long at = ((b * nkv + h) * ML + pos) * hd + i;
+          store_c(ly->kc, at, k[(b * nkv + h) * hd + i], cb);
+          store_c(ly->vc, at, v[(b * nkv + h) * hd + i], cb);
+        }
+    }
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1)
+    for (long bh = 0; bh < B * nh; bh++) {
+      const long b = bh / nh, h = bh % nh, kvh = h / grp;
+      const float* qv = q + bh * hd;
+      float* s = sc + bh * (ML + 16);
+      const long base = (b * nkv + kvh) * ML * hd;
+      float mx = -3.0e38f;  /* finite: -ffast-math assumes no infinities */
+#define SKIP(j) (pad && pad[b * ML + (j)] && (j) != pos)
+      for (long j = 0; j <= pos; j++) {
+        if (SKIP(j)) continue;
+        float d = 0.f;
+        d = cb ? dot_bf16(qv, (const uint16_t*)ly->kc + base + j * hd, hd)
+               : dot_f32(qv, (const float*)ly->kc + base + j * hd, hd);
+        s[j] = d * scale;
+        if (s[j] > mx) mx = s[j];
+      }
+      float den = 0.f;
+      for (long j = 0; j <= pos; j++) {
+        if (SKIP(j)) { s[j] = 0.f; continue; }
+        s[j] = expf(s[j] - mx);
+        den += s[j];
+      }
+#undef SKIP
+      float* out = att + bh * hd;
+      for (long i = 0; i < hd; i++) out[i] = 0.f;
+      for (long j = 0; j <= pos; j++) {
+        const float p = s[j] / den;
+        if (p == 0.f) continue;
+        if (cb) axpy_bf16(out, p, (const uint16_t*)ly->vc + base + j * hd, hd);
+        else axpy_f32(out, p, (const float*)ly->vc + base + j * hd, hd);
+      }
+    }
+    gemv(att, ly->wo, o, B, D, nh * hd, wb, nthreads);
+    for (long i = 0; i < B * D; i++) x[i] += o[i];
+    rmsnorm(x, ly->n2, wb, xn, B, D, c->eps);
+    gemv(xn, ly->wg, g, B, I, D, wb, nthreads);
+    gemv(xn, ly->wu, u, B, I, D, wb, nthreads);
+    for (long i = 0; i < B * I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    gemv(g, ly->wd, o, B, D, I, wb, nthreads);
+    for (long i = 0; i < B * D; i++) x[i] += o[i];
+  }
+}
+
 typedef struct { const void* w; long bf16, N, K; } plan_t;
 
 /* y (M, N) = x (M, K) @ w^T; w (N, K) row-major fp32 or bf16. */
@@ -135,6 +273,11 @@ def _lib(isa: str = "native") -> ctypes.CDLL:
     lib.dense_gemv.restype = None
     lib.dense_gemv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
     lib.dense_gemv_isa.restype = ctypes.c_int
+    lib.llama_decode.restype = None
+    vp = ctypes.c_void_p
+    lib.llama_decode.argtypes = [vp, vp, vp, ctypes.c_long, ctypes.c_long, vp, vp, vp, vp, ctypes.c_int]
+    lib.llama_decode_work.restype = ctypes.c_long
+    lib.llama_decode_work.argtypes = [vp, ctypes.c_long]
     return lib
 
 
@@ -185,3 +328,79 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, *, threads: int | None = N
         raise TypeError(f"dense_gemv runs on CPU tensors, got x on {x.device}; use F.linear")
     plan = DenseGemvPlan(weight, isa=isa)
     return plan(x.float().contiguous(), torch.get_num_threads() if threads is None else max(1, int(threads)))
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_void_p) for n in ("wq", "wk", "wv", "wo", "wg", "wu", "wd", "n1", "n2", "kc", "vc")]
+
+
+class _Cfg(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_long) for n in ("n_layer", "dim", "n_head", "n_kv", "hd", "inter", "max_len", "wbf16",
+                                             "cbf16")] + [("eps", ctypes.c_float)]
+
+
+_LAYER_KEYS = ("wq", "wk", "wv", "wo", "wg", "wu", "wd", "n1", "n2")
+
+
+class StackDecodePlan:
+    """One decode step of a stack of Llama blocks (pre-norm attention with RoPE and GQA, SwiGLU MLP, no biases)
+    in a single C call: RMSNorm, the q/k/v GEMVs, RoPE, the cache write, attention over the row's keys [0, pos],
+    the o GEMV and residual, RMSNorm, gate/up GEMVs, SiLU * up, the down GEMV and residual, for every layer.
+
+    `layers`: per layer a dict of the weights `wq wk wv wo wg wu wd` ((out, in), as nn.Linear stores them) and
+    the RMSNorm weights `n1 n2`, all fp32 or all bf16, CPU. Arithmetic is fp32 (a bf16 model's residual stream
+    is kept in fp32 inside the call). `step(x, pos, cos, sin, k_bufs, v_bufs, pad)` updates x (B, dim) fp32 in
+    place and writes the keys / values at `pos` into the per-layer buffers (B, n_kv, max_len, head_dim) (fp32
+    or bf16). Holds references to the weights; the buffers are bound per call (cheaply, when they changed)."""
+
+    def __init__(self, layers: list[dict[str, torch.Tensor]], *, n_head: int, n_kv_head: int, head_dim: int,
+                 eps: float, isa: str = "native") -> None:
+        dtypes = {t.dtype for layer in layers for t in layer.values()}
+        if len(dtypes) != 1 or dtypes.pop() not in (torch.float32, torch.bfloat16):
+            raise TypeError("StackDecodePlan takes weights that are all fp32 or all bf16")
+        self.layers = [{k: layer[k].detach().contiguous() for k in _LAYER_KEYS} for layer in layers]
+        first = self.layers[0]
+        self.dim, self.inter = first["wq"].shape[1], first["wg"].shape[0]
+        self.wbf16 = first["wq"].dtype == torch.bfloat16
+        self.n_head, self.n_kv_head, self.head_dim, self.eps = n_head, n_kv_head, head_dim, float(eps)
+        if n_head % n_kv_head or head_dim % 2 or first["wq"].shape[0] != n_head * head_dim:
+            raise ValueError(f"StackDecodePlan: n_head={n_head} must be a multiple of n_kv_head={n_kv_head}, head_dim "
+                             f"even, and wq of shape ({n_head * head_dim}, dim); got {tuple(first['wq'].shape)}")
+        self._lib = _lib(isa)
+        self._bound: tuple | None = None
+
+    def _bind(self, k_bufs, v_bufs, batch: int) -> None:
+        key = (batch, tuple(t.data_ptr() for t in k_bufs), tuple(t.data_ptr() for t in v_bufs))
+        if self._bound is not None and self._bound[0] == key:
+            return
+        max_len = k_bufs[0].shape[2]
+        for t in (*k_bufs, *v_bufs):
+            if (t.shape != (batch, self.n_kv_head, max_len, self.head_dim) or not t.is_contiguous()
+                    or t.dtype not in (torch.float32, torch.bfloat16) or t.dtype != k_bufs[0].dtype):
+                raise ValueError(f"StackDecodePlan: cache buffers must be contiguous ({batch}, {self.n_kv_head}, L, "
+                                 f"{self.head_dim}) fp32 or bf16, all alike; got {tuple(t.shape)} {t.dtype}")
+        cfg = _Cfg(len(self.layers), self.dim, self.n_head, self.n_kv_head, self.head_dim, self.inter, max_len,
+                   int(self.wbf16), int(k_bufs[0].dtype == torch.bfloat16), self.eps)
+        arr = (_Layer * len(self.layers))()
+        for i, (layer, kc, vc) in enumerate(zip(self.layers, k_bufs, v_bufs)):
+            arr[i] = _Layer(*(layer[k].data_ptr() for k in _LAYER_KEYS), kc.data_ptr(), vc.data_ptr())
+        work = torch.empty(self._lib.llama_decode_work(ctypes.byref(cfg), batch))
+        self._bound = (key, cfg, arr, work, max_len, (k_bufs, v_bufs))
+
+    def step(self, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor, k_bufs, v_bufs,
+             pad: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+        """x (B, dim) fp32 contiguous, updated in place and returned; cos/sin (head_dim,) fp32 at `pos`; pad
+        (B, max_len) bool (True = a slot no query attends, its own kept) or None."""
+        B = x.shape[0]
+        if x.dtype != torch.float32 or not x.is_contiguous() or x.shape != (B, self.dim):
+            raise ValueError(f"StackDecodePlan.step takes x (B, {self.dim}) contiguous fp32, got {tuple(x.shape)} {x.dtype}")
+        self._bind(k_bufs, v_bufs, B)
+        _, cfg, arr, work, max_len, _ = self._bound
+        if not 0 <= pos < max_len:
+            raise ValueError(f"position {pos} is outside the cache's {max_len} slots")
+        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+        pad_t = None if pad is None else pad.to(torch.uint8).contiguous()
+        self._lib.llama_decode(ctypes.byref(cfg), arr, x.data_ptr(), B, pos, cos.data_ptr(), sin.data_ptr(),
+                               None if pad_t is None else pad_t.data_ptr(), work.data_ptr(),
+                               torch.get_num_threads() if threads is None else max(1, int(threads)))
+        return x

@@ -302,7 +302,7 @@ def bench_hf(args):
     `--speed-tokens` new tokens, ours and theirs alternating for `--rounds` rounds (order flipped every
     round); per round and implementation the call for `--speed-tokens` new tokens and for 1, so decode tok/s
     (t(n) - t(1) over n - 1 tokens), prefill (t(1)) and the whole call are each compared, one ratio per round.
-    `ours_torch_linears` is our decoding with `kernels="torch"` (F.linear instead of the CPU GEMV kernel).
+    `ours_kernels_torch` is our decoding with `kernels="torch"` (module by module with F.linear: no CPU decode kernels).
     """
     from llmopt.models.hf import to_hf
 
@@ -330,7 +330,7 @@ def bench_hf(args):
     prompt = torch.tensor([ids[:32]])
     n = args.speed_tokens
     runs = {"ours": lambda m: generate(model, prompt, m),
-            "ours_torch_linears": lambda m: generate(model, prompt, m, kernels="torch"),
+            "ours_kernels_torch": lambda m: generate(model, prompt, m, kernels="torch"),
             "transformers": lambda m: theirs(prompt, m)}
     for run in runs.values():  # warm-up
         run(4)
@@ -353,7 +353,7 @@ def bench_hf(args):
     first = lambda s, i: s["1"][i]  # noqa: E731
     row = dict(bench=f"hf/speed {args.dtype}", rounds=args.rounds, prompt_tokens=32, new_tokens=n,
                threads=torch.get_num_threads())
-    for name in ("ours", "ours_torch_linears"):
+    for name in ("ours", "ours_kernels_torch"):
         for what, of in (("whole_call", whole), ("decode", decode), ("prefill", first)):
             rs = ratios(name, of)
             row[f"{name}_{what}_tok_s_ratio_vs_transformers"] = statistics.median(rs)

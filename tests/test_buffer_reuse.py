@@ -102,14 +102,3 @@ def test_trim_before_backward_wraps_the_loss_exactly_and_reverts():
     revert_(model, "buffer_reuse")
     assert model.loss_fn is linear_cross_entropy
 
-
-def test_first_batch_at_max_len_then_own_bucket():
-    import torch
-
-    from llmopt.techniques.buffer_reuse import BufferReuseHook
-
-    hook = BufferReuseHook((64, 128, 256), first_at_max_len=True, trim_every=0)
-    x = torch.ones(2, 30, dtype=torch.long)
-    first, second = hook.before_forward(None, (x, x)), hook.before_forward(None, (x, x))
-    assert first[0].shape == (2, 256) and second[0].shape == (2, 64)
-    assert (first[1][:, 30:] == -100).all() and torch.equal(first[0][:, :30], x)

@@ -77,9 +77,6 @@ class BufferReuseConfig(TechniqueConfig):
     to the size of each mmap'ed block freed (up to 32 MiB), after which freed activations of a few MiB
     stay in the heap and the resident set grows. None leaves glibc's dynamic threshold."""
 
-    first_at_max_len: bool = False
-    """Pad the first batch to the longest bucket, so the allocator's heap is laid out for the largest shapes
-    first and later, shorter steps reuse its blocks instead of growing it (one padded step)."""
     trim_before_backward: bool = False
     """CPU/glibc: also call malloc_trim(0) right after the loss is computed (the forward is done, its
     temporaries are freed, and the step is about to reach its peak in the backward)."""
@@ -124,16 +121,11 @@ def rss_bytes() -> int:
 class BufferReuseHook(Hook):
     """Pads each batch to its bucket; trims the glibc heap every `trim_every` steps; logs RSS."""
 
-    def __init__(self, buckets: tuple[int, ...], *, pad_id: int = 0, trim_every: int = 1,
-                 first_at_max_len: bool = False) -> None:
+    def __init__(self, buckets: tuple[int, ...], *, pad_id: int = 0, trim_every: int = 1) -> None:
         self.buckets, self.pad_id, self.trim_every = tuple(buckets), pad_id, trim_every
         self._libc = _libc() if trim_every else None
-        self._first = first_at_max_len
 
     def before_forward(self, state: Any, batch: Any) -> Any:
-        if self._first:  # the first batch at the longest bucket: the heap is laid out for the largest shapes
-            self._first = False
-            return bucket_pad(batch, (max(self.buckets),), pad_id=self.pad_id)
         return bucket_pad(batch, self.buckets, pad_id=self.pad_id)
 
     def after_optimizer_step(self, state: Any) -> None:
@@ -181,8 +173,7 @@ def apply_buffer_reuse(model: nn.Module, config: BufferReuseConfig, *, filter_fn
     report = ApplyReport()
     max_len = config.max_len or getattr(getattr(model, "config", None), "max_seq_len", 2048)
     buckets = bucket_lengths(max_len, config.bucketing, multiple=config.bucket_multiple, min_len=16) + (max_len,)
-    report.hooks.append(BufferReuseHook(buckets, pad_id=config.pad_id, trim_every=config.trim_every,
-                                        first_at_max_len=config.first_at_max_len))
+    report.hooks.append(BufferReuseHook(buckets, pad_id=config.pad_id, trim_every=config.trim_every))
     device = next(model.parameters()).device.type if next(model.parameters(), None) is not None else "cpu"
     if device != "meta":
         report.notes.extend(configure_allocator(device, config.malloc_arenas, config.mmap_threshold))

@@ -50,10 +50,18 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def interleaved_decode_steps(variants: dict, prompt: torch.Tensor, steps: int) -> dict[str, list[float]]:
-    """{variant: [fp32 step seconds / variant step seconds, per decode step]}, steps interleaved in rotated order."""
+def interleaved_decode_steps(variants: dict, prompt: torch.Tensor, steps: int,
+                             kernels: str = "auto") -> dict[str, list[float]]:
+    """{variant: [fp32 step seconds / variant step seconds, per decode step]}, steps interleaved in rotated order,
+    inside `cpu_linear_kernels` (as `generate` decodes) unless kernels="torch"."""
+    from llmopt.inference.cpu_linear import cpu_linear_kernels
     from llmopt.inference.generate import decode_one_token, make_cache, prefill
 
+    with cpu_linear_kernels(*variants.values(), enabled=kernels == "auto"):
+        return _interleaved_decode_steps(variants, prompt, steps, decode_one_token, make_cache, prefill)
+
+
+def _interleaved_decode_steps(variants, prompt, steps, decode_one_token, make_cache, prefill):
     names = list(variants)
     state = {}
     for name, model in variants.items():
@@ -86,6 +94,9 @@ def main() -> None:
     parser.add_argument("--ppl-tokens", type=int, default=4096)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--token-steps", type=int, default=64)
+    parser.add_argument("--kernels", choices=("auto", "torch"), default="auto",
+                        help="decode through generate's CPU kernels (auto: the fused stack step, GEMV kernels) or "
+                             "module by module with F.linear (torch), for every variant alike")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -125,14 +136,14 @@ def main() -> None:
         print(f"{name}: ppl {ppl:.3f}, {rows[name]['bytes_ratio']:.3f}x bytes", flush=True)
     for _ in range(2):  # warm-up
         for model in variants.values():
-            generate(model, prompt, 4)
+            generate(model, prompt, 4, kernels=args.kernels)
     for _ in range(args.rounds):
         for name, model in variants.items():
-            result = generate(model, prompt, args.new_tokens, temperature=0.0)
+            result = generate(model, prompt, args.new_tokens, temperature=0.0, kernels=args.kernels)
             rows[name]["decode"].append(result.decode_tokens_per_second)
             rows[name]["tokens"] = result.new_tokens[0].tolist()
             print(f"{name}: decode {result.decode_tokens_per_second:.1f} tok/s", flush=True)
-    token_ratios = interleaved_decode_steps(variants, prompt, args.token_steps)
+    token_ratios = interleaved_decode_steps(variants, prompt, args.token_steps, args.kernels)
     for name, ratios in token_ratios.items():
         q = statistics.quantiles(ratios, n=4)
         rows[name].update(step_speedup_median=statistics.median(ratios), step_speedup_band=[q[0], q[2]])

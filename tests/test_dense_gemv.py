@@ -155,7 +155,8 @@ def test_stack_decode_scalar_build_equals_native(tiny_model):
     from llmopt.kernels.dense_gemv import StackDecodePlan
 
     native = _stack_plan(tiny_model)
-    scalar = StackDecodePlan(native.layers, n_head=native.n_head, n_kv_head=native.n_kv_head,
+    weights = [{k: getattr(v, "weight", v) for k, v in layer.items()} for layer in native.layers]  # plans -> tensors
+    scalar = StackDecodePlan(weights, n_head=native.n_head, n_kv_head=native.n_kv_head,
                              head_dim=native.head_dim, eps=native.eps, isa="scalar")
     c = tiny_model.config
     torch.manual_seed(1)
@@ -184,3 +185,19 @@ def test_stack_decode_is_not_used_for_replaced_modules_or_hooks(tiny_model):
     tiny_model.layers[1].self_attn.v_proj = _Lora(tiny_model.config.dim, tiny_model.layers[1].self_attn.v_proj.out_features,
                                                   bias=False)
     assert _stack_plan(tiny_model) is None
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 64)])
+def test_stack_decode_with_weight_only_quant_layers(bits, group):
+    from llmopt.core import apply_
+    from llmopt.inference.cpu_linear import _stack_plan
+    from llmopt.models import ModelConfig, build_model
+    from llmopt.techniques.weight_only_quant import WeightOnlyQuantConfig
+
+    torch.manual_seed(3)
+    model = build_model(ModelConfig.from_name("demo")).eval()
+    apply_(model, WeightOnlyQuantConfig(bits=bits, group_size=group))
+    assert _stack_plan(model) is not None  # the int8 / int4 C kernels run inside the stack call
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    torch.testing.assert_close(_decode_logits(model, ids, 6, fast=True), _decode_logits(model, ids, 6, fast=False),
+                               atol=2e-5, rtol=1e-5)

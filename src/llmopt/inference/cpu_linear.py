@@ -70,11 +70,24 @@ def _has_hooks(model: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+def _projection(module: nn.Module):
+    """What the stack kernel multiplies by for this projection: a plain bias-free `nn.Linear`'s fp32 / bf16 CPU
+    weight, or the prepared int8 / int4 plan of a `weight_only_quant` layer on its C decode kernel; None when
+    the module is anything else (LoRA, another kernel, a bias, another device), which keeps the module path."""
+    if type(module) is nn.Linear:
+        w = module.weight
+        ok = module.bias is None and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
+        return w if ok else None
+    plan_fn = getattr(module, "_gemv_plan", None)
+    if plan_fn is None or getattr(module, "kernel", None) != "auto" or getattr(module, "bias", 0) is not None:
+        return None
+    return plan_fn()
+
+
 def _stack_plan(model: nn.Module):
-    """A `StackDecodePlan` over the model's blocks when every piece is the stock one (Llama `Transformer`, `Block`,
-    `Attention`, `FeedForward`, `RMSNorm`, bias-free `nn.Linear`, fp32 or bf16 CPU weights, no hooks): a
-    technique that replaced any of them (flash attention, LoRA, quantization, fused ops, ...) keeps the
-    module-by-module path. None otherwise."""
+    """A `StackDecodePlan` over the model's blocks when every piece is a stock one (Llama `Transformer`, `Block`,
+    `Attention`, `FeedForward`, `RMSNorm`; projections per `_projection`; no hooks): a technique that replaced
+    anything else (flash attention, LoRA, fused ops, ...) keeps the module-by-module path. None otherwise."""
     from llmopt.models.llama import Attention, Block, FeedForward, RMSNorm, Transformer
 
     if type(model) is not Transformer or _has_hooks(model) or type(model.norm) is not RMSNorm:
@@ -82,20 +95,21 @@ def _stack_plan(model: nn.Module):
     layers = []
     for block in model.layers:
         attn, mlp = block.self_attn, block.mlp
+        norms = (block.input_layernorm, block.post_attention_layernorm)
         if (type(block) is not Block or type(attn) is not Attention or type(mlp) is not FeedForward
-                or type(block.input_layernorm) is not RMSNorm or type(block.post_attention_layernorm) is not RMSNorm):
+                or any(type(n) is not RMSNorm for n in norms)):
             return None
-        linears = dict(wq=attn.q_proj, wk=attn.k_proj, wv=attn.v_proj, wo=attn.o_proj, wg=mlp.gate_proj,
+        modules = dict(wq=attn.q_proj, wk=attn.k_proj, wv=attn.v_proj, wo=attn.o_proj, wg=mlp.gate_proj,
                        wu=mlp.up_proj, wd=mlp.down_proj)
-        if any(type(m) is not nn.Linear or m.bias is not None for m in linears.values()):
+        layer = {k: _projection(m) for k, m in modules.items()}
+        if any(v is None for v in layer.values()):
             return None
-        layer = {k: m.weight for k, m in linears.items()}
-        layer.update(n1=block.input_layernorm.weight, n2=block.post_attention_layernorm.weight)
-        if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16) for t in layer.values()):
-            return None
+        layer.update(n1=norms[0].weight, n2=norms[1].weight)
         layers.append(layer)
-    eps = {b.input_layernorm.eps for b in model.layers} | {b.post_attention_layernorm.eps for b in model.layers}
-    if len(eps) != 1 or len({t.dtype for layer in layers for t in layer.values()}) != 1:
+    tensors = [t for layer in layers for t in layer.values() if isinstance(t, torch.Tensor)]
+    eps = {n.eps for b in model.layers for n in (b.input_layernorm, b.post_attention_layernorm)}
+    if (len(eps) != 1 or len({t.dtype for t in tensors}) != 1 or tensors[0].dtype not in (torch.float32, torch.bfloat16)
+            or any(t.device.type != "cpu" for t in tensors)):
         return None
     from llmopt.kernels.dense_gemv import StackDecodePlan
 
@@ -107,7 +121,7 @@ def _fast_hidden_states(model: nn.Module, plan, threads: int):
     from llmopt.inference.cache import KVCache
 
     stock = type(model).hidden_states
-    dtype = model.layers[0].self_attn.q_proj.weight.dtype
+    dtype = model.norm.weight.dtype
 
     def hidden_states(idx: torch.Tensor, *, input_pos: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         if (cache is None or type(cache) is not KVCache or idx.size(1) != 1 or input_pos is None or torch.is_grad_enabled()

@@ -107,23 +107,15 @@ int dense_gemv_isa(void) {
 #endif
 }
 
-static void gemv(const float* x, const void* w, float* y, long M, long N, long K, int bf16, int nthreads) {
-  const long nblk = (N + 3) / 4;
-  if (bf16) {
-    #pragma omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1)
-    for (long b = 0; b < nblk; b++) block(x, w, y, M, N, K, 4 * b, 1);
-  } else {
-    #pragma omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1)
-    for (long b = 0; b < nblk; b++) block(x, w, y, M, N, K, 4 * b, 0);
-  }
-}
-
 /* ---- one decode step of a stack of Llama blocks (B rows, one token each, all at position pos) ----------------
    Per layer: x += o(attn(rope(q(n1(x))), rope(k(n1(x))) -> cache, v(n1(x)) -> cache)); x += down(silu(gate(n2(x)))
    * up(n2(x))). Weights and norm weights fp32 or bf16 (wbf16), the cache fp32 or bf16 (cbf16), arithmetic fp32;
    x is fp32 (B, dim) in and out. Attention: keys [0, pos] of the row, minus the slots pad marks (its own kept). */
-typedef struct { const void *wq, *wk, *wv, *wo, *wg, *wu, *wd, *n1, *n2; void *kc, *vc; } layer_t;
-typedef struct { long n_layer, dim, n_head, n_kv, hd, inter, max_len, wbf16, cbf16; float eps; } cfg_t;
+/* A projection is a C function and its prepared weight: dense_gemv (below) over a dense plan, or another kernel with
+   the same signature (llmopt.kernels.int_gemv's int_gemv_plan over an int8 / int4 plan). */
+typedef void (*gemv_fn)(const void* plan, const float* x, float* y, long M, int nthreads);
+typedef struct { gemv_fn fq, fk, fv, fo, fg, fu, fd; const void *pq, *pk, *pv, *po, *pg, *pu, *pd, *n1, *n2; void *kc, *vc; } layer_t;
+typedef struct { long n_layer, dim, n_head, n_kv, hd, inter, max_len, nbf16, cbf16; float eps; } cfg_t;
 
 static inline void store_c(void* c, long i, float v, int bf16) {
   if (bf16) {
@@ -180,17 +172,17 @@ long llama_decode_work(const cfg_t* c, long B) {  /* floats of scratch llama_dec
 void llama_decode(const cfg_t* c, const layer_t* L, float* x, long B, long pos, const float* cs, const float* sn,
                   const uint8_t* pad, float* work, int nthreads) {
   const long D = c->dim, nh = c->n_head, nkv = c->n_kv, hd = c->hd, I = c->inter, ML = c->max_len;
-  const int wb = (int)c->wbf16, cb = (int)c->cbf16;
+  const int nb = (int)c->nbf16, cb = (int)c->cbf16;
   float *xn = work, *q = xn + B * D, *k = q + B * nh * hd, *v = k + B * nkv * hd, *att = v + B * nkv * hd;
   float *g = att + B * nh * hd, *u = g + B * I, *o = u + B * I, *sc = o + B * (D > I ? D : I);
   const float scale = 1.0f / sqrtf((float)hd);
   const long grp = nh / nkv;
   for (long l = 0; l < c->n_layer; l++) {
     const layer_t* ly = L + l;
-    rmsnorm(x, ly->n1, wb, xn, B, D, c->eps);
-    gemv(xn, ly->wq, q, B, nh * hd, D, wb, nthreads);
-    gemv(xn, ly->wk, k, B, nkv * hd, D, wb, nthreads);
-    gemv(xn, ly->wv, v, B, nkv * hd, D, wb, nthreads);
+    rmsnorm(x, ly->n1, nb, xn, B, D, c->eps);
+    ly->fq(ly->pq, xn, q, B, nthreads);
+    ly->fk(ly->pk, xn, k, B, nthreads);
+    ly->fv(ly->pv, xn, v, B, nthreads);
     for (long b = 0; b < B; b++) {
       rope(q + b * nh * hd, nh, hd, cs, sn);
       rope(k + b * nkv * hd, nkv, hd, cs, sn);
@@ -233,13 +225,13 @@ void llama_decode(const cfg_t* c, const layer_t* L, float* x, long B, long pos, 
         else axpy_f32(out, p, (const float*)ly->vc + base + j * hd, hd);
       }
     }
-    gemv(att, ly->wo, o, B, D, nh * hd, wb, nthreads);
+    ly->fo(ly->po, att, o, B, nthreads);
     for (long i = 0; i < B * D; i++) x[i] += o[i];
-    rmsnorm(x, ly->n2, wb, xn, B, D, c->eps);
-    gemv(xn, ly->wg, g, B, I, D, wb, nthreads);
-    gemv(xn, ly->wu, u, B, I, D, wb, nthreads);
+    rmsnorm(x, ly->n2, nb, xn, B, D, c->eps);
+    ly->fg(ly->pg, xn, g, B, nthreads);
+    ly->fu(ly->pu, xn, u, B, nthreads);
     for (long i = 0; i < B * I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    gemv(g, ly->wd, o, B, D, I, wb, nthreads);
+    ly->fd(ly->pd, g, o, B, nthreads);
     for (long i = 0; i < B * D; i++) x[i] += o[i];
   }
 }
@@ -304,6 +296,8 @@ class DenseGemvPlan:
         self._plan = _Plan(self.weight.data_ptr(), int(weight.dtype == torch.bfloat16), self.N, self.K)
         self._ref = ctypes.byref(self._plan)
         self._fn = _lib(isa).dense_gemv
+        self.c_call = (ctypes.cast(self._fn, ctypes.c_void_p).value, ctypes.addressof(self._plan))
+        """(address of the C function, address of its plan), for `StackDecodePlan`."""
 
     def __call__(self, x2d: torch.Tensor, threads: int) -> torch.Tensor:
         """x2d: contiguous fp32 CPU (M, K); returns (M, N) fp32. Nothing is checked here (see `dense_gemv`)."""
@@ -331,15 +325,27 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, *, threads: int | None = N
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_void_p) for n in ("wq", "wk", "wv", "wo", "wg", "wu", "wd", "n1", "n2", "kc", "vc")]
+    _fields_ = ([(f"f{n}", ctypes.c_void_p) for n in "qkvogud"] + [(f"p{n}", ctypes.c_void_p) for n in "qkvogud"]
+                + [(n, ctypes.c_void_p) for n in ("n1", "n2", "kc", "vc")])
 
 
 class _Cfg(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_long) for n in ("n_layer", "dim", "n_head", "n_kv", "hd", "inter", "max_len", "wbf16",
+    _fields_ = [(n, ctypes.c_long) for n in ("n_layer", "dim", "n_head", "n_kv", "hd", "inter", "max_len", "nbf16",
                                              "cbf16")] + [("eps", ctypes.c_float)]
 
 
-_LAYER_KEYS = ("wq", "wk", "wv", "wo", "wg", "wu", "wd", "n1", "n2")
+_PROJ = ("wq", "wk", "wv", "wo", "wg", "wu", "wd")
+
+
+def _as_plan(w, isa: str):
+    """A projection for the stack: a dense fp32 / bf16 weight becomes a `DenseGemvPlan`; an object with
+    `c_call` (address of a C function `void f(const void* plan, const float* x, float* y, long M, int threads)`
+    and of its plan, as `DenseGemvPlan` and `llmopt.kernels.int_gemv.IntGemvPlan` have) is taken as it is."""
+    if isinstance(w, torch.Tensor):
+        return DenseGemvPlan(w, isa=isa)
+    if not hasattr(w, "c_call"):
+        raise TypeError(f"StackDecodePlan takes weight tensors or prepared plans with c_call, got {type(w).__name__}")
+    return w
 
 
 class StackDecodePlan:
@@ -347,25 +353,31 @@ class StackDecodePlan:
     in a single C call: RMSNorm, the q/k/v GEMVs, RoPE, the cache write, attention over the row's keys [0, pos],
     the o GEMV and residual, RMSNorm, gate/up GEMVs, SiLU * up, the down GEMV and residual, for every layer.
 
-    `layers`: per layer a dict of the weights `wq wk wv wo wg wu wd` ((out, in), as nn.Linear stores them) and
-    the RMSNorm weights `n1 n2`, all fp32 or all bf16, CPU. Arithmetic is fp32 (a bf16 model's residual stream
-    is kept in fp32 inside the call). `step(x, pos, cos, sin, k_bufs, v_bufs, pad)` updates x (B, dim) fp32 in
-    place and writes the keys / values at `pos` into the per-layer buffers (B, n_kv, max_len, head_dim) (fp32
-    or bf16). Holds references to the weights; the buffers are bound per call (cheaply, when they changed)."""
+    `layers`: per layer a dict of the projections `wq wk wv wo wg wu wd` (each a dense (out, in) fp32 / bf16
+    weight as nn.Linear stores it, or a prepared plan with `c_call`, e.g. an int8 / int4 `IntGemvPlan`) and the
+    RMSNorm weights `n1 n2` (fp32 or bf16). Arithmetic is fp32 (a bf16 model's residual stream is kept in fp32
+    inside the call). `step(x, pos, cos, sin, k_bufs, v_bufs, pad)` updates x (B, dim) fp32 in place and writes
+    the keys / values at `pos` into the per-layer buffers (B, n_kv, max_len, head_dim) (fp32 or bf16). Holds
+    references to the weights; the buffers are bound per call (cheaply, when they changed)."""
 
-    def __init__(self, layers: list[dict[str, torch.Tensor]], *, n_head: int, n_kv_head: int, head_dim: int,
-                 eps: float, isa: str = "native") -> None:
-        dtypes = {t.dtype for layer in layers for t in layer.values()}
-        if len(dtypes) != 1 or dtypes.pop() not in (torch.float32, torch.bfloat16):
-            raise TypeError("StackDecodePlan takes weights that are all fp32 or all bf16")
-        self.layers = [{k: layer[k].detach().contiguous() for k in _LAYER_KEYS} for layer in layers]
+    def __init__(self, layers: list[dict], *, n_head: int, n_kv_head: int, head_dim: int, eps: float,
+                 isa: str = "native") -> None:
+        norms = {layer[k].dtype for layer in layers for k in ("n1", "n2")}
+        if len(norms) != 1 or next(iter(norms)) not in (torch.float32, torch.bfloat16):
+            raise TypeError("StackDecodePlan takes RMSNorm weights that are all fp32 or all bf16")
+        self.layers = [{**{k: _as_plan(layer[k], isa) for k in _PROJ},
+                        **{k: layer[k].detach().contiguous() for k in ("n1", "n2")}} for layer in layers]
         first = self.layers[0]
-        self.dim, self.inter = first["wq"].shape[1], first["wg"].shape[0]
-        self.wbf16 = first["wq"].dtype == torch.bfloat16
+        self.dim, self.inter = first["n1"].shape[0], first["wg"].N
+        self.nbf16 = first["n1"].dtype == torch.bfloat16
         self.n_head, self.n_kv_head, self.head_dim, self.eps = n_head, n_kv_head, head_dim, float(eps)
-        if n_head % n_kv_head or head_dim % 2 or first["wq"].shape[0] != n_head * head_dim:
+        shapes = {"wq": (n_head * head_dim, self.dim), "wk": (n_kv_head * head_dim, self.dim),
+                  "wv": (n_kv_head * head_dim, self.dim), "wo": (self.dim, n_head * head_dim),
+                  "wg": (self.inter, self.dim), "wu": (self.inter, self.dim), "wd": (self.dim, self.inter)}
+        if n_head % n_kv_head or head_dim % 2 or any((layer[k].N, layer[k].K) != shapes[k]
+                                                       for layer in self.layers for k in _PROJ):
             raise ValueError(f"StackDecodePlan: n_head={n_head} must be a multiple of n_kv_head={n_kv_head}, head_dim "
-                             f"even, and wq of shape ({n_head * head_dim}, dim); got {tuple(first['wq'].shape)}")
+                             f"even, and the projections of Llama's shapes {shapes}")
         self._lib = _lib(isa)
         self._bound: tuple | None = None
 
@@ -379,11 +391,15 @@ class StackDecodePlan:
                     or t.dtype not in (torch.float32, torch.bfloat16) or t.dtype != k_bufs[0].dtype):
                 raise ValueError(f"StackDecodePlan: cache buffers must be contiguous ({batch}, {self.n_kv_head}, L, "
                                  f"{self.head_dim}) fp32 or bf16, all alike; got {tuple(t.shape)} {t.dtype}")
+        if len(k_bufs) != len(self.layers) or len(v_bufs) != len(self.layers):
+            raise ValueError(f"StackDecodePlan: {len(self.layers)} layers, got {len(k_bufs)} cache buffers")
         cfg = _Cfg(len(self.layers), self.dim, self.n_head, self.n_kv_head, self.head_dim, self.inter, max_len,
-                   int(self.wbf16), int(k_bufs[0].dtype == torch.bfloat16), self.eps)
+                   int(self.nbf16), int(k_bufs[0].dtype == torch.bfloat16), self.eps)
         arr = (_Layer * len(self.layers))()
         for i, (layer, kc, vc) in enumerate(zip(self.layers, k_bufs, v_bufs)):
-            arr[i] = _Layer(*(layer[k].data_ptr() for k in _LAYER_KEYS), kc.data_ptr(), vc.data_ptr())
+            calls = [layer[k].c_call for k in _PROJ]
+            arr[i] = _Layer(*(f for f, _ in calls), *(p for _, p in calls), layer["n1"].data_ptr(),
+                            layer["n2"].data_ptr(), kc.data_ptr(), vc.data_ptr())
         work = torch.empty(self._lib.llama_decode_work(ctypes.byref(cfg), batch))
         self._bound = (key, cfg, arr, work, max_len, (k_bufs, v_bufs))
 

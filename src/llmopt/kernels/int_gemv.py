@@ -445,6 +445,8 @@ class IntGemvPlan:
                            N, K, group_size)
         self._ref = ctypes.byref(self._plan)
         self._fn = _lib().int_gemv_plan
+        self.c_call = (ctypes.cast(self._fn, ctypes.c_void_p).value, ctypes.addressof(self._plan))
+        """(address of the C function, address of its plan): `llmopt.kernels.dense_gemv.StackDecodePlan` calls it."""
 
     def __reduce__(self):
         return IntGemvPlan, self._args

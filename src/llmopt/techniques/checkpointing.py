@@ -275,7 +275,9 @@ class _SavedOpBytes(TorchDispatchMode):
 def probe_blocks(model: nn.Module, blocks: list[tuple[str, nn.Module]], batch_size: int, seq_len: int
                  ) -> dict[str, dict[str, float]]:
     """{block fqn: {"none"/"selective"/"full": saved bytes, "flops": forward matmul FLOPs,
-    "selective_recompute_flops": FLOPs recomputed under selective}} at a (batch_size, seq_len) probe."""
+    "selective_recompute_flops": FLOPs recomputed under selective, "ops"/"stop": `record_block_ops`}} at a
+    (batch_size, seq_len) probe. Works for any modules of the model (blocks or their parts); modules the
+    forward never calls are left out."""
     from torch.utils.flop_counter import FlopCounterMode
 
     seq_len = min(seq_len, getattr(getattr(model, "config", None), "max_seq_len", seq_len))
@@ -567,14 +569,16 @@ def apply_checkpointing(model: nn.Module, config: ActivationCheckpointingConfig,
         planned = sum(1 for f in plan if isinstance(plan[f], frozenset))
         kept = ", ".join(sorted({f"{len(plan[f])} of {sum(op['fresh'] for op in probe[f]['ops'])}" for f in plan
                                  if isinstance(plan[f], frozenset)}))
+        units = "blocks" if plan.keys() <= dict(block_list(model)).keys() else "block parts"
+        modelled = f"; modelled recompute {1e3 * plan_cost(probe, plan):.0f} ms per probe step"
         report.notes.append(
-            f"probe {config.probe_batch_size}x{config.probe_seq_len} tokens: {'blocks' if plan.keys() <= dict(block_list(model)).keys() else 'block parts'} save {after / 2**20:.2f} MiB for "
+            f"probe {config.probe_batch_size}x{config.probe_seq_len} tokens: {units} save {after / 2**20:.2f} MiB for "
             f"backward instead of {before / 2**20:.2f} MiB ({counts['full']} full, {counts['selective']} selective, "
             + (f"{planned} planned selective keeping {kept} op outputs, " if planned else "")
             + f"{counts['none']} plain); recompute +{recompute / 1e9:.3f} GFLOP per step "
             f"(+{100 * recompute / max(3 * forward, 1):.0f}% of the blocks' forward+backward matmul FLOPs)"
             + (f" and {moved / 2**20:.0f} MiB of elementwise traffic" if moved else "")
-            + (f"; modelled recompute {1e3 * plan_cost(probe, plan):.0f} ms per probe step" if config.policy == "budget" else ""))
+            + (modelled if config.policy == "budget" else ""))
         if config.policy == "budget":
             if outside is None:
                 report.notes.append("the model has no loss(idx, targets): the budget covered the blocks only")
@@ -594,5 +598,6 @@ def revert_checkpointing(model: nn.Module, report: ApplyReport) -> ApplyReport:
     return restored
 
 
-__all__ = ["ActivationCheckpointingConfig", "SAVE_OPS", "apply_checkpointing", "block_list", "plan_budget",
-           "probe_blocks", "revert_checkpointing", "selective_context", "unwrap_block_", "wrap_block_"]
+__all__ = ["ActivationCheckpointingConfig", "SAVE_OPS", "apply_checkpointing", "block_list", "plan_budget", "plan_bytes",
+           "plan_cost", "plan_recompute", "planned_context", "probe_blocks", "probe_outside_blocks", "record_block_ops",
+           "revert_checkpointing", "selective_context", "unwrap_block_", "wrap_block_"]

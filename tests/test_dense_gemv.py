@@ -198,6 +198,8 @@ def test_stack_decode_with_weight_only_quant_layers(bits, group):
     model = build_model(ModelConfig.from_name("demo")).eval()
     apply_(model, WeightOnlyQuantConfig(bits=bits, group_size=group))
     assert _stack_plan(model) is not None  # the int8 / int4 C kernels run inside the stack call
-    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    # 2 x 3 prompt rows: the module path's int kernels take <= 8 rows in fp32 too (more go through torch's
+    # bf16-activation kernels, which would be the less exact side of the comparison)
+    ids = torch.randint(0, model.config.vocab_size, (2, 3))
     torch.testing.assert_close(_decode_logits(model, ids, 6, fast=True), _decode_logits(model, ids, 6, fast=False),
                                atol=2e-5, rtol=1e-5)

@@ -124,14 +124,20 @@ def _fast_hidden_states(model: nn.Module, plan, threads: int):
     dtype = model.norm.weight.dtype
 
     def hidden_states(idx: torch.Tensor, *, input_pos: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        if (cache is None or type(cache) is not KVCache or idx.size(1) != 1 or input_pos is None or torch.is_grad_enabled()
-                or idx.device.type != "cpu" or cache.dtype not in (torch.float32, torch.bfloat16)):
+        B, T = idx.shape
+        if (cache is None or type(cache) is not KVCache or input_pos is None or B * T > MAX_ROWS
+                or torch.is_grad_enabled() or idx.device.type != "cpu"
+                or cache.dtype not in (torch.float32, torch.bfloat16) or input_pos.numel() != T
+                or B != cache.batch_size):
             return stock(model, idx, input_pos=input_pos, cache=cache)
-        cache.attn_mask(input_pos)  # validates the position and advances seq_len, as the stock forward does
         pos = int(input_pos[0])
-        x = model.embed_tokens(idx)[:, 0].float().contiguous()  # (B, dim)
-        plan.step(x, pos, model.rope_cos[pos], model.rope_sin[pos], cache.k, cache.v, cache.key_padding, threads)
-        return model.norm(x.to(dtype)[:, None])
+        if T > 1 and not torch.equal(input_pos, torch.arange(pos, pos + T)):
+            return stock(model, idx, input_pos=input_pos, cache=cache)  # the kernel takes consecutive positions
+        cache.attn_mask(input_pos)  # validates the positions and advances seq_len, as the stock forward does
+        x = model.embed_tokens(idx).float().contiguous()  # (B, T, dim)
+        plan.step(x, pos, model.rope_cos[pos:pos + T], model.rope_sin[pos:pos + T], cache.k, cache.v,
+                  cache.key_padding, threads)
+        return model.norm(x.to(dtype))
 
     return hidden_states
 

@@ -169,70 +169,72 @@ long llama_decode_work(const cfg_t* c, long B) {  /* floats of scratch llama_dec
   return B * (2 * c->dim + 2 * c->n_head * c->hd + 2 * c->n_kv * c->hd + 3 * c->inter) + B * c->n_head * (c->max_len + 16);
 }
 
-void llama_decode(const cfg_t* c, const layer_t* L, float* x, long B, long pos, const float* cs, const float* sn,
-                  const uint8_t* pad, float* work, int nthreads) {
+void llama_decode(const cfg_t* c, const layer_t* L, float* x, long B, long T, long pos, const float* cs,
+                  const float* sn, const uint8_t* pad, float* work, int nthreads) {
+  /* x: (B * T, dim), row b * T + t is row b's token at position pos + t; cs, sn: (T, hd) */
   const long D = c->dim, nh = c->n_head, nkv = c->n_kv, hd = c->hd, I = c->inter, ML = c->max_len;
+  const long R = B * T;
   const int nb = (int)c->nbf16, cb = (int)c->cbf16;
-  float *xn = work, *q = xn + B * D, *k = q + B * nh * hd, *v = k + B * nkv * hd, *att = v + B * nkv * hd;
-  float *g = att + B * nh * hd, *u = g + B * I, *o = u + B * I, *sc = o + B * (D > I ? D : I);
+  float *xn = work, *q = xn + R * D, *k = q + R * nh * hd, *v = k + R * nkv * hd, *att = v + R * nkv * hd;
+  float *g = att + R * nh * hd, *u = g + R * I, *o = u + R * I, *sc = o + R * (D > I ? D : I);
   const float scale = 1.0f / sqrtf((float)hd);
   const long grp = nh / nkv;
   for (long l = 0; l < c->n_layer; l++) {
     const layer_t* ly = L + l;
-    rmsnorm(x, ly->n1, nb, xn, B, D, c->eps);
-    ly->fq(ly->pq, xn, q, B, nthreads);
-    ly->fk(ly->pk, xn, k, B, nthreads);
-    ly->fv(ly->pv, xn, v, B, nthreads);
-    for (long b = 0; b < B; b++) {
-      rope(q + b * nh * hd, nh, hd, cs, sn);
-      rope(k + b * nkv * hd, nkv, hd, cs, sn);
+    rmsnorm(x, ly->n1, nb, xn, R, D, c->eps);
+    ly->fq(ly->pq, xn, q, R, nthreads);
+    ly->fk(ly->pk, xn, k, R, nthreads);
+    ly->fv(ly->pv, xn, v, R, nthreads);
+    for (long r = 0; r < R; r++) {
+      const long b = r / T, t = r % T;
+      rope(q + r * nh * hd, nh, hd, cs + t * hd, sn + t * hd);
+      rope(k + r * nkv * hd, nkv, hd, cs + t * hd, sn + t * hd);
       for (long h = 0; h < nkv; h++)
         for (long i = 0; i < hd; i++) {
-          const long at = ((b * nkv + h) * ML + pos) * hd + i;
-          store_c(ly->kc, at, k[(b * nkv + h) * hd + i], cb);
-          store_c(ly->vc, at, v[(b * nkv + h) * hd + i], cb);
+          const long at = ((b * nkv + h) * ML + pos + t) * hd + i;
+          store_c(ly->kc, at, k[(r * nkv + h) * hd + i], cb);
+          store_c(ly->vc, at, v[(r * nkv + h) * hd + i], cb);
         }
     }
     #pragma omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1)
-    for (long bh = 0; bh < B * nh; bh++) {
-      const long b = bh / nh, h = bh % nh, kvh = h / grp;
-      const float* qv = q + bh * hd;
-      float* s = sc + bh * (ML + 16);
+    for (long rh = 0; rh < R * nh; rh++) {
+      const long r = rh / nh, h = rh % nh, b = r / T, kvh = h / grp, own = pos + r % T;
+      const float* qv = q + rh * hd;
+      float* s = sc + rh * (ML + 16);
       const long base = (b * nkv + kvh) * ML * hd;
       float mx = -3.0e38f;  /* finite: -ffast-math assumes no infinities */
-#define SKIP(j) (pad && pad[b * ML + (j)] && (j) != pos)
-      for (long j = 0; j <= pos; j++) {
+#define SKIP(j) (pad && pad[b * ML + (j)] && (j) != own)
+      for (long j = 0; j <= own; j++) {
         if (SKIP(j)) continue;
-        float d = 0.f;
-        d = cb ? dot_bf16(qv, (const uint16_t*)ly->kc + base + j * hd, hd)
-               : dot_f32(qv, (const float*)ly->kc + base + j * hd, hd);
+        const float d = cb ? dot_bf16(qv, (const uint16_t*)ly->kc + base + j * hd, hd)
+                           : dot_f32(qv, (const float*)ly->kc + base + j * hd, hd);
         s[j] = d * scale;
         if (s[j] > mx) mx = s[j];
       }
       float den = 0.f;
-      for (long j = 0; j <= pos; j++) {
+      for (long j = 0; j <= own; j++) {
         if (SKIP(j)) { s[j] = 0.f; continue; }
         s[j] = expf(s[j] - mx);
         den += s[j];
       }
 #undef SKIP
-      float* out = att + bh * hd;
+      float* out = att + rh * hd;
       for (long i = 0; i < hd; i++) out[i] = 0.f;
-      for (long j = 0; j <= pos; j++) {
+      for (long j = 0; j <= own; j++) {
         const float p = s[j] / den;
         if (p == 0.f) continue;
         if (cb) axpy_bf16(out, p, (const uint16_t*)ly->vc + base + j * hd, hd);
         else axpy_f32(out, p, (const float*)ly->vc + base + j * hd, hd);
       }
     }
-    ly->fo(ly->po, att, o, B, nthreads);
-    for (long i = 0; i < B * D; i++) x[i] += o[i];
-    rmsnorm(x, ly->n2, nb, xn, B, D, c->eps);
-    ly->fg(ly->pg, xn, g, B, nthreads);
-    ly->fu(ly->pu, xn, u, B, nthreads);
-    for (long i = 0; i < B * I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    ly->fd(ly->pd, g, o, B, nthreads);
-    for (long i = 0; i < B * D; i++) x[i] += o[i];
+    ly->fo(ly->po, att, o, R, nthreads);
+    for (long i = 0; i < R * D; i++) x[i] += o[i];
+    rmsnorm(x, ly->n2, nb, xn, R, D, c->eps);
+    ly->fg(ly->pg, xn, g, R, nthreads);
+    ly->fu(ly->pu, xn, u, R, nthreads);
+    for (long i = 0; i < R * I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    ly->fd(ly->pd, g, o, R, nthreads);
+    for (long i = 0; i < R * D; i++) x[i] += o[i];
   }
 }
 
@@ -267,7 +269,7 @@ def _lib(isa: str = "native") -> ctypes.CDLL:
     lib.dense_gemv_isa.restype = ctypes.c_int
     lib.llama_decode.restype = None
     vp = ctypes.c_void_p
-    lib.llama_decode.argtypes = [vp, vp, vp, ctypes.c_long, ctypes.c_long, vp, vp, vp, vp, ctypes.c_int]
+    lib.llama_decode.argtypes = [vp, vp, vp, ctypes.c_long, ctypes.c_long, ctypes.c_long, vp, vp, vp, vp, ctypes.c_int]
     lib.llama_decode_work.restype = ctypes.c_long
     lib.llama_decode_work.argtypes = [vp, ctypes.c_long]
     return lib
@@ -380,6 +382,7 @@ class StackDecodePlan:
                              f"even, and the projections of Llama's shapes {shapes}")
         self._lib = _lib(isa)
         self._bound: tuple | None = None
+        self._scratch: torch.Tensor | None = None
 
     def _bind(self, k_bufs, v_bufs, batch: int) -> None:
         key = (batch, tuple(t.data_ptr() for t in k_bufs), tuple(t.data_ptr() for t in v_bufs))
@@ -400,23 +403,34 @@ class StackDecodePlan:
             calls = [layer[k].c_call for k in _PROJ]
             arr[i] = _Layer(*(f for f, _ in calls), *(p for _, p in calls), layer["n1"].data_ptr(),
                             layer["n2"].data_ptr(), kc.data_ptr(), vc.data_ptr())
-        work = torch.empty(self._lib.llama_decode_work(ctypes.byref(cfg), batch))
-        self._bound = (key, cfg, arr, work, max_len, (k_bufs, v_bufs))
+        self._bound = (key, cfg, arr, None, max_len, (k_bufs, v_bufs))
 
     def step(self, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor, k_bufs, v_bufs,
              pad: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
-        """x (B, dim) fp32 contiguous, updated in place and returned; cos/sin (head_dim,) fp32 at `pos`; pad
-        (B, max_len) bool (True = a slot no query attends, its own kept) or None."""
-        B = x.shape[0]
-        if x.dtype != torch.float32 or not x.is_contiguous() or x.shape != (B, self.dim):
-            raise ValueError(f"StackDecodePlan.step takes x (B, {self.dim}) contiguous fp32, got {tuple(x.shape)} {x.dtype}")
+        """x (B, T, dim) fp32 contiguous: each row's T tokens at positions pos .. pos + T - 1 (T = 1: decode; a
+        few: speculative verify, short prompts), updated in place and returned; cos/sin (T, head_dim) at those
+        positions; pad (B, max_len) bool (True = a slot no query attends, its own kept) or None. Queries see
+        their row's keys up to their own position."""
+        if x.dim() == 2:
+            x = x[:, None]
+        B, T = x.shape[:2]
+        if x.dtype != torch.float32 or not x.is_contiguous() or x.shape != (B, T, self.dim):
+            raise ValueError(f"StackDecodePlan.step takes x (B, T, {self.dim}) contiguous fp32, got {tuple(x.shape)} "
+                             f"{x.dtype}")
         self._bind(k_bufs, v_bufs, B)
-        _, cfg, arr, work, max_len, _ = self._bound
-        if not 0 <= pos < max_len:
-            raise ValueError(f"position {pos} is outside the cache's {max_len} slots")
-        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+        _, cfg, arr, _, max_len, _ = self._bound
+        if not (0 <= pos and pos + T <= max_len):
+            raise ValueError(f"positions {pos}..{pos + T - 1} are outside the cache's {max_len} slots")
+        work = self._work(cfg, B * T)
+        cos, sin = cos.float().reshape(T, self.head_dim).contiguous(), sin.float().reshape(T, self.head_dim).contiguous()
         pad_t = None if pad is None else pad.to(torch.uint8).contiguous()
-        self._lib.llama_decode(ctypes.byref(cfg), arr, x.data_ptr(), B, pos, cos.data_ptr(), sin.data_ptr(),
+        self._lib.llama_decode(ctypes.byref(cfg), arr, x.data_ptr(), B, T, pos, cos.data_ptr(), sin.data_ptr(),
                                None if pad_t is None else pad_t.data_ptr(), work.data_ptr(),
                                torch.get_num_threads() if threads is None else max(1, int(threads)))
         return x
+
+    def _work(self, cfg, rows: int) -> torch.Tensor:
+        n = self._lib.llama_decode_work(ctypes.byref(cfg), rows)
+        if self._scratch is None or self._scratch.numel() < n:
+            self._scratch = torch.empty(n)
+        return self._scratch

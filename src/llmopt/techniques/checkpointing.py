@@ -74,7 +74,8 @@ class ActivationCheckpointingConfig(TechniqueConfig):
 
     policy: Literal["full", "selective", "budget"] = "full"
     """"full": recompute whole blocks; "selective": keep matmul/attention outputs, recompute the rest;
-    "budget": choose per block (none / selective / full) so that saved activations fit budget_bytes."""
+    "budget": choose per block or block part (none / full / selective keeping a chosen set of op outputs) so
+    that saved activations fit budget_bytes at the least modelled recompute time."""
     budget_bytes: int | None = None
     """policy="budget": bytes the whole training step may save for backward at the probe shape: the blocks
     plus what lies outside them (embedding, final norm, loss), which checkpointing the blocks cannot reduce."""

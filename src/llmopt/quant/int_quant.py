@@ -4,7 +4,9 @@ Pure functions; CPU and GPU alike.
 
 Weights (shape (N, K): out_features x in_features) are quantized along the input dimension K in
 groups of `group_size` values of one row (None: the whole row, i.e. per output channel):
-- symmetric: `code = clamp(round(w / s), qmin, qmax)`, `s = absmax / qmax`, and `w ~= code * s`;
+- symmetric: `code = clamp(round(w / s), qmin, qmax)`, `s = absmax / qmax`, and `w ~= code * s`; with
+  `full_range`, `s = absmax / (qmax + 0.5)` and codes in [-2**(bits-1), 2**(bits-1) - 1] (torchao's symmetric
+  mapping: every code used, a group's positive extreme clipped by half a step);
 - asymmetric: `s = (max - min) / (2**bits - 1)`, `zero = min - qmin * s` (the value of code 0), and
   `w ~= code * s + zero`.
 Codes are signed: int8 in [-127, 127] (symmetric) or [-128, 127], int4 in [-8, 7]. Scales (and zeros)

@@ -203,3 +203,24 @@ def test_stack_decode_with_weight_only_quant_layers(bits, group):
     ids = torch.randint(0, model.config.vocab_size, (2, 3))
     torch.testing.assert_close(_decode_logits(model, ids, 6, fast=True), _decode_logits(model, ids, 6, fast=False),
                                atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_stack_halves_around_a_quantized_cache(bits):
+    from llmopt.inference import decode_one_token, make_quantized_cache, prefill
+    from llmopt.models import ModelConfig, build_model
+
+    torch.manual_seed(4)
+    model = build_model(ModelConfig.from_name("demo")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 70))  # past one 64-token group: codes are read too
+    out = []
+    for fast in (False, True):
+        cache = make_quantized_cache(model, 2, 90, bits=bits)
+        logits = []
+        with torch.no_grad(), cpu_linear_kernels(model, enabled=fast):
+            tok = prefill(model, ids, cache).argmax(-1)[:, None]
+            for i in range(6):
+                tok, lg = decode_one_token(model, tok, torch.tensor([70 + i]), cache)
+                logits.append(lg)
+        out.append(torch.stack(logits))
+    torch.testing.assert_close(out[1], out[0], atol=1e-4, rtol=1e-4)

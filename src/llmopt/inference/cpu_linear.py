@@ -125,6 +125,19 @@ def _fast_hidden_states(model: nn.Module, plan, threads: int):
 
     def hidden_states(idx: torch.Tensor, *, input_pos: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         B, T = idx.shape
+        if (T == 1 and cache is not None and hasattr(cache, "attend") and input_pos is not None and dtype == torch.float32
+                and not torch.is_grad_enabled() and idx.device.type == "cpu" and B == cache.batch_size):
+            # a cache that attends over its own storage (QuantizedKVCache): the layer halves around its attend
+            mask = cache.attn_mask(input_pos)
+
+            def attend(layer, q, k, v):
+                cache.update(layer, input_pos, k, v)
+                return cache.attend(layer, q, mask)
+
+            x = model.embed_tokens(idx).float().contiguous()
+            pos = int(input_pos[0])
+            plan.step_with_attention(x, pos, model.rope_cos[pos:pos + 1], model.rope_sin[pos:pos + 1], attend, threads)
+            return model.norm(x)
         if (cache is None or type(cache) is not KVCache or input_pos is None or B * T > MAX_ROWS
                 or torch.is_grad_enabled() or idx.device.type != "cpu"
                 or cache.dtype not in (torch.float32, torch.bfloat16) or input_pos.numel() != T

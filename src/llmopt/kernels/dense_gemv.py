@@ -166,7 +166,38 @@ static void rope(float* v, long nheads, long hd, const float* cs, const float* s
 }
 
 long llama_decode_work(const cfg_t* c, long B) {  /* floats of scratch llama_decode needs */
-  return B * (2 * c->dim + 2 * c->n_head * c->hd + 2 * c->n_kv * c->hd + 3 * c->inter) + B * c->n_head * (c->max_len + 16);
+  const long D = c->dim, I = c->inter;
+  return B * (2 * c->n_head * c->hd + 2 * c->n_kv * c->hd + D + 2 * I + (D > I ? D : I)) + B * c->n_head * (c->max_len + 16);
+}
+
+/* The two halves of a layer around attention, for R = B * T rows (row b * T + t: row b's token at pos + t).
+   pre: xn = n1(x); q, k, v = projections of xn; RoPE on q and k with cs, sn (T, hd).
+   post: x += o(att); x += down(silu(gate(n2(x))) * up(n2(x))). work: R * (D + 2 I + max(D, I)) floats. */
+void llama_layer_pre(const cfg_t* c, const layer_t* ly, const float* x, float* q, float* k, float* v, long R, long T,
+                     const float* cs, const float* sn, float* xn, int nthreads) {
+  const long D = c->dim, nh = c->n_head, nkv = c->n_kv, hd = c->hd;
+  rmsnorm(x, ly->n1, (int)c->nbf16, xn, R, D, c->eps);
+  ly->fq(ly->pq, xn, q, R, nthreads);
+  ly->fk(ly->pk, xn, k, R, nthreads);
+  ly->fv(ly->pv, xn, v, R, nthreads);
+  for (long r = 0; r < R; r++) {
+    const long t = r % T;
+    rope(q + r * nh * hd, nh, hd, cs + t * hd, sn + t * hd);
+    rope(k + r * nkv * hd, nkv, hd, cs + t * hd, sn + t * hd);
+  }
+}
+
+void llama_layer_post(const cfg_t* c, const layer_t* ly, float* x, const float* att, long R, float* work, int nthreads) {
+  const long D = c->dim, I = c->inter;
+  float *xn = work, *g = xn + R * D, *u = g + R * I, *o = u + R * I;
+  ly->fo(ly->po, att, o, R, nthreads);
+  for (long i = 0; i < R * D; i++) x[i] += o[i];
+  rmsnorm(x, ly->n2, (int)c->nbf16, xn, R, D, c->eps);
+  ly->fg(ly->pg, xn, g, R, nthreads);
+  ly->fu(ly->pu, xn, u, R, nthreads);
+  for (long i = 0; i < R * I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+  ly->fd(ly->pd, g, o, R, nthreads);
+  for (long i = 0; i < R * D; i++) x[i] += o[i];
 }
 
 void llama_decode(const cfg_t* c, const layer_t* L, float* x, long B, long T, long pos, const float* cs,
@@ -174,21 +205,16 @@ void llama_decode(const cfg_t* c, const layer_t* L, float* x, long B, long T, lo
   /* x: (B * T, dim), row b * T + t is row b's token at position pos + t; cs, sn: (T, hd) */
   const long D = c->dim, nh = c->n_head, nkv = c->n_kv, hd = c->hd, I = c->inter, ML = c->max_len;
   const long R = B * T;
-  const int nb = (int)c->nbf16, cb = (int)c->cbf16;
-  float *xn = work, *q = xn + R * D, *k = q + R * nh * hd, *v = k + R * nkv * hd, *att = v + R * nkv * hd;
-  float *g = att + R * nh * hd, *u = g + R * I, *o = u + R * I, *sc = o + R * (D > I ? D : I);
+  const int cb = (int)c->cbf16;
+  float *q = work, *k = q + R * nh * hd, *v = k + R * nkv * hd, *att = v + R * nkv * hd;
+  float *post = att + R * nh * hd, *sc = post + R * (D + 2 * I + (D > I ? D : I));
   const float scale = 1.0f / sqrtf((float)hd);
   const long grp = nh / nkv;
   for (long l = 0; l < c->n_layer; l++) {
     const layer_t* ly = L + l;
-    rmsnorm(x, ly->n1, nb, xn, R, D, c->eps);
-    ly->fq(ly->pq, xn, q, R, nthreads);
-    ly->fk(ly->pk, xn, k, R, nthreads);
-    ly->fv(ly->pv, xn, v, R, nthreads);
+    llama_layer_pre(c, ly, x, q, k, v, R, T, cs, sn, post, nthreads);
     for (long r = 0; r < R; r++) {
       const long b = r / T, t = r % T;
-      rope(q + r * nh * hd, nh, hd, cs + t * hd, sn + t * hd);
-      rope(k + r * nkv * hd, nkv, hd, cs + t * hd, sn + t * hd);
       for (long h = 0; h < nkv; h++)
         for (long i = 0; i < hd; i++) {
           const long at = ((b * nkv + h) * ML + pos + t) * hd + i;
@@ -227,14 +253,7 @@ void llama_decode(const cfg_t* c, const layer_t* L, float* x, long B, long T, lo
         else axpy_f32(out, p, (const float*)ly->vc + base + j * hd, hd);
       }
     }
-    ly->fo(ly->po, att, o, R, nthreads);
-    for (long i = 0; i < R * D; i++) x[i] += o[i];
-    rmsnorm(x, ly->n2, nb, xn, R, D, c->eps);
-    ly->fg(ly->pg, xn, g, R, nthreads);
-    ly->fu(ly->pu, xn, u, R, nthreads);
-    for (long i = 0; i < R * I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    ly->fd(ly->pd, g, o, R, nthreads);
-    for (long i = 0; i < R * D; i++) x[i] += o[i];
+    llama_layer_post(c, ly, x, att, R, post, nthreads);
   }
 }
 
@@ -270,6 +289,9 @@ def _lib(isa: str = "native") -> ctypes.CDLL:
     lib.llama_decode.restype = None
     vp = ctypes.c_void_p
     lib.llama_decode.argtypes = [vp, vp, vp, ctypes.c_long, ctypes.c_long, ctypes.c_long, vp, vp, vp, vp, ctypes.c_int]
+    lib.llama_layer_pre.restype = lib.llama_layer_post.restype = None
+    lib.llama_layer_pre.argtypes = [vp, vp, vp, vp, vp, vp, ctypes.c_long, ctypes.c_long, vp, vp, vp, ctypes.c_int]
+    lib.llama_layer_post.argtypes = [vp, vp, vp, vp, ctypes.c_long, vp, ctypes.c_int]
     lib.llama_decode_work.restype = ctypes.c_long
     lib.llama_decode_work.argtypes = [vp, ctypes.c_long]
     return lib
@@ -383,6 +405,7 @@ class StackDecodePlan:
         self._lib = _lib(isa)
         self._bound: tuple | None = None
         self._scratch: torch.Tensor | None = None
+        self._free: tuple | None = None  # (cfg, layers) without cache buffers, for step_with_attention
 
     def _bind(self, k_bufs, v_bufs, batch: int) -> None:
         key = (batch, tuple(t.data_ptr() for t in k_bufs), tuple(t.data_ptr() for t in v_bufs))
@@ -427,6 +450,40 @@ class StackDecodePlan:
         self._lib.llama_decode(ctypes.byref(cfg), arr, x.data_ptr(), B, T, pos, cos.data_ptr(), sin.data_ptr(),
                                None if pad_t is None else pad_t.data_ptr(), work.data_ptr(),
                                torch.get_num_threads() if threads is None else max(1, int(threads)))
+        return x
+
+    def step_with_attention(self, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor, attend,
+                            threads: int | None = None) -> torch.Tensor:
+        """The same step with attention (and the cache write) done by `attend(layer, q, k, v)` in between: q
+        (B, n_head, T, head_dim), k and v (B, n_kv_head, T, head_dim), fp32, after RoPE; it returns the attention
+        output (B, n_head, T, head_dim). Two C calls per layer (norm + projections + RoPE; o + residual + MLP),
+        for caches that attend over their own storage (the quantized KV cache)."""
+        B, T = x.shape[:2]
+        if x.dtype != torch.float32 or not x.is_contiguous() or x.shape != (B, T, self.dim):
+            raise ValueError(f"StackDecodePlan takes x (B, T, {self.dim}) contiguous fp32, got {tuple(x.shape)} {x.dtype}")
+        if self._free is None:
+            cfg = _Cfg(len(self.layers), self.dim, self.n_head, self.n_kv_head, self.head_dim, self.inter, 1,
+                       int(self.nbf16), 0, self.eps)
+            arr = (_Layer * len(self.layers))()
+            for i, layer in enumerate(self.layers):
+                calls = [layer[k].c_call for k in _PROJ]
+                arr[i] = _Layer(*(f for f, _ in calls), *(p for _, p in calls), layer["n1"].data_ptr(),
+                                layer["n2"].data_ptr(), None, None)
+            self._free = (cfg, arr)
+        cfg, arr = self._free
+        R, nh, nkv, hd = B * T, self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = torch.empty(B, T, nh, hd), torch.empty(B, T, nkv, hd), torch.empty(B, T, nkv, hd)
+        work = self._work(cfg, R)
+        cos, sin = cos.float().reshape(T, hd).contiguous(), sin.float().reshape(T, hd).contiguous()
+        n = torch.get_num_threads() if threads is None else max(1, int(threads))
+        lib, ref = self._lib, ctypes.byref(cfg)
+        for i in range(len(self.layers)):
+            layer = ctypes.byref(arr, i * ctypes.sizeof(_Layer))
+            lib.llama_layer_pre(ref, layer, x.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), R, T,
+                                cos.data_ptr(), sin.data_ptr(), work.data_ptr(), n)
+            att = attend(i, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, nh, T, hd)
+            att = att.transpose(1, 2).contiguous()
+            lib.llama_layer_post(ref, layer, x.data_ptr(), att.data_ptr(), R, work.data_ptr(), n)
         return x
 
     def _work(self, cfg, rows: int) -> torch.Tensor:

@@ -70,28 +70,38 @@ def _has_hooks(model: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
-def _projection(module: nn.Module):
-    """What the stack kernel multiplies by for this projection: a plain bias-free `nn.Linear`'s fp32 / bf16 CPU
-    weight, or the prepared int8 / int4 plan of a `weight_only_quant` layer on its C decode kernel; None when
-    the module is anything else (LoRA, another kernel, a bias, another device), which keeps the module path."""
+def _routable(module: nn.Module) -> bool:
+    """A plain `nn.Linear` with an fp32 / bf16 CPU weight, not already routed by an outer block."""
+    w = getattr(module, "weight", None)
+    return (type(module) is nn.Linear and "forward" not in module.__dict__ and w is not None
+            and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16))
+
+
+def _projection(module: nn.Module, dense: dict):
+    """What the stack kernel multiplies by for this projection: the `DenseGemvPlan` of a bias-free routable
+    `nn.Linear` (from `dense`), or the prepared int8 / int4 plan of a `weight_only_quant` layer on its C decode
+    kernel; None when the module is anything else (LoRA, another kernel, a bias, another device), which keeps
+    the module path."""
     if type(module) is nn.Linear:
-        w = module.weight
-        ok = module.bias is None and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
-        return w if ok else None
+        return dense.get(module) if module.bias is None else None
     plan_fn = getattr(module, "_gemv_plan", None)
     if plan_fn is None or getattr(module, "kernel", None) != "auto" or getattr(module, "bias", 0) is not None:
         return None
     return plan_fn()
 
 
-def _stack_plan(model: nn.Module):
+def _stack_plan(model: nn.Module, dense: dict | None = None):
     """A `StackDecodePlan` over the model's blocks when every piece is a stock one (Llama `Transformer`, `Block`,
     `Attention`, `FeedForward`, `RMSNorm`; projections per `_projection`; no hooks): a technique that replaced
-    anything else (flash attention, LoRA, fused ops, ...) keeps the module-by-module path. None otherwise."""
+    anything else (flash attention, LoRA, fused ops, ...) keeps the module-by-module path. None otherwise.
+    `dense`: the `DenseGemvPlan` of each routable Linear, when the caller has built them already."""
+    from llmopt.kernels.dense_gemv import DenseGemvPlan, StackDecodePlan
     from llmopt.models.llama import Attention, Block, FeedForward, RMSNorm, Transformer
 
     if type(model) is not Transformer or _has_hooks(model) or type(model.norm) is not RMSNorm:
         return None
+    if dense is None:
+        dense = {m: DenseGemvPlan(m.weight) for m in model.modules() if _routable(m)}
     layers = []
     for block in model.layers:
         attn, mlp = block.self_attn, block.mlp
@@ -101,18 +111,17 @@ def _stack_plan(model: nn.Module):
             return None
         modules = dict(wq=attn.q_proj, wk=attn.k_proj, wv=attn.v_proj, wo=attn.o_proj, wg=mlp.gate_proj,
                        wu=mlp.up_proj, wd=mlp.down_proj)
-        layer = {k: _projection(m) for k, m in modules.items()}
+        layer = {k: _projection(m, dense) for k, m in modules.items()}
         if any(v is None for v in layer.values()):
             return None
         layer.update(n1=norms[0].weight, n2=norms[1].weight)
         layers.append(layer)
-    tensors = [t for layer in layers for t in layer.values() if isinstance(t, torch.Tensor)]
+    tensors = [getattr(t, "weight", t) for layer in layers for t in layer.values()  # norms, and dense plans' weights
+               if isinstance(t, (torch.Tensor, DenseGemvPlan))]
     eps = {n.eps for b in model.layers for n in (b.input_layernorm, b.post_attention_layernorm)}
     if (len(eps) != 1 or len({t.dtype for t in tensors}) != 1 or tensors[0].dtype not in (torch.float32, torch.bfloat16)
             or any(t.device.type != "cpu" for t in tensors)):
         return None
-    from llmopt.kernels.dense_gemv import StackDecodePlan
-
     c = model.config
     return StackDecodePlan(layers, n_head=c.n_head, n_kv_head=c.n_kv_head, head_dim=c.head_dim, eps=eps.pop())
 
@@ -160,7 +169,7 @@ def cpu_linear_kernels(*models: nn.Module | None, enabled: bool = True, stack: b
     """Route the plain `nn.Linear` layers of `models` (None entries are skipped) through the CPU decode kernel
     inside the block; a no-op when `enabled` is False, the kernel does not build here, or nothing qualifies.
     Re-entrant: layers already routed by an outer block are left to it."""
-    patched: list[nn.Linear] = []
+    patched: list[nn.Module] = []  # routed linears (forward) and models (hidden_states)
     if enabled:
         from llmopt.kernels.dense_gemv import DenseGemvPlan, dense_gemv_available
 
@@ -170,17 +179,15 @@ def cpu_linear_kernels(*models: nn.Module | None, enabled: bool = True, stack: b
             for model in models:
                 if model is None:
                     continue
-                plan = _stack_plan(model) if stack and "hidden_states" not in model.__dict__ else None
+                linears = [m for m in model.modules() if _routable(m)]
+                dense = {m: DenseGemvPlan(m.weight) for m in linears}  # one plan per weight, shared with the stack
+                plan = _stack_plan(model, dense) if stack and "hidden_states" not in model.__dict__ else None
                 if plan is not None:
                     model.hidden_states = _fast_hidden_states(model, plan, threads)
                     patched.append(model)
-                for module in model.modules():
-                    w = getattr(module, "weight", None)
-                    if (type(module) is not nn.Linear or "forward" in module.__dict__ or w is None
-                            or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16)):
-                        continue
-                    plan = DenseGemvPlan(w)
-                    module.forward = _fast_forward(module, plan, threads, upcast and w.dtype == torch.bfloat16)
+                for module in linears:
+                    module.forward = _fast_forward(module, dense[module], threads,
+                                                   upcast and module.weight.dtype == torch.bfloat16)
                     patched.append(module)
     try:
         yield len(patched)

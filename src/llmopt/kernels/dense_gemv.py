@@ -380,9 +380,10 @@ class StackDecodePlan:
     `layers`: per layer a dict of the projections `wq wk wv wo wg wu wd` (each a dense (out, in) fp32 / bf16
     weight as nn.Linear stores it, or a prepared plan with `c_call`, e.g. an int8 / int4 `IntGemvPlan`) and the
     RMSNorm weights `n1 n2` (fp32 or bf16). Arithmetic is fp32 (a bf16 model's residual stream is kept in fp32
-    inside the call). `step(x, pos, cos, sin, k_bufs, v_bufs, pad)` updates x (B, dim) fp32 in place and writes
-    the keys / values at `pos` into the per-layer buffers (B, n_kv, max_len, head_dim) (fp32 or bf16). Holds
-    references to the weights; the buffers are bound per call (cheaply, when they changed)."""
+    inside the call). `step(x, pos, cos, sin, k_bufs, v_bufs, pad)` updates x (B, T, dim) fp32 in place and writes
+    the keys / values at pos .. pos + T - 1 into the per-layer buffers (B, n_kv, max_len, head_dim) (fp32 or bf16);
+    `step_with_attention` leaves attention and the cache to a callback. Holds references to the weights; the
+    buffers are bound per call (cheaply, when they changed)."""
 
     def __init__(self, layers: list[dict], *, n_head: int, n_kv_head: int, head_dim: int, eps: float,
                  isa: str = "native") -> None:
@@ -419,14 +420,29 @@ class StackDecodePlan:
                                  f"{self.head_dim}) fp32 or bf16, all alike; got {tuple(t.shape)} {t.dtype}")
         if len(k_bufs) != len(self.layers) or len(v_bufs) != len(self.layers):
             raise ValueError(f"StackDecodePlan: {len(self.layers)} layers, got {len(k_bufs)} cache buffers")
-        cfg = _Cfg(len(self.layers), self.dim, self.n_head, self.n_kv_head, self.head_dim, self.inter, max_len,
-                   int(self.nbf16), int(k_bufs[0].dtype == torch.bfloat16), self.eps)
+        cfg = self._cfg(max_len, k_bufs[0].dtype == torch.bfloat16)
+        self._bound = (key, cfg, self._layer_array(k_bufs, v_bufs), max_len, (k_bufs, v_bufs))
+
+    def _cfg(self, max_len: int, cache_bf16: bool) -> _Cfg:
+        return _Cfg(len(self.layers), self.dim, self.n_head, self.n_kv_head, self.head_dim, self.inter, max_len,
+                    int(self.nbf16), int(cache_bf16), self.eps)
+
+    def _layer_array(self, k_bufs=None, v_bufs=None) -> ctypes.Array:
+        """The C layer table: each projection's (function, plan), the norm weights, and the cache buffers (NULL
+        without them: `step_with_attention`)."""
         arr = (_Layer * len(self.layers))()
-        for i, (layer, kc, vc) in enumerate(zip(self.layers, k_bufs, v_bufs)):
+        for i, layer in enumerate(self.layers):
             calls = [layer[k].c_call for k in _PROJ]
+            kc, vc = (None, None) if k_bufs is None else (k_bufs[i].data_ptr(), v_bufs[i].data_ptr())
             arr[i] = _Layer(*(f for f, _ in calls), *(p for _, p in calls), layer["n1"].data_ptr(),
-                            layer["n2"].data_ptr(), kc.data_ptr(), vc.data_ptr())
-        self._bound = (key, cfg, arr, None, max_len, (k_bufs, v_bufs))
+                            layer["n2"].data_ptr(), kc, vc)
+        return arr
+
+    def _check_x(self, x: torch.Tensor) -> tuple[int, int]:
+        B, T = x.shape[:2]
+        if x.dtype != torch.float32 or not x.is_contiguous() or x.shape != (B, T, self.dim):
+            raise ValueError(f"StackDecodePlan takes x (B, T, {self.dim}) contiguous fp32, got {tuple(x.shape)} {x.dtype}")
+        return B, T
 
     def step(self, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor, k_bufs, v_bufs,
              pad: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
@@ -436,12 +452,9 @@ class StackDecodePlan:
         their row's keys up to their own position."""
         if x.dim() == 2:
             x = x[:, None]
-        B, T = x.shape[:2]
-        if x.dtype != torch.float32 or not x.is_contiguous() or x.shape != (B, T, self.dim):
-            raise ValueError(f"StackDecodePlan.step takes x (B, T, {self.dim}) contiguous fp32, got {tuple(x.shape)} "
-                             f"{x.dtype}")
+        B, T = self._check_x(x)
         self._bind(k_bufs, v_bufs, B)
-        _, cfg, arr, _, max_len, _ = self._bound
+        _, cfg, arr, max_len, _ = self._bound
         if not (0 <= pos and pos + T <= max_len):
             raise ValueError(f"positions {pos}..{pos + T - 1} are outside the cache's {max_len} slots")
         work = self._work(cfg, B * T)
@@ -458,18 +471,9 @@ class StackDecodePlan:
         (B, n_head, T, head_dim), k and v (B, n_kv_head, T, head_dim), fp32, after RoPE; it returns the attention
         output (B, n_head, T, head_dim). Two C calls per layer (norm + projections + RoPE; o + residual + MLP),
         for caches that attend over their own storage (the quantized KV cache)."""
-        B, T = x.shape[:2]
-        if x.dtype != torch.float32 or not x.is_contiguous() or x.shape != (B, T, self.dim):
-            raise ValueError(f"StackDecodePlan takes x (B, T, {self.dim}) contiguous fp32, got {tuple(x.shape)} {x.dtype}")
+        B, T = self._check_x(x)
         if self._free is None:
-            cfg = _Cfg(len(self.layers), self.dim, self.n_head, self.n_kv_head, self.head_dim, self.inter, 1,
-                       int(self.nbf16), 0, self.eps)
-            arr = (_Layer * len(self.layers))()
-            for i, layer in enumerate(self.layers):
-                calls = [layer[k].c_call for k in _PROJ]
-                arr[i] = _Layer(*(f for f, _ in calls), *(p for _, p in calls), layer["n1"].data_ptr(),
-                                layer["n2"].data_ptr(), None, None)
-            self._free = (cfg, arr)
+            self._free = (self._cfg(1, False), self._layer_array())
         cfg, arr = self._free
         R, nh, nkv, hd = B * T, self.n_head, self.n_kv_head, self.head_dim
         q, k, v = torch.empty(B, T, nh, hd), torch.empty(B, T, nkv, hd), torch.empty(B, T, nkv, hd)

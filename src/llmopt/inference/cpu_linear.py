@@ -1,22 +1,31 @@
-"""Decode-shaped linears on CPU through `llmopt.kernels.dense_gemv`, for the length of a generation call.
+"""The CPU decode path of a generation call: the whole decode step of a stock Llama stack in one C call, and the
+remaining plain linears through `llmopt.kernels.dense_gemv`, for the length of the call.
 
     with cpu_linear_kernels(model, draft):    # generate / speculative_generate do this (kernels="auto")
         ...
 
-Inside the block every plain `nn.Linear` of the models (exactly that type: LoRA, quantized and other
-replaced layers keep their own forward) whose weight is an fp32 or bf16 CPU tensor computes, when autograd
-is off and the call has at most `max_rows` rows of activations (decode: one row per sequence; speculative
-verify: k + 1; short prompts), `x @ W^T` with the C kernel, which reads the stored weight once per call and
-accumulates in fp32. Longer inputs (prefill) keep `F.linear`, except bf16 weights on a CPU without native
-bf16 matrix instructions (AVX-512 BF16 / AMX): there `F.linear` goes through a slow generic bf16 path, so
-the product is computed in fp32 from the widened weight (exact widening; fp32 accumulation, as bf16
-`F.linear` also accumulates) and rounded to bf16 once.
+The stack step: when every block, attention, MLP and RMSNorm of a Llama `Transformer` is the stock class, its
+projections are bias-free plain `nn.Linear` (fp32 or bf16) or `weight_only_quant` layers on their C kernels,
+and no hook is registered, `model.hidden_states` is replaced for the block: a forward of up to `MAX_ROWS`
+rows with the dense `KVCache` runs as one `StackDecodePlan.step` (norms, projections, RoPE, cache write,
+attention, MLP, residuals, every layer); a one-token forward with a cache that attends over its own storage
+(the quantized KV cache) runs the C layer halves around that cache's `update` / `attend`. Anything else takes
+the stock forward.
 
-Why: on SmolLM2-135M at one thread, `benchmarks/bench_inference.py hf` measures the decode step with these
-kernels against transformers (docs/inference.md). Numerics: the same products up to fp32 summation order
-(greedy tokens equal `generate_reference` in the tests). On exit the modules' own `forward` is back; the
-patch is an instance attribute, so a model is never changed outside the block, and nothing is patched when
-the kernel does not build here (no C compiler) or the weights are elsewhere than the CPU.
+The linears: every plain `nn.Linear` of the models (exactly that type: LoRA, quantized and other replaced layers
+keep their own forward) whose weight is an fp32 or bf16 CPU tensor computes, when autograd is off and the call
+has at most `MAX_ROWS` rows of activations (decode: one row per sequence; speculative verify: k + 1; short
+prompts), `x @ W^T` with the C kernel, which reads the stored weight once per call and accumulates in fp32.
+Longer inputs (prefill) keep `F.linear`, except bf16 weights on a CPU without native bf16 matrix instructions
+(AVX-512 BF16 / AMX): there `F.linear` goes through a slow generic bf16 path, so the product is computed in fp32
+from the widened weight (exact widening; fp32 accumulation, as bf16 `F.linear` also accumulates) and rounded to
+bf16 once.
+
+Why and how much: docs/inference.md ("The decode step on CPU"; `benchmarks/bench_inference.py hf`). Numerics: the
+same products up to fp32 summation order (tests/test_dense_gemv.py). On exit the modules' own `forward` and the
+model's own `hidden_states` are back; the patches are instance attributes, so a model is never changed outside
+the block, and nothing is patched when the kernel does not build here (no C compiler) or the weights are
+elsewhere than the CPU.
 """
 
 from __future__ import annotations

@@ -114,3 +114,32 @@ def test_distill_refuses_a_student_with_another_vocabulary(tmp_path):
     run.init_from = None
     with pytest.raises(ValueError, match="needs init_from"):
         distill(run, tmp_path)
+
+
+def test_teacher_continuations_are_the_teachers_greedy_output(tiny_model):
+    """Sequence-level distillation data: the stored tokens are `generate`'s greedy continuation and the stored
+    top-k at every position is the teacher's distribution over that very sequence."""
+    from llmopt.data.distill import concat_targets, mixed_batches
+    from llmopt.inference import generate
+    from llmopt.recipes.distill import teacher_continuations
+
+    tiny_model.eval()
+    prompts = torch.randint(0, 320, (3, 7), generator=torch.Generator().manual_seed(3))
+    got = teacher_continuations(tiny_model, prompts, 10, top_k=4)
+    assert got.inputs.shape == (3, 16) and got.topk_ids.shape == (3, 16, 4)
+    want = generate(tiny_model, prompts, 10).tokens  # (3, 17): the last token is only a target
+    assert torch.equal(got.inputs, want[:, :16])
+    assert torch.equal(got.topk_ids[:, 6:, 0], want[:, 7:])  # from the last prompt position on: greedy
+    with torch.no_grad():
+        full = tiny_model(got.inputs).log_softmax(-1).topk(4, dim=-1)
+    torch.testing.assert_close(got.topk_logprobs, full.values.log_softmax(-1), atol=1e-4, rtol=1e-4)
+
+    text = teacher_topk(tiny_model, torch.randint(0, 320, (5, 16), generator=torch.Generator().manual_seed(4)),
+                        top_k=4)
+    both = concat_targets([text, got])
+    assert len(both) == 8
+    inputs, _, _ = next(mixed_batches(text, got, 4, 3, seed=0))
+    assert inputs.shape == (4, 16)
+    assert sum(any(torch.equal(r, c) for c in got.inputs) for r in inputs) == 3  # 3 rows from the continuations
+    with pytest.raises(ValueError, match="new_tokens must be at least 1"):
+        teacher_continuations(tiny_model, prompts, 0)

@@ -82,6 +82,37 @@ class TeacherTargets:
                        f.get_tensor("topk_logprobs").float(), mass)
 
 
+def concat_targets(parts: list[TeacherTargets]) -> TeacherTargets:
+    """One `TeacherTargets` from several with the same window length and top-k (mass averaged by tokens)."""
+    if not parts:
+        raise ValueError("no teacher targets to concatenate")
+    tokens = sum(p.inputs.numel() for p in parts)
+    return TeacherTargets(torch.cat([p.inputs for p in parts]), torch.cat([p.topk_ids for p in parts]),
+                          torch.cat([p.topk_logprobs for p in parts]),
+                          sum(p.mass * p.inputs.numel() for p in parts) / tokens)
+
+
+def mixed_batches(first: TeacherTargets, second: TeacherTargets | None, batch_size: int, second_rows: int, *,
+                  seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Endless batches of `batch_size` rows, `second_rows` of them from `second` and the rest from `first`
+    (each shuffled on its own); `second=None` or `second_rows=0` is `first.batches(batch_size)`."""
+    if second is None or second_rows == 0:
+        yield from first.batches(batch_size, seed=seed)
+        return
+    if not 0 < second_rows <= batch_size:
+        raise ValueError(f"second_rows must be in [0, batch_size={batch_size}], got {second_rows}")
+    if first.inputs.size(1) != second.inputs.size(1):
+        raise ValueError(f"window lengths differ ({first.inputs.size(1)} vs {second.inputs.size(1)}); "
+                         "generate the continuations with prompt_len + new_tokens - 1 = seq_len")
+    if second_rows == batch_size:
+        yield from second.batches(batch_size, seed=seed)
+        return
+    a, b = first.batches(batch_size - second_rows, seed=seed), second.batches(second_rows, seed=seed + 1)
+    while True:
+        x, y = next(a), next(b)
+        yield tuple(torch.cat([u, v]) for u, v in zip(x, y))
+
+
 def windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows (N, seq_len) of a 1-D id tensor; at most `max_windows`, evenly spread."""
     n = ids.numel() // seq_len

@@ -60,7 +60,18 @@ def one_run(*, model: str, steps: int, batch_size: int, max_len: int, spec: str 
 
     x = torch.randint(0, m.config.vocab_size, (batch_size, max_len + 1))
     acc = account_training_step(m, opt, lambda: (lambda s, n: s / n)(*m.loss(x[:, :-1], x[:, 1:])))
-    return {"step_s": statistics.median(times), "cpu_s": statistics.median(cpu), "live_lower_bound": acc.total, "rss_before": rss_before}
+    out = {"step_s": statistics.median(times), "cpu_s": statistics.median(cpu), "live_lower_bound": acc.total,
+           "rss_before": rss_before}
+    import sys
+
+    alloc = sys.modules.get("llmopt.kernels.cpu_allocator")
+    if alloc is not None and alloc.installed():  # the caching allocator's counters, for the report
+        st = alloc.stats()
+        out["allocator"] = {"requests": st.requests, "reused": st.reused, "extended": st.extended,
+                            "new_page_MiB": round(st.new_page_bytes / 2**20, 1),
+                            "peak_live_MiB": round(st.peak_live_bytes / 2**20, 1),
+                            "high_water_MiB": round(st.peak_touched_bytes / 2**20, 1)}
+    return out
 
 
 def split_variant(name: str) -> tuple[dict[str, str], str | None]:

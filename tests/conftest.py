@@ -25,3 +25,16 @@ def tiny_model(tiny_config):
 
     torch.manual_seed(0)
     return build_model(tiny_config)
+
+
+@pytest.fixture(autouse=True)
+def _system_cpu_allocator_after_each_test():
+    """`buffer_reuse` installs llmopt's caching CPU allocator process-wide; give torch its own back after
+    every test, so no test depends on which ran before it."""
+    yield
+    import sys
+
+    alloc = sys.modules.get("llmopt.kernels.cpu_allocator")
+    if alloc is not None and alloc._library.cache_info().currsize and alloc.installed():
+        alloc.uninstall()
+        alloc.empty_cache()

@@ -87,14 +87,16 @@ def _logits_fed(model, ids, cache, pieces):
     return torch.cat(out, 1)
 
 
-@pytest.mark.parametrize("bits,group,residual,sinks", [(4, 8, 0, 0), (2, 8, 5, 0), (2, 8, 0, 3), (4, 16, 3, 4)])
-def test_decode_view_chunks_equal_token_by_token(tiny_model, bits, group, residual, sinks):
+@pytest.mark.parametrize("bits,group,residual,sinks,extra", [
+    (4, 8, 0, 0, {}), (2, 8, 5, 0, {}), (2, 8, 0, 3, {}), (4, 16, 3, 4, {}),
+    (2, 8, 0, 3, dict(pre_rope=True, key_clip="mse", value_clip="unbiased")), (4, 8, 5, 0, dict(pre_rope=True))])
+def test_decode_view_chunks_equal_token_by_token(tiny_model, bits, group, residual, sinks, extra):
     """A multi-token forward sees the cache as token-by-token decoding would: the same logits."""
     ids = torch.randint(0, 320, (1, 60), generator=torch.Generator().manual_seed(7))
 
     def cache(view=True):
         return make_quantized_cache(tiny_model, 1, 64, bits=bits, group_size=group, residual_length=residual,
-                                    sink_tokens=sinks, decode_view=view, chunk_size=16)
+                                    sink_tokens=sinks, decode_view=view, chunk_size=16, **extra)
 
     one_by_one = _logits_fed(tiny_model, ids, cache(), [1] * 60)
     chunked = _logits_fed(tiny_model, ids, cache(), [13, 1, 30, 16])
@@ -224,3 +226,90 @@ def test_errors(tiny_model):
         QuantizedKVCache(1, 1, 1, 16, 12, group_size=8)
     with pytest.raises(ValueError, match="not both"):
         generate(tiny_model, [1, 2], 3, kv_bits=4, cache=make_cache(tiny_model, 1))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_mse_clip_never_worse_than_min_max(bits):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 64, 16, generator=gen) * torch.rand(1, 1, 1, 16, generator=gen) * 4
+    x[0, 0, 3, 0] = 40.0  # an outlier: clipping it pays at 2 bits
+    errors = {}
+    for clip in ("minmax", "mse"):
+        codes, scale, zero = quantize_groups(x, bits, dim=2, clip=clip)
+        assert codes.dtype == torch.uint8 and int(codes.max()) <= 2 ** bits - 1
+        assert scale.dtype == zero.dtype == torch.float16 and scale.shape == (3, 4, 1, 16)
+        errors[clip] = (codes.float() * scale.float() + zero.float() - x).square().sum(2)
+    assert (errors["mse"] <= errors["minmax"] * (1 + 1e-6)).all()  # per group, as stored (fp16 scale and zero)
+    if bits == 2:  # Gaussian groups: the MSE-optimal range is about 0.6 of min-max, about half the error
+        assert errors["mse"].sum() < 0.7 * errors["minmax"].sum()
+    with pytest.raises(ValueError, match="clip must be one of"):
+        quantize_groups(x, bits, dim=2, clip="max")
+
+
+@pytest.mark.parametrize("key_clip,value_clip", [("mse", "minmax"), ("minmax", "unbiased"), ("unbiased", "mse")])
+def test_clipped_cache_stores_the_clipped_quantizer(key_clip, value_clip):
+    """The cache stores exactly what `quantize_groups(..., clip=key_clip / value_clip)` gives for the rotated keys
+    and values; truncate brings stored positions back into the window at their stored values."""
+    gen = torch.Generator().manual_seed(3)
+    cache = QuantizedKVCache(1, 2, 2, 64, 8, bits=2, group_size=8, chunk_size=16, rotate="both", key_clip=key_clip,
+                             value_clip=value_clip)
+    k, v = torch.randn(2, 2, 24, 8, generator=gen), torch.randn(2, 2, 24, 8, generator=gen)
+    cache.attn_mask(torch.arange(24))
+    cache.update(0, torch.arange(24), k, v)
+    kq, ks, kz = quantize_groups((k @ cache.H).view(2, 2, 3, 8, 8), 2, dim=3, clip=key_clip)
+    vq, vs, vz = quantize_groups((v @ cache.H).view(2, 2, 24, 1, 8), 2, dim=4, clip=value_clip)
+    assert cache.quantized == [24]
+    assert torch.equal(cache.k_scale[0][:, :, :3], ks) and torch.equal(cache.k_zero[0][:, :, :3], kz)
+    assert torch.equal(cache.v_scale[0][:, :, :24], vs) and torch.equal(cache.v_zero[0][:, :, :24], vz)
+    assert torch.equal(unpack(cache.k_codes[0][:, :, :24], 2), kq.view(2, 2, 24, 8))
+    assert torch.equal(unpack(cache.v_codes[0][:, :, :24], 2), vq.view(2, 2, 24, 8))
+    dk, dv = cache.dequantize(0, 16, 24)
+    cache.truncate(20)  # positions 16..19 come back into the window at their stored values
+    assert cache.quantized == [16]
+    torch.testing.assert_close(cache.k_window[0][:, :, :4], dk[:, :, :4])
+    torch.testing.assert_close(cache.v_window[0][:, :, :4], dv[:, :, :4])
+    with pytest.raises(ValueError, match="key_clip must be one of"):
+        QuantizedKVCache(1, 1, 1, 16, 8, bits=2, group_size=8, key_clip="max")
+
+
+@pytest.mark.parametrize("rotate", ["none", "both"])
+def test_pre_rope_keys(tiny_model, rotate):
+    """pre_rope=True stores each key group rotated back by its positions' RoPE angles (per channel, as KVQuant),
+    reads it with RoPE again: stored keys within half a step of the pre-RoPE keys, attention equal to SDPA over
+    the dequantized cache, the same bytes, and the C kernel not taken (it reads keys as stored)."""
+    from llmopt.models.llama import rotate_half
+
+    cos, sin = tiny_model.rope_cos, tiny_model.rope_sin
+    D = tiny_model.config.head_dim
+    gen = torch.Generator().manual_seed(9)
+    cache = QuantizedKVCache(1, 1, 2, 64, D, bits=4, group_size=8, chunk_size=16, rotate=rotate, rope=(cos, sin))
+    plain = QuantizedKVCache(1, 1, 2, 64, D, bits=4, group_size=8, chunk_size=16, rotate=rotate)
+    pre = torch.randn(1, 2, 37, D, generator=gen) + 3 * torch.randn(1, 2, 1, D, generator=gen)  # channel offsets
+    k = pre * cos[:37] + rotate_half(pre) * sin[:37]  # what the model writes: keys after RoPE
+    v = torch.randn(1, 2, 37, D, generator=gen)
+    for c in (cache, plain):
+        c.attn_mask(torch.arange(37))
+        c.update(0, torch.arange(37), k, v)
+    assert cache.quantized == [32] and cache.bytes_at(37) == plain.bytes_at(37) and cache.nbytes == plain.nbytes
+    stored = pre[:, :, :32] @ cache.H if rotate == "both" else pre[:, :, :32]
+    dk_stored = (unpack(cache.k_codes[0][:, :, :32], 4).view(1, 2, 4, 8, D).float() * cache.k_scale[0][:, :, :4].float()
+                 + cache.k_zero[0][:, :, :4].float()).view(1, 2, 32, D)
+    step = (stored.view(1, 2, 4, 8, D).amax(3) - stored.view(1, 2, 4, 8, D).amin(3)) / 15
+    assert ((dk_stored - stored).abs().view(1, 2, 4, 8, D).amax(3) <= step * 0.51 + 1e-3).all()
+    dk, dv = cache.dequantize(0, 0, 32)
+    back = dk_stored @ cache.H if rotate == "both" else dk_stored
+    torch.testing.assert_close(dk, back * cos[:32] + rotate_half(back) * sin[:32], atol=1e-5, rtol=1e-5)
+    # per-channel groups fit pre-RoPE keys with channel offsets better than post-RoPE ones
+    assert (dk - k[:, :, :32]).square().sum() < 0.5 * (plain.dequantize(0, 0, 32)[0] - k[:, :, :32]).square().sum()
+    q = torch.randn(1, 4, 1, D, generator=gen)
+    cache.attn_mask(torch.tensor([37]))
+    assert not cache._use_kernel(q, None)
+    kn, vn = torch.randn(1, 2, 1, D, generator=gen), torch.randn(1, 2, 1, D, generator=gen)
+    cache.update(0, torch.tensor([37]), kn, vn)
+    want = F.scaled_dot_product_attention(q, torch.cat([dk, k[:, :, 32:], kn], 2),
+                                          torch.cat([dv, v[:, :, 32:], vn], 2), enable_gqa=True)
+    torch.testing.assert_close(cache.attend(0, q, None), want, atol=1e-5, rtol=1e-5)
+    cache.truncate(30)  # back into the codes: 24..29 return to the window with RoPE applied
+    torch.testing.assert_close(cache.k_window[0][:, :, :6], dk[:, :, 24:30])
+    with pytest.raises(ValueError, match="rope must be"):
+        QuantizedKVCache(1, 1, 2, 64, D, bits=4, group_size=8, rope=(cos[:10], sin[:10]))

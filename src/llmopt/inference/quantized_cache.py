@@ -47,6 +47,7 @@ import torch
 
 from llmopt.inference.cache import KVCache
 from llmopt.kernels import kv_attention
+from llmopt.models.llama import rotate_half
 
 SCALE_DTYPE = torch.float16
 
@@ -62,18 +63,64 @@ def hadamard(n: int, device=None) -> torch.Tensor:
 
 
 # ---- quantization primitives --------------------------------------------------------------------
-def quantize_groups(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric min-max quantization reducing over `dim`: (codes uint8, scale fp16, zero fp16).
+CLIPS = ("minmax", "mse", "unbiased")
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45)
+"""Range shrink factors tried by `clip="mse"` (about the group's midpoint): 0.6 is near the MSE-optimal 2-bit
+step for Gaussian data (about 1 sigma), 1.0 is min-max."""
+
+
+def _fit(x, lo, hi, levels, dim):
+    """Codes, fp16 scale and zero for the range [lo, hi], and the squared error of what they store."""
+    scale = ((hi - lo) / levels).clamp_min(1e-8).to(SCALE_DTYPE)
+    zero = lo.to(SCALE_DTYPE)
+    codes = ((x - zero.float()) / scale.float()).round_().clamp_(0, levels)
+    err = (codes * scale.float() + zero.float() - x).square_().sum(dim, keepdim=True)
+    return codes, scale, zero, err
+
+
+def quantize_groups(x: torch.Tensor, bits: int, dim: int,
+                    clip: str = "minmax") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric quantization reducing over `dim`: (codes uint8, scale fp16, zero fp16).
 
     x ~ codes * scale + zero, with codes in [0, 2^bits - 1]; scale and zero keep `dim` with size 1.
+    `clip="minmax"`: the group's range is [min, max]. `clip="mse"`: per group, the range is shrunk about its
+    midpoint by each of `CLIP_RATIOS`, then refined by two Lloyd steps (least-squares scale and zero for the
+    codes, then the nearest codes); the candidate whose stored values (fp16 scale and zero) have the least
+    squared error is kept, min-max among them, so the error is never above min-max's.
     """
+    if clip not in CLIPS:
+        raise ValueError(f"clip must be one of {', '.join(map(repr, CLIPS))}, got {clip!r}")
     levels = 2 ** bits - 1
     lo = x.amin(dim, keepdim=True)
     hi = x.amax(dim, keepdim=True)
-    scale = ((hi - lo) / levels).clamp_min(1e-8).to(SCALE_DTYPE)
-    zero = lo.to(SCALE_DTYPE)
-    codes = ((x - zero.float()) / scale.float()).round_().clamp_(0, levels).to(torch.uint8)
-    return codes, scale, zero
+    codes, scale, zero, err = _fit(x, lo, hi, levels, dim)
+    if clip != "minmax":
+        mid, half = (hi + lo) / 2, (hi - lo) / 2
+        for ratio in CLIP_RATIOS[1:]:
+            c, s, z, e = _fit(x, mid - ratio * half, mid + ratio * half, levels, dim)
+            for _ in range(2):  # Lloyd: least-squares scale and zero for these codes, then the nearest codes
+                cm = c.mean(dim, keepdim=True)
+                xm = x.mean(dim, keepdim=True)
+                var = (c - cm).square().sum(dim, keepdim=True)
+                slope = ((c - cm) * (x - xm)).sum(dim, keepdim=True) / var.clamp_min(1e-12)
+                slope = torch.where(var > 0, slope.clamp_min(1e-8), s.float())
+                z0 = xm - slope * cm
+                c2, s2, z2, e2 = _fit(x, z0, z0 + slope * levels, levels, dim)
+                better = e2 < e
+                c, s, z, e = (torch.where(better, c2, c), torch.where(better, s2, s), torch.where(better, z2, z),
+                              torch.minimum(e, e2))
+            better = e < err
+            codes, scale, zero, err = (torch.where(better, c, codes), torch.where(better, s, scale),
+                                       torch.where(better, z, zero), torch.minimum(err, e))
+    if clip == "unbiased":  # keep the codes; scale so that the error has zero mean and is uncorrelated with x
+        xc = x - x.mean(dim, keepdim=True)
+        cc = codes - codes.mean(dim, keepdim=True)
+        cov = (xc * cc).sum(dim, keepdim=True)
+        slope = xc.square().sum(dim, keepdim=True) / cov.clamp_min(1e-12)
+        slope = torch.where(cov > 0, slope, scale.float())
+        scale = slope.clamp_min(1e-8).to(SCALE_DTYPE)
+        zero = (x.mean(dim, keepdim=True) - scale.float() * codes.mean(dim, keepdim=True)).to(SCALE_DTYPE)
+    return codes.to(torch.uint8), scale, zero
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -102,7 +149,9 @@ class QuantizedKVCache(KVCache):
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, *, bits: int = 4,
                  group_size: int = 64, residual_length: int = 0, chunk_size: int = 1024,
                  static: bool = False, rotate: str = "auto", kernel: str = "auto",
-                 value_group: int | None = None, sink_tokens: int = 0, decode_view: bool = True) -> None:
+                 value_group: int | None = None, sink_tokens: int = 0, decode_view: bool = True,
+                 key_clip: str = "minmax", value_clip: str = "minmax",
+                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         if bits not in (8, 4, 2):
             raise ValueError(f"QuantizedKVCache bits must be 8, 4 or 2, got {bits}")
         if static:
@@ -126,6 +175,20 @@ class QuantizedKVCache(KVCache):
         if kernel not in ("auto", "torch", "c"):
             raise ValueError(f"kernel must be 'auto', 'torch' or 'c', got {kernel!r}")
         self.kernel = kernel
+        for name, clip in (("key_clip", key_clip), ("value_clip", value_clip)):
+            if clip not in CLIPS:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, CLIPS))}, got {clip!r}")
+        self.key_clip, self.value_clip = key_clip, value_clip
+        if rope is not None:
+            cos, sin = rope
+            if cos.shape != sin.shape or cos.dim() != 2 or cos.size(0) < max_len or cos.size(1) != head_dim:
+                raise ValueError(f"rope must be the model's (cos, sin) tables of shape (>= max_len={max_len}, "
+                                 f"head_dim={head_dim}), got {tuple(cos.shape)} and {tuple(sin.shape)}")
+            rope = (cos[:max_len].float(), sin[:max_len].float())
+        self.rope = rope
+        """(cos, sin) of the model's rotary embedding, or None. When set, keys are quantized before RoPE
+        (KVQuant): a flushed group is rotated back to its pre-RoPE keys, and a stored chunk gets RoPE again
+        as it is read."""
         self.H = hadamard(head_dim, device) if rotate != "none" else None
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
         self.sink_tokens, self.decode_view = sink_tokens, decode_view
@@ -197,17 +260,20 @@ class QuantizedKVCache(KVCache):
             n, i0 = n_groups * G, q0
             B, H, _, D = k_all.shape
             kn, vn = k_all[:, :, :n].float(), v_all[:, :, :n].float()
+            if self.rope is not None:  # back to the pre-RoPE keys: rotation by minus the position's angles
+                cos, sin = self.rope[0][i0:i0 + n], self.rope[1][i0:i0 + n]
+                kn = kn * cos - rotate_half(kn) * sin
             if q0 == 0 and S:  # the sinks' codes are never read: keep them out of the first key group's range
                 kn[:, :, :S] = kn[:, :, S:S + 1]
             if self.rotate == "both":
                 kn = kn @ self.H
             if self.rotate != "none":
                 vn = vn @ self.H
-            kq, ks, kz = quantize_groups(kn.view(B, H, n_groups, G, D), self.bits, dim=3)
+            kq, ks, kz = quantize_groups(kn.view(B, H, n_groups, G, D), self.bits, dim=3, clip=self.key_clip)
             self.k_codes[layer][:, :, i0:i0 + n] = pack(kq.view(B, H, n, D), self.bits)
             self.k_scale[layer][:, :, i0 // G:i0 // G + n_groups] = ks
             self.k_zero[layer][:, :, i0 // G:i0 // G + n_groups] = kz
-            vq, vs, vz = quantize_groups(vn.view(B, H, n, D // self.value_group, self.value_group), self.bits, dim=4)
+            vq, vs, vz = quantize_groups(vn.view(B, H, n, D // self.value_group, self.value_group), self.bits, dim=4, clip=self.value_clip)
             self.v_codes[layer][:, :, i0:i0 + n] = pack(vq.view(B, H, n, D), self.bits)
             self.v_scale[layer][:, :, i0:i0 + n] = vs
             self.v_zero[layer][:, :, i0:i0 + n] = vz
@@ -238,8 +304,14 @@ class QuantizedKVCache(KVCache):
         v = v.view(B, H, n, D)
         if not rotated and self.rotate != "none":
             v = v @ self.H
+        if self.rope is not None:  # stored pre-RoPE: rotate back to the original basis, apply RoPE at [start, end)
             if self.rotate == "both":
                 k = k @ self.H
+            k = k * self.rope[0][start:end] + rotate_half(k) * self.rope[1][start:end]
+            if rotated and self.rotate == "both":
+                k = k @ self.H
+        elif not rotated and self.rotate == "both":
+            k = k @ self.H
         return k, v
 
     def attend(self, layer: int, q: torch.Tensor, mask) -> torch.Tensor:
@@ -326,6 +398,10 @@ class QuantizedKVCache(KVCache):
 
     def _use_kernel(self, q: torch.Tensor, mask) -> bool:
         if self.kernel == "torch" or q.device.type != "cpu" or self.dtype != torch.float32:
+            return False
+        if self.rope is not None:  # the kernel reads keys as stored; pre-RoPE keys need RoPE per position
+            if self.kernel == "c":
+                raise ValueError("kernel='c' cannot read pre-RoPE keys (pre_rope=True); use kernel='auto' or 'torch'")
             return False
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.size(2) == 1):
             return False
@@ -416,8 +492,10 @@ def make_quantized_cache(model, batch_size: int, max_len: int | None = None, *, 
                          group_size: int = 64, residual_length: int = 0, chunk_size: int = 1024,
                          dtype: torch.dtype | None = None, rotate: str = "auto",
                          kernel: str = "auto", value_group: int | None = None, sink_tokens: int = 0,
-                         decode_view: bool = True) -> QuantizedKVCache:
-    """A `QuantizedKVCache` sized from `model.config`, on the model's device (window in the model's dtype)."""
+                         decode_view: bool = True, key_clip: str = "minmax",
+                         value_clip: str = "minmax", pre_rope: bool = False) -> QuantizedKVCache:
+    """A `QuantizedKVCache` sized from `model.config`, on the model's device (window in the model's dtype).
+    `pre_rope=True` quantizes keys before RoPE, with the model's rotary tables."""
     config = model.config
     if config.family != "llama":
         raise ValueError(f"no KV cache for model family {config.family!r}; available: llama")
@@ -429,4 +507,5 @@ def make_quantized_cache(model, batch_size: int, max_len: int | None = None, *, 
                             param.dtype if dtype is None else dtype, param.device, bits=bits, group_size=group_size,
                             residual_length=residual_length, chunk_size=chunk_size, rotate=rotate,
                             kernel=kernel, value_group=value_group, sink_tokens=sink_tokens,
-                            decode_view=decode_view)
+                            decode_view=decode_view, key_clip=key_clip,
+                            value_clip=value_clip, rope=(model.rope_cos, model.rope_sin) if pre_rope else None)

@@ -1,0 +1,101 @@
+"""Decode-faithful perplexity and bytes of quantized KV cache variants on SmolLM2-135M (fp32, 1 thread), the same
+method as `bench_inference.py kv` (held-out Shakespeare: the last 5% of the corpus, windows of `--context` tokens
+fed through the cache in chunks of `--chunk` with the decode view), for any `make_quantized_cache` options.
+
+    python benchmarks/bench_kv_int2.py --windows 1 \\
+        --cache "int2 sinks4=bits=2,sink_tokens=4" --cache "int2 mse=bits=2,sink_tokens=4,clip=mse"
+
+Each `--cache NAME=key=value,...` takes `make_quantized_cache` keyword arguments (ints where they parse).
+Every row reports bytes against an fp16 cache at `--context` tokens (and the worst case over the last 64 lengths)
+and the perplexity ratio against our fp32 cache on the same windows. One JSON line per result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from llmopt.data.corpus import default_corpus_text
+from llmopt.inference import KVCache, make_cache, make_quantized_cache
+from llmopt.models import load_pretrained
+
+
+def nll_with_cache(model, ids, cache, chunk):
+    """Mean next-token NLL of ids (1, L) fed through `cache` in chunks of `chunk` tokens."""
+    total, count = 0.0, 0
+    cache.reset()
+    with torch.no_grad():
+        for start in range(0, ids.size(1) - 1, chunk):
+            end = min(start + chunk, ids.size(1) - 1)
+            logits = model(ids[:, start:end], input_pos=torch.arange(start, end), cache=cache)
+            total += torch.nn.functional.cross_entropy(logits[0].float(), ids[0, start + 1:end + 1],
+                                                       reduction="sum").item()
+            count += end - start
+    return total / count
+
+
+def parse_cache(spec: str) -> tuple[str, dict]:
+    name, _, fields = spec.partition("=")
+    if not fields:
+        raise SystemExit(f"--cache {spec!r}: use NAME=key=value,... (make_quantized_cache arguments)")
+    opts = {}
+    for kv in fields.split(","):
+        key, _, value = kv.partition("=")
+        try:
+            opts[key] = int(value)
+        except ValueError:
+            opts[key] = {"True": True, "False": False}.get(value, value)
+    return name, opts
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", action="append", required=True, help="NAME=key=value,... (make_quantized_cache)")
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--windows", type=int, default=2)
+    p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", help="write every row to this JSON file")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+
+    def emit(**row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    model, tok = load_pretrained("smollm2-135m")
+    model.eval()
+    c, L = model.config, args.context
+    fp16 = KVCache(c.n_layer, 1, c.n_kv_head, L, c.head_dim, torch.float16).bytes_per_token
+    text = default_corpus_text()
+    ids = torch.tensor(tok.encode(text[-int(len(text) * 0.05):]))
+    windows = [ids[i * L:(i + 1) * L][None] for i in range(args.windows)]
+    specs = [parse_cache(s) for s in args.cache]
+    t0 = time.perf_counter()
+    ref = [nll_with_cache(model, w, make_cache(model, 1, L), args.chunk) for w in windows]
+    emit(cache="fp32", nll=sum(ref) / len(ref), per_window_nll=ref, seconds=time.perf_counter() - t0)
+    for name, opts in specs:
+        cache = make_quantized_cache(model, 1, L, **opts)
+        q16 = make_quantized_cache(model, 1, L, dtype=torch.float16, **opts)
+        t0 = time.perf_counter()
+        per = [nll_with_cache(model, w, cache, args.chunk) for w in windows]
+        nll = sum(per) / len(per)
+        emit(cache=name, options=opts, ratio_vs_fp16=q16.bytes_per_token / fp16,
+             worst_case_ratio=max(q16.bytes_at(n) / n for n in range(L - 64, L + 1)) / fp16,
+             nll=nll, ppl=float(torch.tensor(nll).exp()),
+             ppl_ratio_vs_fp32=float(torch.tensor(nll - sum(ref) / len(ref)).exp()),
+             per_window_ratio=[float(torch.tensor(a - b).exp()) for a, b in zip(per, ref)],
+             seconds=time.perf_counter() - t0)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": "python benchmarks/bench_kv_int2.py " + " ".join(
+                f"--cache {s!r}" for s in args.cache) + f" --context {L} --windows {args.windows} --chunk "
+                f"{args.chunk} --threads {args.threads}", "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -313,3 +313,54 @@ def test_pre_rope_keys(tiny_model, rotate):
     torch.testing.assert_close(cache.k_window[0][:, :, :6], dk[:, :, 24:30])
     with pytest.raises(ValueError, match="rope must be"):
         QuantizedKVCache(1, 1, 2, 64, D, bits=4, group_size=8, rope=(cos[:10], sin[:10]))
+
+
+def test_unbiased_clip_error_is_zero_mean_and_uncorrelated():
+    x = torch.randn(200, 64, generator=torch.Generator().manual_seed(6)) * 2 + 1
+    for bits in (4, 2):
+        codes, scale, zero = quantize_groups(x, bits, dim=1, clip="unbiased")
+        err = codes.float() * scale.float() + zero.float() - x
+        xc = x - x.mean(1, keepdim=True)
+        assert err.mean(1).abs().max() < 2e-3 * x.std()  # fp16 rounding of the zero point
+        assert ((err * xc).sum(1) / xc.square().sum(1)).abs().max() < 2e-3  # no shrinking toward the mean
+        minmax = quantize_groups(x, bits, dim=1)
+        minmax_err = minmax[0].float() * minmax[1].float() + minmax[2].float() - x
+        if bits == 2:
+            assert err.square().sum() < 0.7 * minmax_err.square().sum()
+
+
+@pytest.mark.parametrize("clip", ["minmax", "unbiased"])
+def test_fp8_scales_bytes_and_reading(clip):
+    """scale_format="fp8": one-byte scales (e4m3), fp16 zero points; bytes counted from what is stored; min-max
+    keeps its half-step bound (the scale is rounded up); the torch path reads it (the C kernel is not taken)."""
+    gen = torch.Generator().manual_seed(10)
+    cache = QuantizedKVCache(2, 1, 2, 64, 16, bits=2, group_size=8, value_group=8, chunk_size=16, rotate="none",
+                             scale_format="fp8", key_clip=clip, value_clip=clip)
+    assert cache.k_scale[0].dtype == cache.v_scale[0].dtype == torch.float8_e4m3fn
+    assert cache.k_zero[0].dtype == torch.float16
+    per_token = 2 * 2 * (2 * 16 * 2 / 8 + 3 * 16 / 8 + 3 * 16 / 8)  # layers * heads * (codes + keys + values)
+    assert cache.quantized_bytes_per_token == per_token
+    window = 2 * 2 * 2 * 16 * 4  # fp32 k and v, 2 layers, 2 heads
+    assert cache.nbytes == 2 * 2 * (2 * 64 * 4 + 8 * 16 * 3 + 64 * 2 * 3) + 8 * window
+    assert cache.bytes_at(37) == 32 * per_token + 5 * window
+    k, v = torch.randn(1, 2, 37, 16, generator=gen) * 3, torch.randn(1, 2, 37, 16, generator=gen)
+    cache.attn_mask(torch.arange(37))
+    for layer in range(2):
+        cache.update(layer, torch.arange(37), k, v)
+    dk, dv = cache.dequantize(0, 0, 32)
+    if clip == "minmax":
+        groups = k[:, :, :32].view(1, 2, 4, 8, 16)
+        step = (groups.amax(3) - groups.amin(3)).clamp_min(3 * 2 ** -6) / 3 * 17 / 15  # e4m3 rounds within 1/16
+        assert ((dk - k[:, :, :32]).abs().view(1, 2, 4, 8, 16).amax(3) <= step * 0.51 + 1e-2).all()
+    q = torch.randn(1, 4, 1, 16, generator=gen)
+    cache.attn_mask(torch.tensor([37]))
+    assert not cache._use_kernel(q, None)
+    cache.update(0, torch.tensor([37]), k[:, :, 36:37], v[:, :, 36:37])
+    want = F.scaled_dot_product_attention(q, torch.cat([dk, k[:, :, 32:], k[:, :, 36:37]], 2),
+                                          torch.cat([dv, v[:, :, 32:], v[:, :, 36:37]], 2), enable_gqa=True)
+    torch.testing.assert_close(cache.attend(0, q, None), want, atol=1e-5, rtol=1e-5)
+    cache.kernel = "c"
+    with pytest.raises(ValueError, match="fp16 scales and post-RoPE keys only"):
+        cache.attend(0, q, None)
+    with pytest.raises(ValueError, match="scale_format must be"):
+        QuantizedKVCache(1, 1, 1, 16, 8, group_size=8, scale_format="bf16")

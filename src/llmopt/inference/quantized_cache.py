@@ -69,43 +69,63 @@ CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45)
 step for Gaussian data (about 1 sigma), 1.0 is min-max."""
 
 
-def _fit(x, lo, hi, levels, dim):
-    """Codes, fp16 scale and zero for the range [lo, hi], and the squared error of what they store."""
-    scale = ((hi - lo) / levels).clamp_min(1e-8).to(SCALE_DTYPE)
-    zero = lo.to(SCALE_DTYPE)
-    codes = ((x - zero.float()) / scale.float()).round_().clamp_(0, levels)
-    err = (codes * scale.float() + zero.float() - x).square_().sum(dim, keepdim=True)
+SCALE_DTYPES = {"fp16": torch.float16, "fp8": torch.float8_e4m3fn}
+"""Storage of the scales (`scale_format`): fp16, or fp8 e4m3 (one byte; 3 mantissa bits, so within 1/16 of
+the wanted step; the zero points stay fp16)."""
+_FP8_MIN, _FP8_MAX = 2.0 ** -6, 448.0  # e4m3's smallest normal and largest finite value
+
+
+def _round_scale(scale: torch.Tensor, dtype: torch.dtype, up: bool = False) -> torch.Tensor:
+    """`scale` rounded to what `dtype` stores, as fp32; `up`: not below `scale` (min-max keeps its range)."""
+    if dtype == torch.float16:
+        return scale.clamp_min(1e-8).to(dtype).float()
+    scale = scale.clamp(_FP8_MIN, _FP8_MAX)
+    return (scale * (16 / 15) if up else scale).clamp_max(_FP8_MAX).to(dtype).float()
+
+
+def _fit(x, lo, hi, levels, dim, scale_dtype, up=False):
+    """Codes, scale (rounded to `scale_dtype`, as fp32) and fp16 zero for the range [lo, hi], and the squared
+    error of what they store."""
+    scale = _round_scale((hi - lo) / levels, scale_dtype, up)
+    zero = lo.to(SCALE_DTYPE).float()
+    codes = ((x - zero) / scale).round_().clamp_(0, levels)
+    err = (codes * scale + zero - x).square_().sum(dim, keepdim=True)
     return codes, scale, zero, err
 
 
-def quantize_groups(x: torch.Tensor, bits: int, dim: int,
-                    clip: str = "minmax") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric quantization reducing over `dim`: (codes uint8, scale fp16, zero fp16).
+def quantize_groups(x: torch.Tensor, bits: int, dim: int, clip: str = "minmax",
+                    scale_dtype: torch.dtype = SCALE_DTYPE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric quantization reducing over `dim`: (codes uint8, scale `scale_dtype`, zero fp16).
 
     x ~ codes * scale + zero, with codes in [0, 2^bits - 1]; scale and zero keep `dim` with size 1.
     `clip="minmax"`: the group's range is [min, max]. `clip="mse"`: per group, the range is shrunk about its
     midpoint by each of `CLIP_RATIOS`, then refined by two Lloyd steps (least-squares scale and zero for the
-    codes, then the nearest codes); the candidate whose stored values (fp16 scale and zero) have the least
-    squared error is kept, min-max among them, so the error is never above min-max's.
+    codes, then the nearest codes); the candidate whose stored values (rounded scale and zero) have the least
+    squared error is kept, min-max among them, so the error is never above min-max's. `clip="unbiased"`: the
+    codes of "mse", with the scale and zero that make the error zero-mean and uncorrelated with x over the group
+    (a little more squared error than "mse", but no shrinking of x: what attention averages over many values).
+    `scale_dtype=torch.float8_e4m3fn`: scales in one byte (rounded up for min-max, so its range is kept).
     """
     if clip not in CLIPS:
         raise ValueError(f"clip must be one of {', '.join(map(repr, CLIPS))}, got {clip!r}")
+    if scale_dtype not in SCALE_DTYPES.values():
+        raise ValueError(f"scale_dtype must be float16 or float8_e4m3fn, got {scale_dtype}")
     levels = 2 ** bits - 1
     lo = x.amin(dim, keepdim=True)
     hi = x.amax(dim, keepdim=True)
-    codes, scale, zero, err = _fit(x, lo, hi, levels, dim)
+    codes, scale, zero, err = _fit(x, lo, hi, levels, dim, scale_dtype, up=True)
     if clip != "minmax":
         mid, half = (hi + lo) / 2, (hi - lo) / 2
         for ratio in CLIP_RATIOS[1:]:
-            c, s, z, e = _fit(x, mid - ratio * half, mid + ratio * half, levels, dim)
+            c, s, z, e = _fit(x, mid - ratio * half, mid + ratio * half, levels, dim, scale_dtype)
             for _ in range(2):  # Lloyd: least-squares scale and zero for these codes, then the nearest codes
                 cm = c.mean(dim, keepdim=True)
                 xm = x.mean(dim, keepdim=True)
                 var = (c - cm).square().sum(dim, keepdim=True)
                 slope = ((c - cm) * (x - xm)).sum(dim, keepdim=True) / var.clamp_min(1e-12)
-                slope = torch.where(var > 0, slope.clamp_min(1e-8), s.float())
+                slope = torch.where(var > 0, slope.clamp_min(1e-8), s)
                 z0 = xm - slope * cm
-                c2, s2, z2, e2 = _fit(x, z0, z0 + slope * levels, levels, dim)
+                c2, s2, z2, e2 = _fit(x, z0, z0 + slope * levels, levels, dim, scale_dtype)
                 better = e2 < e
                 c, s, z, e = (torch.where(better, c2, c), torch.where(better, s2, s), torch.where(better, z2, z),
                               torch.minimum(e, e2))
@@ -117,10 +137,10 @@ def quantize_groups(x: torch.Tensor, bits: int, dim: int,
         cc = codes - codes.mean(dim, keepdim=True)
         cov = (xc * cc).sum(dim, keepdim=True)
         slope = xc.square().sum(dim, keepdim=True) / cov.clamp_min(1e-12)
-        slope = torch.where(cov > 0, slope, scale.float())
-        scale = slope.clamp_min(1e-8).to(SCALE_DTYPE)
-        zero = (x.mean(dim, keepdim=True) - scale.float() * codes.mean(dim, keepdim=True)).to(SCALE_DTYPE)
-    return codes.to(torch.uint8), scale, zero
+        slope = torch.where(cov > 0, slope, scale)
+        scale = _round_scale(slope, scale_dtype)
+        zero = (x.mean(dim, keepdim=True) - scale * codes.mean(dim, keepdim=True)).to(SCALE_DTYPE).float()
+    return codes.to(torch.uint8), scale.to(scale_dtype), zero.to(SCALE_DTYPE)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -151,7 +171,7 @@ class QuantizedKVCache(KVCache):
                  static: bool = False, rotate: str = "auto", kernel: str = "auto",
                  value_group: int | None = None, sink_tokens: int = 0, decode_view: bool = True,
                  key_clip: str = "minmax", value_clip: str = "minmax",
-                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 rope: tuple[torch.Tensor, torch.Tensor] | None = None, scale_format: str = "fp16") -> None:
         if bits not in (8, 4, 2):
             raise ValueError(f"QuantizedKVCache bits must be 8, 4 or 2, got {bits}")
         if static:
@@ -179,6 +199,10 @@ class QuantizedKVCache(KVCache):
             if clip not in CLIPS:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, CLIPS))}, got {clip!r}")
         self.key_clip, self.value_clip = key_clip, value_clip
+        if scale_format not in SCALE_DTYPES:
+            raise ValueError(f"scale_format must be one of {', '.join(map(repr, SCALE_DTYPES))}, "
+                             f"got {scale_format!r}")
+        self.scale_format, self.scale_dtype = scale_format, SCALE_DTYPES[scale_format]
         if rope is not None:
             cos, sin = rope
             if cos.shape != sin.shape or cos.dim() != 2 or cos.size(0) < max_len or cos.size(1) != head_dim:
@@ -206,10 +230,10 @@ class QuantizedKVCache(KVCache):
             return [torch.zeros(shape, dtype=dtype, device=dev) for _ in range(self.n_layer)]
 
         self.k_codes = zeros(B, H, cap, packed, dtype=torch.uint8)
-        self.k_scale = zeros(B, H, cap // G, 1, D, dtype=SCALE_DTYPE)
+        self.k_scale = zeros(B, H, cap // G, 1, D, dtype=self.scale_dtype)
         self.k_zero = zeros(B, H, cap // G, 1, D, dtype=SCALE_DTYPE)
         self.v_codes = zeros(B, H, cap, packed, dtype=torch.uint8)
-        self.v_scale = zeros(B, H, cap, D // self.value_group, 1, dtype=SCALE_DTYPE)
+        self.v_scale = zeros(B, H, cap, D // self.value_group, 1, dtype=self.scale_dtype)
         self.v_zero = zeros(B, H, cap, D // self.value_group, 1, dtype=SCALE_DTYPE)
         window = S + min(self.residual_length + G, self.max_len)  # slots [0, S): the sinks; then the window
         self.k_window = zeros(B, H, window, D, dtype=self.dtype)
@@ -269,11 +293,13 @@ class QuantizedKVCache(KVCache):
                 kn = kn @ self.H
             if self.rotate != "none":
                 vn = vn @ self.H
-            kq, ks, kz = quantize_groups(kn.view(B, H, n_groups, G, D), self.bits, dim=3, clip=self.key_clip)
+            kq, ks, kz = quantize_groups(kn.view(B, H, n_groups, G, D), self.bits, dim=3, clip=self.key_clip,
+                                         scale_dtype=self.scale_dtype)
             self.k_codes[layer][:, :, i0:i0 + n] = pack(kq.view(B, H, n, D), self.bits)
             self.k_scale[layer][:, :, i0 // G:i0 // G + n_groups] = ks
             self.k_zero[layer][:, :, i0 // G:i0 // G + n_groups] = kz
-            vq, vs, vz = quantize_groups(vn.view(B, H, n, D // self.value_group, self.value_group), self.bits, dim=4, clip=self.value_clip)
+            vq, vs, vz = quantize_groups(vn.view(B, H, n, D // self.value_group, self.value_group), self.bits, dim=4,
+                                         clip=self.value_clip, scale_dtype=self.scale_dtype)
             self.v_codes[layer][:, :, i0:i0 + n] = pack(vq.view(B, H, n, D), self.bits)
             self.v_scale[layer][:, :, i0:i0 + n] = vs
             self.v_zero[layer][:, :, i0:i0 + n] = vz
@@ -399,9 +425,10 @@ class QuantizedKVCache(KVCache):
     def _use_kernel(self, q: torch.Tensor, mask) -> bool:
         if self.kernel == "torch" or q.device.type != "cpu" or self.dtype != torch.float32:
             return False
-        if self.rope is not None:  # the kernel reads keys as stored; pre-RoPE keys need RoPE per position
+        if self.scale_dtype != SCALE_DTYPE or self.rope is not None:  # the kernel reads fp16 scales, keys as stored
             if self.kernel == "c":
-                raise ValueError("kernel='c' cannot read pre-RoPE keys (pre_rope=True); use kernel='auto' or 'torch'")
+                raise ValueError("kernel='c' reads fp16 scales and post-RoPE keys only (not scale_format='fp8' or "
+                                 "pre_rope=True); use kernel='auto' or 'torch'")
             return False
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.size(2) == 1):
             return False
@@ -463,9 +490,11 @@ class QuantizedKVCache(KVCache):
     @property
     def quantized_bytes_per_token(self) -> int | float:
         """Bytes of one quantized position, every layer, k and v: codes plus amortized scales and zero points."""
-        D, s = self.head_dim, torch.empty((), dtype=SCALE_DTYPE).element_size()
+        D = self.head_dim
+        s = (torch.empty((), dtype=self.scale_dtype).element_size()  # a scale and a zero point (fp16)
+             + torch.empty((), dtype=SCALE_DTYPE).element_size())
         codes = 2 * D * self.bits / 8
-        scales = 2 * s * D / self.group_size + 2 * s * D / self.value_group  # keys per G tokens, values per token
+        scales = s * D / self.group_size + s * D / self.value_group  # scale + zero: keys per G tokens, values per token
         return self.n_layer * self.n_kv_head * (codes + scales)
 
     def bytes_at(self, length: int) -> float:
@@ -493,7 +522,8 @@ def make_quantized_cache(model, batch_size: int, max_len: int | None = None, *, 
                          dtype: torch.dtype | None = None, rotate: str = "auto",
                          kernel: str = "auto", value_group: int | None = None, sink_tokens: int = 0,
                          decode_view: bool = True, key_clip: str = "minmax",
-                         value_clip: str = "minmax", pre_rope: bool = False) -> QuantizedKVCache:
+                         value_clip: str = "minmax", pre_rope: bool = False,
+                         scale_format: str = "fp16") -> QuantizedKVCache:
     """A `QuantizedKVCache` sized from `model.config`, on the model's device (window in the model's dtype).
     `pre_rope=True` quantizes keys before RoPE, with the model's rotary tables."""
     config = model.config
@@ -508,4 +538,5 @@ def make_quantized_cache(model, batch_size: int, max_len: int | None = None, *, 
                             residual_length=residual_length, chunk_size=chunk_size, rotate=rotate,
                             kernel=kernel, value_group=value_group, sink_tokens=sink_tokens,
                             decode_view=decode_view, key_clip=key_clip,
-                            value_clip=value_clip, rope=(model.rope_cos, model.rope_sin) if pre_rope else None)
+                            value_clip=value_clip, rope=(model.rope_cos, model.rope_sin) if pre_rope else None,
+                            scale_format=scale_format)

@@ -224,3 +224,98 @@ def test_stack_halves_around_a_quantized_cache(bits):
                 logits.append(lg)
         out.append(torch.stack(logits))
     torch.testing.assert_close(out[1], out[0], atol=1e-4, rtol=1e-4)
+
+
+# ---- the whole one-token step over a quantized cache in one C call (window write + attention in C) -----------
+
+def _quantized_logits(model, ids, steps, *, path, pad=None, truncate_at=None, **cache_kw):
+    """Logits of `steps` one-token forwards after a prefill of ids, the fed tokens fixed (not argmax), so every
+    path sees the same input; with `truncate_at` (step index, length) the cache is rolled back there first.
+    path: "module" (kernels off, torch attention), "layers" (the stack's C halves around the cache's update and
+    torch attend) or "fused" (one C call a step where no group is flushed)."""
+    from llmopt.inference import decode_one_token, make_quantized_cache, prefill
+
+    B, T = ids.shape
+    fast = path != "module"
+    cache = make_quantized_cache(model, B, T + steps + 2, kernel="auto" if path == "fused" else "torch", **cache_kw)
+    if pad is not None:
+        cache.set_key_padding(pad)
+    feed = torch.randint(0, model.config.vocab_size, (steps, B, 1), generator=torch.Generator().manual_seed(5))
+    out, pos = [], T
+    with torch.no_grad(), cpu_linear_kernels(model, enabled=fast):
+        out.append(prefill(model, ids, cache))
+        for i in range(steps):
+            if truncate_at is not None and i == truncate_at[0]:
+                cache.truncate(truncate_at[1])
+                pos = truncate_at[1]
+            out.append(decode_one_token(model, feed[i], torch.tensor([pos]), cache)[1])
+            pos += 1
+    return torch.stack(out), cache
+
+
+@pytest.fixture
+def fused_steps(monkeypatch):
+    """Counts the one-call steps (a spy: the real method runs)."""
+    from llmopt.kernels.dense_gemv import StackDecodePlan
+
+    calls = []
+    real = StackDecodePlan.step_with_c_attention
+    monkeypatch.setattr(StackDecodePlan, "step_with_c_attention", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("rotate,residual,sinks", [("both", 0, 0), ("none", 8, 0), ("values", 0, 3), ("both", 8, 3)])
+def test_one_call_quantized_step_equals_the_module_path(bits, rotate, residual, sinks, fused_steps):
+    from llmopt.inference.quantized_cache import unpack
+    from llmopt.models import ModelConfig, build_model
+
+    torch.manual_seed(6)
+    model = build_model(ModelConfig.from_name("demo")).eval()  # head_dim 32: the kernel's 8-byte chunks fit
+    ids = torch.randint(0, model.config.vocab_size, (2, 21))
+    pad = torch.zeros(2, 21, dtype=torch.bool)
+    pad[1, :5] = True  # row 1 left-padded
+    # group 16: the steps cross several group flushes (those steps take the cache's update); the rollback
+    # brings quantized positions back into the window
+    kw = dict(bits=bits, group_size=16, value_group=32, residual_length=residual, rotate=rotate, sink_tokens=sinks,
+              pad=pad, truncate_at=(30, 27))
+    layers, ref_cache = _quantized_logits(model, ids, 40, path="layers", **kw)
+    got, cache = _quantized_logits(model, ids, 40, path="fused", **kw)
+    assert len(fused_steps) > 30  # most steps ran as one C call
+    # against the same GEMVs with the cache's update + torch attention: fp32 summation order (which can still
+    # move an int8 code by a step at a later group flush: ~4e-5 on logits of size ~3)
+    torch.testing.assert_close(got, layers, atol=2e-4, rtol=1e-4)
+    assert cache.seq_len == ref_cache.seq_len and cache.quantized == ref_cache.quantized
+    for layer in range(model.config.n_layer):  # the same storage, up to such a code step
+        torch.testing.assert_close(cache.k_window[layer], ref_cache.k_window[layer], atol=1e-3, rtol=1e-3)
+        codes = (unpack(cache.v_codes[layer], bits).int() - unpack(ref_cache.v_codes[layer], bits).int()).abs()
+        assert codes.max() <= 1 and (codes > 0).float().mean() < 0.01
+    # against the module path (F.linear): its k and v differ in the last bits, which can move a code by one step
+    # at a group flush, so the bound is wider (logits of size ~3)
+    torch.testing.assert_close(got, _quantized_logits(model, ids, 40, path="module", **kw)[0], atol=1e-3, rtol=1e-3)
+
+
+def test_one_call_quantized_step_falls_back_where_it_must(fused_steps):
+    from llmopt.models import ModelConfig, build_model
+
+    torch.manual_seed(7)
+    model = build_model(ModelConfig.from_name("demo")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 10))
+    # value groups of 16 channels at 2 bits are 4 bytes: not the kernel's 8-byte chunks -> the per-layer path
+    ref, _ = _quantized_logits(model, ids, 6, path="layers", bits=2, group_size=16)
+    got, _ = _quantized_logits(model, ids, 6, path="fused", bits=2, group_size=16)
+    assert not fused_steps
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    got, _ = _quantized_logits(model, ids, 6, path="fused", bits=4, group_size=16)  # fits: one call a step
+    assert len(fused_steps) == 5  # positions 10..15; position 15 completes a group: the cache's update
+
+
+def test_generate_kv_int4_tokens_unchanged(fused_steps):
+    from llmopt.models import ModelConfig, build_model
+
+    torch.manual_seed(8)
+    model = build_model(ModelConfig.from_name("demo")).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 70))
+    fast = generate(model, prompt, 20, kv_bits=4).tokens
+    assert fused_steps
+    assert torch.equal(fast, generate(model, prompt, 20, kv_bits=4, kernels="torch").tokens)

@@ -102,3 +102,73 @@ def test_auto_falls_back_to_torch_without_the_kernel(monkeypatch):
     without = cache.attend(0, q, None)
     assert not called
     torch.testing.assert_close(without, with_kernel, rtol=1e-4, atol=5e-5)
+
+
+# ---- the decode-layer kernel of the fused stack step (QuantizedDecodeAttention): write + attend in C ----------
+
+def _decode_attention(cache, n_head=6, isa="native"):
+    return kv_attention.QuantizedDecodeAttention(
+        cache.k_codes, cache.k_scale, cache.k_zero, cache.v_codes, cache.v_scale, cache.v_zero, cache.k_window,
+        cache.v_window, n_head=n_head, bits=cache.bits, group_size=cache.group_size, value_group=cache.value_group,
+        sink_tokens=cache.sink_tokens, rotation=cache.H, rotate_keys=cache.rotate == "both", isa=isa)
+
+
+def _layer_step_against_update_attend(cache, length, pad=None, isa="native"):
+    """One decode token at `length` through the kernel (on a copy's buffers) and through update + torch attend."""
+    import copy
+
+    fused = copy.deepcopy(cache)
+    attention = _decode_attention(fused, isa=isa)
+    if pad is not None:
+        cache.set_key_padding(pad)
+        fused.set_key_padding(pad)
+    mask = cache.attn_mask(torch.tensor([length]))
+    fused.attn_mask(torch.tensor([length]))
+    assert all(cache.stored_after(q, length + 1) == q for q in cache.quantized)  # no group leaves the window
+    keep = kv_attention.decode_keep(None if mask is None else mask[:, 0, 0], batch=2, length=length + 1,
+                                    n_quantized=cache.quantized[0], sink_tokens=cache.sink_tokens)
+    attention.set_step(length, cache.quantized, keep)
+    for layer in range(3):
+        q, k, v = torch.randn(2, 6, 1, 64), torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64)
+        out = attention(layer, q[:, :, 0], k[:, :, 0], v[:, :, 0])
+        cache.update(layer, torch.tensor([length]), k, v)
+        cache.kernel = "torch"
+        torch.testing.assert_close(out, cache.attend(layer, q, mask)[:, :, 0], rtol=1e-4, atol=5e-5)
+        # the write: the window (and sink copy) hold what update wrote
+        torch.testing.assert_close(fused.k_window[layer], cache.k_window[layer], rtol=0, atol=0)
+        torch.testing.assert_close(fused.v_window[layer], cache.v_window[layer], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("rotate", ["none", "values", "both"])
+@pytest.mark.parametrize("group,residual,length,sinks", [(64, 0, 200, 0), (32, 40, 131, 0), (64, 0, 30, 0),
+                                                         (64, 0, 150, 4), (64, 0, 2, 4), (32, 8, 77, 4)])
+def test_decode_layer_kernel_equals_update_then_attend(bits, rotate, group, residual, length, sinks):
+    cache = _filled(bits, rotate, group, residual, length, sinks=sinks)
+    _layer_step_against_update_attend(cache, length)
+
+
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_decode_layer_kernel_with_key_padding_and_value_groups(sinks):
+    torch.manual_seed(2)
+    cache = _filled(4, "both", 64, 0, 150, value_group=32, sinks=sinks)
+    pad = torch.zeros(2, 150, dtype=torch.bool)
+    pad[1, :37] = True  # row 1 left-padded by 37 positions
+    _layer_step_against_update_attend(cache, 150, pad)
+
+
+def test_decode_layer_kernel_scalar_build_equals_native():
+    cache = _filled(2, "both", 64, 0, 150, sinks=4)
+    _layer_step_against_update_attend(cache, 150, isa="scalar")
+
+
+def test_decode_layer_kernel_rejects_what_it_cannot_do():
+    cache = _filled(4, "both", 64, 0, 127)  # 64 stored, 63 in the window of 64 slots
+    attention = _decode_attention(cache)
+    with pytest.raises(ValueError, match="flushed first"):
+        attention.set_step(128, cache.quantized)  # a 65th window token: the cache's update quantizes a group first
+    with pytest.raises(ValueError, match="keep must be"):
+        attention.set_step(126, [64] * 3, torch.ones(2, 5, dtype=torch.bool))
+    small = QuantizedKVCache(1, 1, 2, 64, 8, bits=2, group_size=8)  # 8 channels at 2 bits: 2 bytes a row
+    with pytest.raises(ValueError, match="8-byte"):
+        _decode_attention(small, n_head=2)

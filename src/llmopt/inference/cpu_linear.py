@@ -8,9 +8,12 @@ The stack step: when every block, attention, MLP and RMSNorm of a Llama `Transfo
 projections are bias-free plain `nn.Linear` (fp32 or bf16) or `weight_only_quant` layers on their C kernels,
 and no hook is registered, `model.hidden_states` is replaced for the block: a forward of up to `MAX_ROWS`
 rows with the dense `KVCache` runs as one `StackDecodePlan.step` (norms, projections, RoPE, cache write,
-attention, MLP, residuals, every layer); a one-token forward with a cache that attends over its own storage
-(the quantized KV cache) runs the C layer halves around that cache's `update` / `attend`. Anything else takes
-the stock forward.
+attention, MLP, residuals, every layer). A one-token fp32 forward with a `QuantizedKVCache` is one C call as well
+(`StackDecodePlan.step_with_c_attention`: the window write and the attention over the packed codes run in C,
+`llmopt.kernels.kv_attention.QuantizedDecodeAttention`) on every step where no group leaves the window; the
+steps that quantize a group (one in `group_size`), caches asking for the torch attention, subclasses and
+layouts the kernel does not take run the C layer halves around the cache's own `update` / `attend`. Anything
+else takes the stock forward.
 
 The linears: every plain `nn.Linear` of the models (exactly that type: LoRA, quantized and other replaced layers
 keep their own forward) whose weight is an fp32 or bf16 CPU tensor computes, when autograd is off and the call
@@ -135,26 +138,71 @@ def _stack_plan(model: nn.Module, dense: dict | None = None):
     return StackDecodePlan(layers, n_head=c.n_head, n_kv_head=c.n_kv_head, head_dim=c.head_dim, eps=eps.pop())
 
 
+def _quantized_attention(cache, pos: int, mask, bound: dict):
+    """The C attention of a `QuantizedKVCache` for the one-token step at `pos` (after `attn_mask`), set up for
+    this step, or None when the step needs the cache's own Python path: a group leaves the window at this step
+    (the cache's `update` quantizes it), the cache is a subclass or asks for the torch attention
+    (`kernel="torch"`), its layout does not fit the kernel, or a mask the kernel does not take. `bound["last"]`
+    keeps the kernel object of the last cache seen (its buffers' addresses are bound once per cache)."""
+    from llmopt.inference.quantized_cache import QuantizedKVCache
+    from llmopt.kernels import kv_attention
+
+    if type(cache) is not QuantizedKVCache or cache.kernel == "torch" or cache.device.type != "cpu":
+        return None
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.size(2) == 1):
+        return None
+    S, W, q_end = cache.sink_tokens, cache.k_window[0].size(2), cache.quantized
+    if any(cache.stored_after(q, pos + 1) != q or S + pos - q >= W for q in q_end):
+        return None  # a flush step: the cache's update quantizes the group (or raises)
+    if S and len(set(q_end)) != 1:
+        return None
+    key = (cache.k_codes[0].data_ptr(), cache.k_window[0].data_ptr(), cache.v_window[-1].data_ptr())
+    attention = bound.get("last")
+    if attention is None or attention[0] is not cache or attention[1].key != key:
+        if not kv_attention.available() or kv_attention.QuantizedDecodeAttention.unsupported(
+                n_head=cache.n_kv_head * bound["group"], n_kv_head=cache.n_kv_head, head_dim=cache.head_dim,
+                bits=cache.bits, value_group=cache.value_group, window_dtype=cache.dtype):
+            return None
+        attention = (cache, kv_attention.QuantizedDecodeAttention(
+            cache.k_codes, cache.k_scale, cache.k_zero, cache.v_codes, cache.v_scale, cache.v_zero, cache.k_window,
+            cache.v_window, n_head=cache.n_kv_head * bound["group"], bits=cache.bits, group_size=cache.group_size,
+            value_group=cache.value_group, sink_tokens=S, rotation=cache.H, rotate_keys=cache.rotate == "both",
+            threads=bound["threads"]))
+        bound["last"] = attention
+    keep = None if mask is None else mask[:, 0, 0, :pos + 1]
+    keep = kv_attention.decode_keep(keep, batch=cache.batch_size, length=pos + 1, n_quantized=q_end[0],
+                                    sink_tokens=S)
+    attention[1].set_step(pos, q_end, keep)
+    return attention[1]
+
+
 def _fast_hidden_states(model: nn.Module, plan, threads: int):
     from llmopt.inference.cache import KVCache
 
     stock = type(model).hidden_states
     dtype = model.norm.weight.dtype
+    bound = {"group": model.config.n_head // model.config.n_kv_head, "threads": threads}
 
     def hidden_states(idx: torch.Tensor, *, input_pos: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         B, T = idx.shape
         if (T == 1 and cache is not None and hasattr(cache, "attend") and input_pos is not None and dtype == torch.float32
                 and not torch.is_grad_enabled() and idx.device.type == "cpu" and B == cache.batch_size):
-            # a cache that attends over its own storage (QuantizedKVCache): the layer halves around its attend
+            # a cache that attends over its own storage (QuantizedKVCache)
             mask = cache.attn_mask(input_pos)
+            x = model.embed_tokens(idx).float().contiguous()
+            pos = int(input_pos[0])
+            cos, sin = model.rope_cos[pos:pos + 1], model.rope_sin[pos:pos + 1]
+            attention = _quantized_attention(cache, pos, mask, bound)
+            if attention is not None:  # the whole step in one C call, the window write and attention included
+                plan.step_with_c_attention(x, cos, sin, attention, threads)
+                cache._fresh = None  # what update would have left: no multi-token write to view
+                return model.norm(x)
 
-            def attend(layer, q, k, v):
+            def attend(layer, q, k, v):  # otherwise the layer halves around the cache's own update / attend
                 cache.update(layer, input_pos, k, v)
                 return cache.attend(layer, q, mask)
 
-            x = model.embed_tokens(idx).float().contiguous()
-            pos = int(input_pos[0])
-            plan.step_with_attention(x, pos, model.rope_cos[pos:pos + 1], model.rope_sin[pos:pos + 1], attend, threads)
+            plan.step_with_attention(x, pos, cos, sin, attend, threads)
             return model.norm(x)
         if (cache is None or type(cache) is not KVCache or input_pos is None or B * T > MAX_ROWS
                 or torch.is_grad_enabled() or idx.device.type != "cpu"

@@ -257,6 +257,24 @@ void llama_decode(const cfg_t* c, const layer_t* L, float* x, long B, long T, lo
   }
 }
 
+/* One-token decode step of the stack over a cache that attends itself: per layer the two halves above around
+   fa(ctx, layer, q, k, v, att, nthreads), which writes k, v (B, n_kv, hd) into its cache and returns the attention
+   output att (B, n_head, hd) for queries q (B, n_head, hd), after RoPE (llmopt.kernels.kv_attention's
+   kvq_decode_layer over a quantized cache). work: llama_decode_work floats. */
+typedef void (*attn_fn)(const void* ctx, long layer, const float* q, const float* k, const float* v, float* att,
+                        int nthreads);
+void llama_decode_attn(const cfg_t* c, const layer_t* L, float* x, long B, const float* cs, const float* sn,
+                       attn_fn fa, const void* ctx, float* work, int nthreads) {
+  const long nh = c->n_head, nkv = c->n_kv, hd = c->hd;
+  float *q = work, *k = q + B * nh * hd, *v = k + B * nkv * hd, *att = v + B * nkv * hd;
+  float *post = att + B * nh * hd;
+  for (long l = 0; l < c->n_layer; l++) {
+    llama_layer_pre(c, L + l, x, q, k, v, B, 1, cs, sn, post, nthreads);
+    fa(ctx, l, q, k, v, att, nthreads);
+    llama_layer_post(c, L + l, x, att, B, post, nthreads);
+  }
+}
+
 typedef struct { const void* w; long bf16, N, K; } plan_t;
 
 /* y (M, N) = x (M, K) @ w^T; w (N, K) row-major fp32 or bf16. */
@@ -292,6 +310,8 @@ def _lib(isa: str = "native") -> ctypes.CDLL:
     lib.llama_layer_pre.restype = lib.llama_layer_post.restype = None
     lib.llama_layer_pre.argtypes = [vp, vp, vp, vp, vp, vp, ctypes.c_long, ctypes.c_long, vp, vp, vp, ctypes.c_int]
     lib.llama_layer_post.argtypes = [vp, vp, vp, vp, ctypes.c_long, vp, ctypes.c_int]
+    lib.llama_decode_attn.restype = None
+    lib.llama_decode_attn.argtypes = [vp, vp, vp, ctypes.c_long, vp, vp, vp, vp, vp, ctypes.c_int]
     lib.llama_decode_work.restype = ctypes.c_long
     lib.llama_decode_work.argtypes = [vp, ctypes.c_long]
     return lib
@@ -488,6 +508,28 @@ class StackDecodePlan:
             att = attend(i, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, nh, T, hd)
             att = att.transpose(1, 2).contiguous()
             lib.llama_layer_post(ref, layer, x.data_ptr(), att.data_ptr(), R, work.data_ptr(), n)
+        return x
+
+    def step_with_c_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention,
+                              threads: int | None = None) -> torch.Tensor:
+        """The one-token step (x (B, 1, dim) fp32, updated in place and returned; cos/sin (1, head_dim) at the
+        position) in one C call, with attention and the cache write done by a C callback between each layer's
+        halves: `attention.c_call` = (address of `void f(const void* ctx, long layer, const float* q, const
+        float* k, const float* v, float* att, int threads)`, address of ctx), q and att (B, n_head, head_dim),
+        k and v (B, n_kv_head, head_dim), after RoPE (`llmopt.kernels.kv_attention.QuantizedDecodeAttention`,
+        set up for this position)."""
+        B, T = self._check_x(x)
+        if T != 1:
+            raise ValueError(f"step_with_c_attention takes one token per row, got {T}")
+        if self._free is None:
+            self._free = (self._cfg(1, False), self._layer_array())
+        cfg, arr = self._free
+        work = self._work(cfg, B)
+        hd = self.head_dim
+        cos, sin = cos.float().reshape(1, hd).contiguous(), sin.float().reshape(1, hd).contiguous()
+        fn, ctx = attention.c_call
+        self._lib.llama_decode_attn(ctypes.byref(cfg), arr, x.data_ptr(), B, cos.data_ptr(), sin.data_ptr(), fn, ctx,
+                                    work.data_ptr(), torch.get_num_threads() if threads is None else max(1, int(threads)))
         return x
 
     def _work(self, cfg, rows: int) -> torch.Tensor:

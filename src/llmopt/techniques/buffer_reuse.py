@@ -88,7 +88,7 @@ class BufferReuseConfig(TechniqueConfig):
     least `allocator_min_bytes` are carved best-fit out of one arena whose freed pages stay mapped, so a step
     neither faults in fresh pages nor keeps odd-sized free blocks); "system" keeps malloc; "auto" is "caching"
     where it builds (a C++ compiler and torch's headers), else "system". Process-wide, like the glibc settings."""
-    allocator_min_bytes: int = 256 * 1024
+    allocator_min_bytes: int = 64 * 1024
     """Smallest request the caching allocator serves (smaller ones go to the system malloc)."""
 
     trim_before_backward: bool = False
@@ -98,7 +98,8 @@ class BufferReuseConfig(TechniqueConfig):
     loss_chunks: bool = True
     """Replace the full-logits loss with the chunked linear + cross-entropy over one preallocated logits buffer."""
     loss_chunk_rows: int = 0
-    """Rows per loss chunk (0: 16 MiB of fp32 logits, `default_chunk_size`)."""
+    """Rows per loss chunk (0: 4 MiB of fp32 logits, at least 16 rows: the workspace and the chunk's
+    gradient are live at the step's peak, and 4 MiB chunks cost no measurable time against 16 MiB ones)."""
 
     def __post_init__(self) -> None:
         if self.loss_chunk_rows < 0:
@@ -220,7 +221,7 @@ def apply_buffer_reuse(model: nn.Module, config: BufferReuseConfig, *, filter_fn
                                          "(fused_ops?): left alone")
         else:
             workspace = LogitsWorkspace()
-            rows = config.loss_chunk_rows or default_chunk_size(1 << 30, max(vocab, 1))
+            rows = config.loss_chunk_rows or max(16, default_chunk_size(1 << 30, max(vocab, 1)) // 4)
             model.loss_fn = functools.partial(fused_linear_cross_entropy, backend="chunked", chunk_size=rows,
                                               workspace=workspace)
             report.revert_state["loss_fn"] = loss_fn

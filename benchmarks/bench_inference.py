@@ -391,8 +391,10 @@ def load_draft(path):
 
 def bench_spec(args):
     """Plain greedy vs speculative decoding with the distilled draft (adaptive k) vs transformers assisted
-    generation with the same draft, on held-out Shakespeare (the draft's domain) and on Python code (the
-    draft disagrees: adaptive k must keep the loss small)."""
+    generation with the same draft vs prompt lookup (no draft), on `--spec-prompts` held-out Shakespeare
+    prompts (the draft's domain; 64-token slices of the corpus tail, spread over it) and on Python code (the
+    draft disagrees: adaptive k must keep the loss small). Every round times each config on every prompt (config order rotated); the
+    Shakespeare aggregate ratio is, per round, the summed plain time over the summed config time."""
     from llmopt.models.hf import to_hf
 
     model, tok = load_pretrained("smollm2-135m")
@@ -402,9 +404,15 @@ def bench_spec(args):
         m.generation_config.eos_token_id = None
         m.generation_config.pad_token_id = 0
     text = default_corpus_text()
-    heldout = tok.encode(text[-30_000:])  # the corpus tail: outside every distillation window
-    prompts = {"shakespeare": heldout[1000:1064], "code (draft disagrees)": tok.encode(CODE_PROMPT)}
-    n = args.new_tokens
+    heldout = tok.encode(text[-30_000:])  # the corpus tail: outside every distillation window and prompt
+    if args.spec_prompts < 1:
+        raise SystemExit(f"--spec-prompts must be at least 1, got {args.spec_prompts}")
+    plen, n = 64, args.new_tokens
+    step = (len(heldout) - 1000 - plen) // args.spec_prompts
+    shakespeare = {f"shakespeare{i}": heldout[1000 + i * step:1000 + i * step + plen]
+                   for i in range(args.spec_prompts)}
+    groups = {"shakespeare": list(shakespeare), "code (draft disagrees)": ["code"]}
+    prompts = {**shakespeare, "code": tok.encode(CODE_PROMPT)}
 
     def assisted(prompt):
         x = torch.tensor([prompt])
@@ -412,17 +420,50 @@ def bench_spec(args):
             return hf.generate(x, attention_mask=torch.ones_like(x), assistant_model=hf_draft, do_sample=False,
                                max_new_tokens=n, min_new_tokens=n)[0, len(prompt):]
 
-    for label, prompt in prompts.items():
-        configs = {"plain": lambda p=prompt: generate(model, [p], n),
-                   "speculative": lambda p=prompt: speculative_generate(model, [p], n,
-                                                                        proposer=DraftModelProposer(draft), k=args.k),
-                   "transformers_assisted": lambda p=prompt: assisted(p)}
-        out = rounds_table(f"spec/{label} ({len(prompt)} prompt + {n} new)", configs, args.rounds, "plain")
-        spec = out["speculative"]
-        emit(bench=f"spec/{label}", identical=torch.equal(out["plain"].tokens, spec.tokens),
-             transformers_identical=torch.equal(out["plain"].new_tokens[0], out["transformers_assisted"]),
-             **{k: v for k, v in spec.summary().items()
-                if k in ("acceptance_rate", "proposed", "accepted", "target_forwards", "mean_k")})
+    configs = {"plain": lambda p: generate(model, [p], n),
+               "speculative": lambda p: speculative_generate(model, [p], n, proposer=DraftModelProposer(draft),
+                                                             k=args.k),
+               "transformers_assisted": assisted,
+               # no draft: how much of the gain n-gram copies alone give (greedy continuations repeat themselves)
+               "prompt_lookup": lambda p: speculative_generate(model, [p], n, proposer=PromptLookupProposer(), k=10)}
+    times = {(c, name): [] for c in configs for name in prompts}
+    outputs = {}
+    for r in range(args.rounds):
+        order = list(configs)[r % len(configs):] + list(configs)[: r % len(configs)]
+        for name, prompt in prompts.items():
+            for c in order:
+                start = time.perf_counter()
+                outputs[c, name] = configs[c](prompt)
+                times[c, name].append(time.perf_counter() - start)
+
+    for label, names in groups.items():
+        for c in configs:
+            total = [sum(times[c, name][r] for name in names) for r in range(args.rounds)]
+            plain = [sum(times["plain", name][r] for name in names) for r in range(args.rounds)]
+            ratios = [b / t for b, t in zip(plain, total)]
+            emit(bench=f"spec/{label} ({len(names)} prompts x {n} new)", config=c, median_s=statistics.median(total),
+                 tok_s_ratio_vs_baseline=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
+        specs = [outputs["speculative", name] for name in names]
+        proposed, accepted = sum(s.proposed for s in specs), sum(s.accepted for s in specs)
+        ks = [k for s in specs for k in s.ks]
+        emit(bench=f"spec/{label}", identical=all(torch.equal(outputs["plain", name].tokens,
+                                                              outputs["speculative", name].tokens) for name in names),
+             transformers_identical=all(torch.equal(outputs["plain", name].new_tokens[0],
+                                                    outputs["transformers_assisted", name]) for name in names),
+             acceptance_rate=accepted / proposed if proposed else 0.0, proposed=proposed, accepted=accepted,
+             target_forwards=sum(s.target_forwards for s in specs), mean_k=sum(ks) / len(ks) if ks else 0.0,
+             prompt_lookup_identical=all(torch.equal(outputs["plain", name].tokens,
+                                                     outputs["prompt_lookup", name].tokens) for name in names),
+             prompt_lookup_acceptance=sum(outputs["prompt_lookup", name].accepted for name in names)
+             / max(1, sum(outputs["prompt_lookup", name].proposed for name in names)))
+        if len(names) > 1:
+            for name in names:
+                s = outputs["speculative", name]
+                ratios = [b / t for b, t in zip(times["plain", name], times["speculative", name])]
+                emit(bench=f"spec/{label}/{name}", ratio_median=statistics.median(ratios), ratio_min=min(ratios),
+                     ratio_max=max(ratios), acceptance_rate=s.acceptance_rate, target_forwards=s.target_forwards,
+                     mean_k=sum(s.ks) / len(s.ks) if s.ks else 0.0,
+                     identical=torch.equal(outputs["plain", name].tokens, s.tokens))
 
 
 def main():
@@ -455,6 +496,7 @@ def main():
     p.add_argument("--speed-tokens", type=int, default=32)
     p.add_argument("--draft")
     p.add_argument("--k", type=int, default=8)
+    p.add_argument("--spec-prompts", type=int, default=6, help="spec: held-out Shakespeare prompts (64 tokens each)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write every row to this JSON file")

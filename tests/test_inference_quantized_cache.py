@@ -32,10 +32,11 @@ def test_quantization_error_within_half_a_step(bits):
 
 
 def _filled(bits, residual=0, group=8, length=40, seed=2, rotate="none"):
-    """A cache of one layer with `length` random tokens written in chunks, and the dense k, v it saw."""
+    """A cache of one layer with `length` random tokens written in chunks, and the dense k, v it saw (min-max
+    rounding at every width, whose half-step bound the tests check)."""
     gen = torch.Generator().manual_seed(seed)
     cache = QuantizedKVCache(1, 2, 2, 64, 8, bits=bits, group_size=group, residual_length=residual, chunk_size=16,
-                             rotate=rotate)
+                             rotate=rotate, key_clip="minmax", value_clip="minmax")
     k = torch.randn(2, 2, length, 8, generator=gen)
     v = torch.randn(2, 2, length, 8, generator=gen)
     for start, end in [(0, 13), (13, 14), (14, 30), (30, length)]:
@@ -109,7 +110,7 @@ def test_sink_tokens_layout_bytes_and_rollback():
     """The first S positions are read from a full-precision copy once their group is quantized."""
     gen = torch.Generator().manual_seed(8)
     cache = QuantizedKVCache(1, 1, 2, 64, 8, bits=2, group_size=8, residual_length=0, sink_tokens=3, rotate="none",
-                             kernel="torch")
+                             kernel="torch", key_clip="minmax", value_clip="minmax")
     k, v = torch.randn(1, 2, 37, 8, generator=gen), torch.randn(1, 2, 37, 8, generator=gen)
     k[:, :, :3] *= 20  # large sinks: they must not widen the first key group's range
     for start, end in [(0, 2), (2, 14), (14, 37)]:
@@ -364,3 +365,18 @@ def test_fp8_scales_bytes_and_reading(clip):
         cache.attend(0, q, None)
     with pytest.raises(ValueError, match="scale_format must be"):
         QuantizedKVCache(1, 1, 1, 16, 8, group_size=8, scale_format="bf16")
+
+
+def test_defaults_by_bits(tiny_model):
+    """2 bits: pre-RoPE keys and the unbiased clip for keys and values (torch path); 8 and 4 bits: post-RoPE
+    keys, min-max, the C kernel's layout. The explicit options override the defaults."""
+    for bits in (8, 4, 2):
+        cache = make_quantized_cache(tiny_model, 1, 32, bits=bits, group_size=8)
+        assert (cache.key_clip, cache.value_clip) == (("unbiased",) * 2 if bits == 2 else ("minmax",) * 2)
+        assert (cache.rope is not None) == (bits == 2) and cache.scale_format == "fp16"
+        assert cache.sink_tokens == (4 if bits == 2 else 0)
+        assert QuantizedKVCache(1, 1, 1, 16, 8, bits=bits, group_size=8).rope is None
+    cache = make_quantized_cache(tiny_model, 1, 32, bits=2, group_size=8, pre_rope=False, key_clip="minmax",
+                                 sink_tokens=0)
+    assert cache.rope is None and (cache.key_clip, cache.value_clip) == ("minmax", "unbiased")
+    assert cache.sink_tokens == 0

@@ -15,8 +15,10 @@ tokenizer) on the bundled corpus instead: a model trained long enough for PTQ to
 model trained for minutes does not. `--group-size 0` quantizes per output channel; `--ptq-only` prints the
 PTQ gap of the starting model for the formats given to `--probe-groups` and stops. `--scale-grad absmax`
 trains ours with `QATConfig(scale_grad="absmax")` (PTQ is the same either way: it only changes the gradient);
-`--full-range` / `--scale-dtype fp32` train ours on torchao's grid. `ptq` is always our default grid (absmax / 7,
-the better PTQ), so recovery never gains from a worse PTQ; `ptq_own_format` is PTQ in the trained format.
+Our QAT trains with QATConfig's defaults (the full-range grid, fp32 scales, int8_asym activations);
+`--qmax-grid` / `--scale-dtype bf16` / `--activations int8` give the earlier defaults. `ptq` is always the
+absmax / 7 grid with bf16 scales (`PTQ_GRID`, the better PTQ), so recovery never gains from a worse PTQ;
+`ptq_own_format` is PTQ in the trained format.
 torchao's own PTQ (its prepare + convert of the fp32 continuation) is reported as `torchao_ptq`.
 """
 
@@ -34,6 +36,9 @@ from llmopt.core import apply_
 from llmopt.techniques.qat import QATConfig, convert_qat_
 
 
+PTQ_GRID = {"full_range": False, "scale_dtype": "bf16"}
+"""Post-training quantization's grid: absmax / qmax with bf16 scales, the better grid without training."""
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pretrain-steps", type=int, default=300)
@@ -50,13 +55,14 @@ def main() -> None:
     parser.add_argument("--probe-groups", default="32,64,128,0")
     parser.add_argument("--val-batches", type=int, default=16)
     parser.add_argument("--no-torchao", action="store_true", help="skip the torchao QAT peer column")
-    parser.add_argument("--activations", default="int8", help="QAT activation format (int8, int8_asym, none, ...)")
+    parser.add_argument("--activations", default="int8_asym", help="QAT activation format (int8_asym, int8, none, ...)")
     parser.add_argument("--scale-grad", default="none", choices=("none", "absmax"),
                         help="QATConfig.scale_grad of our QAT (absmax: the scale's gradient reaches the weight that sets it)")
-    parser.add_argument("--full-range", action="store_true",
-                        help="QATConfig.full_range for our QAT: torchao's int4 grid (absmax / 7.5, codes [-8, 7], "
-                             "clamp-aware STE)")
-    parser.add_argument("--scale-dtype", default="bf16", choices=("bf16", "fp32"), help="QATConfig.scale_dtype of our QAT")
+    parser.add_argument("--qmax-grid", action="store_true",
+                        help="QATConfig(full_range=False) for our QAT: the absmax / 7 grid instead of the default "
+                             "full-range one (absmax / 7.5, codes [-8, 7], clamp-aware STE, torchao's grid)")
+    parser.add_argument("--full-range", action="store_true", help="(the default now; kept for old commands)")
+    parser.add_argument("--scale-dtype", default="fp32", choices=("bf16", "fp32"), help="QATConfig.scale_dtype of our QAT")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -100,7 +106,7 @@ def main() -> None:
         probe = {"fp32": start_val}
         for g in (int(v) for v in args.probe_groups.split(",")):
             q = copy.deepcopy(model)
-            apply_(q, QATConfig(weight="int4", group_size=g or None, activations=args.activations))
+            apply_(q, QATConfig(weight="int4", group_size=g or None, activations=args.activations, **PTQ_GRID))
             convert_qat_(q)
             key = f"int4 {'g' + str(g) if g else 'per-channel'} + {args.activations} act"
             probe[key] = val(q)
@@ -108,9 +114,10 @@ def main() -> None:
         print(json.dumps(probe, indent=1))
         return
     group = args.group_size or None
+    args.full_range = not args.qmax_grid
     config = QATConfig(weight="int4", group_size=group, activations=args.activations, scale_grad=args.scale_grad,
                        full_range=args.full_range, scale_dtype=args.scale_dtype)
-    ptq_config = QATConfig(weight="int4", group_size=group, activations=args.activations)  # the better PTQ grid
+    ptq_config = QATConfig(weight="int4", group_size=group, activations=args.activations, **PTQ_GRID)  # the better PTQ grid
     results: dict = {"model": args.model, "group_size": args.group_size or "per-channel", "steps": args.steps,
                      "activations": args.activations, "scale_grad": args.scale_grad, "full_range": args.full_range,
                      "scale_dtype": args.scale_dtype,

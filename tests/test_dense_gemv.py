@@ -278,6 +278,7 @@ def test_one_call_quantized_step_equals_the_module_path(bits, rotate, residual, 
     # group 16: the steps cross several group flushes (those steps take the cache's update); the rollback
     # brings quantized positions back into the window
     kw = dict(bits=bits, group_size=16, value_group=32, residual_length=residual, rotate=rotate, sink_tokens=sinks,
+              pre_rope=False,  # post-RoPE keys: the layout the C kernels read
               pad=pad, truncate_at=(30, 27))
     layers, ref_cache = _quantized_logits(model, ids, 40, path="layers", **kw)
     got, cache = _quantized_logits(model, ids, 40, path="fused", **kw)
@@ -302,11 +303,16 @@ def test_one_call_quantized_step_falls_back_where_it_must(fused_steps):
     model = build_model(ModelConfig.from_name("demo")).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, 10))
     # value groups of 16 channels at 2 bits are 4 bytes: not the kernel's 8-byte chunks -> the per-layer path
-    ref, _ = _quantized_logits(model, ids, 6, path="layers", bits=2, group_size=16)
-    got, _ = _quantized_logits(model, ids, 6, path="fused", bits=2, group_size=16)
+    ref, _ = _quantized_logits(model, ids, 6, path="layers", bits=2, group_size=16, pre_rope=False)
+    got, _ = _quantized_logits(model, ids, 6, path="fused", bits=2, group_size=16, pre_rope=False)
     assert not fused_steps
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    got, _ = _quantized_logits(model, ids, 6, path="fused", bits=4, group_size=16)  # fits: one call a step
+    # pre-RoPE keys: the cache's own attention (its C kernel does not read them either)
+    ref, _ = _quantized_logits(model, ids, 6, path="layers", bits=4, group_size=16, pre_rope=True)
+    got, _ = _quantized_logits(model, ids, 6, path="fused", bits=4, group_size=16, pre_rope=True)
+    assert not fused_steps
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    got, _ = _quantized_logits(model, ids, 6, path="fused", bits=4, group_size=16, pre_rope=False)  # one call a step
     assert len(fused_steps) == 5  # positions 10..15; position 15 completes a group: the cache's update
 
 

@@ -147,9 +147,11 @@ def _quantized_attention(cache, pos: int, mask, bound: dict):
     from llmopt.inference.quantized_cache import QuantizedKVCache
     from llmopt.kernels import kv_attention
 
-    if type(cache) is not QuantizedKVCache or cache.kernel == "torch" or cache.device.type != "cpu":
+    if type(cache) is not QuantizedKVCache or cache.device.type != "cpu":
         return None
-    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.size(2) == 1):
+    # the cache's own rule for its C attention kernel (kernel= setting, fp16 scales, post-RoPE keys, fp32, the
+    # mask), which reads the same layout as this one
+    if not cache._use_kernel(torch.empty(0), mask):
         return None
     S, W, q_end = cache.sink_tokens, cache.k_window[0].size(2), cache.quantized
     if any(cache.stored_after(q, pos + 1) != q or S + pos - q >= W for q in q_end):

@@ -333,7 +333,7 @@ class QuantizedKVCache(KVCache):
                    rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of quantized positions [start, end) (multiples of group_size), fp32 (B, H, n, D), from
         their codes (for sinks too); with `rotated=True` as stored (rotated by H where `rotate` says so), otherwise
-        rotated back."""
+        rotated back. Pre-RoPE keys (`rope`) always come back with RoPE applied, in the original basis."""
         G = self.group_size
         B, H, D = self.batch_size, self.n_kv_head, self.head_dim
         n = end - start
@@ -350,8 +350,6 @@ class QuantizedKVCache(KVCache):
             if self.rotate == "both":
                 k = k @ self.H
             k = k * self.rope[0][start:end] + rotate_half(k) * self.rope[1][start:end]
-            if rotated and self.rotate == "both":
-                k = k @ self.H
         elif not rotated and self.rotate == "both":
             k = k @ self.H
         return k, v
@@ -389,7 +387,7 @@ class QuantizedKVCache(KVCache):
         total = torch.zeros_like(running_max)
         out = torch.zeros(B, H, n_head // H, T, D, device=q.device)
         out_rot = torch.zeros_like(out) if self.rotate != "none" else None  # sum p (V H): rotated back at the end
-        q_rot = qg @ self.H if self.rotate == "both" else qg
+        q_rot = qg @ self.H if self.rotate == "both" and self.rope is None else qg  # for keys as stored
         # spans: (kind, first position, last position + 1); "stored" = codes, "fp" = sink or window slots,
         # "fresh" = this write in full precision
         spans = [("fp", 0, n_sink)]

@@ -391,11 +391,12 @@ def load_draft(path):
 
 def bench_spec(args):
     """Plain greedy vs speculative decoding with the distilled draft (adaptive k) vs transformers assisted
-    generation with the same draft vs prompt lookup (no draft), on `--spec-prompts` held-out Shakespeare
-    prompts (the draft's domain; 64-token slices of the corpus tail, spread over it) and on Python code (the
-    draft disagrees: adaptive k must keep the loss small). Every round times each config on every prompt
+    generation with the same draft vs prompt lookup (no draft) vs both (`DraftWithLookupProposer`), on
+    `--spec-prompts` held-out Shakespeare prompts (the draft's domain; 64-token slices of the corpus tail,
+    spread over it) and on Python code (the draft disagrees: adaptive k must keep the loss small). Every round times each config on every prompt
     (config order rotated); the Shakespeare aggregate ratio is, per round, the summed plain time over the
     summed config time."""
+    from llmopt.inference.speculative import DraftWithLookupProposer
     from llmopt.models.hf import to_hf
 
     model, tok = load_pretrained("smollm2-135m")
@@ -425,6 +426,8 @@ def bench_spec(args):
                "speculative": lambda p: speculative_generate(model, [p], n, proposer=DraftModelProposer(draft),
                                                              k=args.k),
                "transformers_assisted": assisted,
+               "draft_with_lookup": lambda p: speculative_generate(model, [p], n, k=args.k,
+                                                                   proposer=DraftWithLookupProposer(draft)),
                # no draft: how much of the gain n-gram copies alone give (greedy continuations repeat themselves)
                "prompt_lookup": lambda p: speculative_generate(model, [p], n, proposer=PromptLookupProposer(), k=10)}
     times = {(c, name): [] for c in configs for name in prompts}
@@ -455,6 +458,10 @@ def bench_spec(args):
              target_forwards=sum(s.target_forwards for s in specs), mean_k=sum(ks) / len(ks) if ks else 0.0,
              prompt_lookup_identical=all(torch.equal(outputs["plain", name].tokens,
                                                      outputs["prompt_lookup", name].tokens) for name in names),
+             draft_with_lookup_identical=all(torch.equal(outputs["plain", name].tokens,
+                                                         outputs["draft_with_lookup", name].tokens) for name in names),
+             draft_with_lookup_acceptance=sum(outputs["draft_with_lookup", name].accepted for name in names)
+             / max(1, sum(outputs["draft_with_lookup", name].proposed for name in names)),
              prompt_lookup_acceptance=sum(outputs["prompt_lookup", name].accepted for name in names)
              / max(1, sum(outputs["prompt_lookup", name].proposed for name in names)))
         if len(names) > 1:

@@ -143,3 +143,24 @@ def test_teacher_continuations_are_the_teachers_greedy_output(tiny_model):
     assert sum(any(torch.equal(r, c) for c in got.inputs) for r in inputs) == 3  # 3 rows from the continuations
     with pytest.raises(ValueError, match="new_tokens must be at least 1"):
         teacher_continuations(tiny_model, prompts, 0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_draft_with_lookup_proposer_is_exact(tiny_model, temperature):
+    """Lookup rounds and draft rounds mixed in one generation: greedy output is the target's own; with
+    sampling the run completes with valid tokens (the accept rule is the same per round)."""
+    from llmopt.inference import generate_reference
+    from llmopt.inference.speculative import DraftWithLookupProposer, speculative_generate
+
+    torch.manual_seed(1)
+    draft = build_model(ModelConfig.from_name("tiny", n_layer=1, dim=16, n_head=2, n_kv_head=1)).eval()
+    tiny_model.eval()
+    # this prompt's greedy continuation falls into a loop (see the continuation test above): the lookup finds it
+    prompt = torch.randint(0, 320, (3, 7), generator=torch.Generator().manual_seed(3))[:1]
+    proposer = DraftWithLookupProposer(draft)
+    got = speculative_generate(tiny_model, prompt, 30, proposer=proposer, k=4, adaptive=False,
+                               temperature=temperature, seed=0)
+    assert got.tokens.shape == (1, 37) and int(got.tokens.max()) < 320
+    if temperature == 0:
+        assert torch.equal(got.tokens, generate_reference(tiny_model, prompt, 30).tokens)
+        assert 0 < proposer.lookup_rounds < len(got.ks)  # both sources used

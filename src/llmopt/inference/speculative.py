@@ -90,6 +90,40 @@ class DraftModelProposer:
         self.cache.truncate(min(self.cache.seq_len, length))
 
 
+class DraftWithLookupProposer:
+    """Prompt lookup first, the draft model otherwise: a round proposes the tokens that followed the last
+    earlier occurrence of the sequence's last `min_ngram`..`max_ngram` tokens when every row has such a match
+    of at least `min_tokens` tokens (free to find), else the draft's k tokens. Small models' greedy output
+    repeats itself (a line, then the same line again), which an n-gram match copies for nothing and a small
+    draft often misses. The draft's cache catches up on the skipped tokens at its next round."""
+
+    def __init__(self, draft, *, max_ngram: int = 3, min_ngram: int = 2, min_tokens: int = 1) -> None:
+        from llmopt.inference.prompt_lookup import PromptLookupProposer
+
+        self.draft = draft
+        self.model_proposer = DraftModelProposer(draft)
+        self.lookup = PromptLookupProposer(max_ngram, min_ngram)
+        self.min_tokens = min_tokens
+        self.lookup_rounds = 0
+        """Rounds whose proposal came from the lookup (the rest: from the draft)."""
+
+    def start(self, target, batch_size: int, max_len: int, padding: torch.Tensor | None) -> None:
+        self.model_proposer.start(target, batch_size, max_len, padding)
+        self.lookup.start(target, batch_size, max_len, padding)
+        self.lookup_rounds = 0
+
+    def propose(self, seq: torch.Tensor, k: int, sampling: dict) -> Proposal:
+        found = self.lookup.propose(seq, k, sampling)
+        if found.tokens.size(1) >= min(k, self.min_tokens) and \
+                (found.valid is None or bool(found.valid[:, :min(k, self.min_tokens)].all())):
+            self.lookup_rounds += 1
+            return found
+        return self.model_proposer.propose(seq, k, sampling)
+
+    def rollback(self, length: int) -> None:
+        self.model_proposer.rollback(length)
+
+
 # ---- adaptive k ---------------------------------------------------------------------------------
 class AdaptiveK:
     """Picks k each round to maximize expected tokens per second from measured costs and acceptance.

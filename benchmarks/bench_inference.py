@@ -393,9 +393,9 @@ def bench_spec(args):
     """Plain greedy vs speculative decoding with the distilled draft (adaptive k) vs transformers assisted
     generation with the same draft vs prompt lookup (no draft) vs both (`DraftWithLookupProposer`), on
     `--spec-prompts` held-out Shakespeare prompts (the draft's domain; 64-token slices of the corpus tail,
-    spread over it) and on Python code (the draft disagrees: adaptive k must keep the loss small). Every round times each config on every prompt
-    (config order rotated); the Shakespeare aggregate ratio is, per round, the summed plain time over the
-    summed config time."""
+    spread over it) and on Python code (the draft disagrees: adaptive k must keep the loss small). Every
+    round times each config on every prompt (config order rotated); the Shakespeare aggregate ratio is, per
+    round, the summed plain time over the summed config time."""
     from llmopt.inference.speculative import DraftWithLookupProposer
     from llmopt.models.hf import to_hf
 

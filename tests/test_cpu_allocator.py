@@ -140,3 +140,26 @@ def test_no_bucketing_leaves_the_batch_alone():
     x = torch.randint(0, 320, (2, 21))
     out = call_hooks(report.hooks, "before_forward", SimpleNamespace(step=0, model=model, metrics={}), (x, x))
     assert out[0] is x and out[1] is x
+
+
+def test_a_forked_child_allocates_and_frees_through_the_arena():
+    import os
+
+    cpu_allocator.install(min_bytes=MIN)
+    try:
+        held = torch.ones(MIN)  # lives in the arena in both processes (copy-on-write)
+        pid = os.fork()
+        if pid == 0:  # the child: allocate, free, check, and leave without running the parent's cleanup
+            ok = False
+            try:
+                blocks = [torch.full((MIN // 2 + i,), float(i)) for i in range(20)]
+                ok = all(bool((b == float(i)).all()) for i, b in enumerate(blocks)) and bool((held == 1).all())
+                del blocks
+            finally:
+                os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        del held
+    finally:
+        cpu_allocator.uninstall()
+        cpu_allocator.empty_cache()

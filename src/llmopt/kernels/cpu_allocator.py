@@ -43,6 +43,7 @@ import torch
 _SOURCE = r"""
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #include <cstdlib>
@@ -189,7 +190,13 @@ void ArenaCPUAllocator::deleter(void* ptr) {
 
 extern "C" {
 
+// a fork (DataLoader workers) while another thread holds the lock would leave the child's copy locked forever
+void fork_prepare() { g_alloc.mu.lock(); }
+void fork_release() { g_alloc.mu.unlock(); }
+
 int llmopt_cpu_alloc_install(size_t min_bytes, size_t reserve_bytes) {
+  static bool at_fork = (pthread_atfork(fork_prepare, fork_release, fork_release), true);
+  (void)at_fork;
   std::lock_guard<std::mutex> g(g_alloc.mu);
   g_alloc.min_bytes = min_bytes < 4096 ? 4096 : min_bytes;
   if (g_alloc.base == nullptr && reserve_bytes > 0) g_alloc.reserve_arena(reserve_bytes / 4096 * 4096);

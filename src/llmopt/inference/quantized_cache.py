@@ -33,9 +33,18 @@ this write, held for the duration of the layer's attention only). So logits do n
 were chunked (tested against token-by-token on the tiny model), and a chunked perplexity is the decoding one.
 With `decode_view=False` every query sees the cache as it is after the write.
 
+Clipping (`key_clip`, `value_clip`): "minmax" maps a group's [min, max] onto the codes; "mse" searches shrunk
+ranges refined by Lloyd steps for the least squared error (never above min-max's); "unbiased" keeps those codes
+with the scale and zero that make the group's error zero-mean and uncorrelated with the values (no shrinking
+toward the mean, which attention does not average out). Pre-RoPE keys (`rope=(cos, sin)`, KVQuant): a key group
+is rotated back to its pre-RoPE values before it is quantized, and gets RoPE again when read. The int2 defaults of
+`make_quantized_cache` use both and 4 sinks (measured in docs/techniques/kv_cache_quant.md). One-byte scales:
+`scale_format="fp8"`. The C decode kernel reads neither pre-RoPE keys nor fp8 scales (the torch path then).
+
 Numerics contract: lossy, bounded. Asymmetric min-max rounding: every dequantized key or value is within
 half a step, (max - min) / (2^bits - 1) / 2, of the original over its group (plus fp16 rounding of the
-scale and zero point); the full-precision window is exact. The effect on the model is measured
+scale and zero point); the full-precision window is exact. The clip modes trade that bound for less squared
+error ("mse": per group at most min-max's) or a zero-mean, uncorrelated error ("unbiased"). The effect on the model is measured
 (perplexity with the cache in the loop, `benchmarks/bench_inference.py`), not assumed.
 """
 

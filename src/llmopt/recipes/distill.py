@@ -2,13 +2,18 @@
 distributions on the corpus, sharing the teacher's tokenizer.
 
     python -m llmopt.recipes.distill --out runs/smollm2-draft [--set train.steps=300 ...] [--top-k 32]
+    python -m llmopt.recipes.distill --out runs/smollm2-draft-seq --continuations 640 --continuation-rows 7 \
+        --init-student runs/smollm2-draft-full --set train.steps=400 ...   # sequence-level (docs/inference.md)
 
 `run.init_from` names the teacher (its tokenizer and tied embedding seed the student); `run.model` is the
 student. Steps, in order: the teacher's top-k log-probabilities over non-overlapping windows of the
 training text (one no-grad pass, cached under `OUT/teacher_targets/`), the student's tied embedding
 set to the teacher's projected on its top `dim` singular directions (`llmopt.data.distill`), then
 `train.steps` AdamW steps on the top-k soft cross-entropy with the same learning-rate schedule and
-clipping as `llmopt train`. OUT ends as a Hugging Face directory (`load_pretrained(OUT)`, or
+clipping as `llmopt train`. With `--continuations N`, step 1 also has the teacher continue N prompts
+greedily (sequence-level distillation: its top-k kept at every position of prompt + continuation, cached
+per batch under `OUT/teacher_targets/`) and those sequences fill `--continuation-rows` of every batch;
+held-out continuations measure the agreement on the teacher's own greedy output. OUT ends as a Hugging Face directory (`load_pretrained(OUT)`, or
 `transformers.AutoModelForCausalLM.from_pretrained(OUT)`) plus `distill.json` (times, losses, and the
 top-1 agreement with the teacher on held-out windows, the per-token greedy acceptance to expect).
 """
@@ -276,6 +281,11 @@ def distill(run: RunConfig, out_dir: str | Path, *, top_k: int = 32, val_windows
             history.append(record)
             if on_log is not None:
                 on_log(record)
+        if tc.ckpt_every and step % tc.ckpt_every == 0 and step < tc.steps:
+            # the student alone (no optimizer state): a stopped run restarts from it with --init-student
+            save_pretrained_hf(student, tokenizer, out_dir / "checkpoint")
+            (out_dir / "checkpoint" / "step.json").write_text(json.dumps({"step": step, "history": history}) + "\n")
+            student.train()
     train_seconds = time.perf_counter() - t1
 
     student.eval()

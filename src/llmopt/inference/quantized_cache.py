@@ -44,8 +44,9 @@ is rotated back to its pre-RoPE values before it is quantized, and gets RoPE aga
 Numerics contract: lossy, bounded. Asymmetric min-max rounding: every dequantized key or value is within
 half a step, (max - min) / (2^bits - 1) / 2, of the original over its group (plus fp16 rounding of the
 scale and zero point); the full-precision window is exact. The clip modes trade that bound for less squared
-error ("mse": per group at most min-max's) or a zero-mean, uncorrelated error ("unbiased"). The effect on the model is measured
-(perplexity with the cache in the loop, `benchmarks/bench_inference.py`), not assumed.
+error ("mse": per group at most min-max's) or a zero-mean, uncorrelated error ("unbiased"). The effect on the
+model is measured (perplexity with the cache in the loop, `benchmarks/bench_inference.py`,
+`benchmarks/bench_kv_int2.py`), not assumed.
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ def quantize_groups(x: torch.Tensor, bits: int, dim: int, clip: str = "minmax",
 
     x ~ codes * scale + zero, with codes in [0, 2^bits - 1]; scale and zero keep `dim` with size 1.
     `clip="minmax"`: the group's range is [min, max]. `clip="mse"`: per group, the range is shrunk about its
-    midpoint by each of `CLIP_RATIOS`, then refined by two Lloyd steps (least-squares scale and zero for the
-    codes, then the nearest codes); the candidate whose stored values (rounded scale and zero) have the least
+    midpoint by each of `CLIP_RATIOS` (all at once), each refined by two Lloyd steps (the nearest codes, then the
+    least-squares scale and zero for them); the candidate whose stored values (rounded scale and zero) have the least
     squared error is kept, min-max among them, so the error is never above min-max's. `clip="unbiased"`: the
     codes of "mse", with the scale and zero that make the error zero-mean and uncorrelated with x over the group
     (a little more squared error than "mse", but no shrinking of x: what attention averages over many values).

@@ -23,19 +23,7 @@ from llmopt.data.corpus import default_corpus_text
 from llmopt.inference import KVCache, decode_one_token, make_cache, make_quantized_cache
 from llmopt.models import load_pretrained
 
-
-def nll_with_cache(model, ids, cache, chunk):
-    """Mean next-token NLL of ids (1, L) fed through `cache` in chunks of `chunk` tokens."""
-    total, count = 0.0, 0
-    cache.reset()
-    with torch.no_grad():
-        for start in range(0, ids.size(1) - 1, chunk):
-            end = min(start + chunk, ids.size(1) - 1)
-            logits = model(ids[:, start:end], input_pos=torch.arange(start, end), cache=cache)
-            total += torch.nn.functional.cross_entropy(logits[0].float(), ids[0, start + 1:end + 1],
-                                                       reduction="sum").item()
-            count += end - start
-    return total / count
+from bench_inference import _nll_with_cache as nll_with_cache  # the same measure (benchmarks/ is on sys.path)
 
 
 def parse_cache(spec: str) -> tuple[str, dict]:

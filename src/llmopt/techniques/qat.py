@@ -5,14 +5,14 @@ Jacob et al. 2018 (arXiv:1712.05877) for fake quantization with STE; the int8-ac
 recipe is torchao's `Int8DynActInt4WeightQATQuantizer`; FP8 formats after Micikevicius et al. 2022.
 
 ```python
-apply_(model, QATConfig(weight="int4", group_size=32, activations="int8"))   # prepare: Linear -> FakeQuantLinear
-train(model)                                                                   # weights stay fp32 and train
+apply_(model, QATConfig(weight="int4", group_size=32))   # prepare: Linear -> FakeQuantLinear
+train(model)                                               # weights stay fp32 and train
 report = convert_qat_(model)          # FakeQuantLinear -> QuantizedLinear (packed int4 codes / fp8 bytes)
 ```
 `FakeQuantLinear` is an `nn.Linear` (same `weight`/`bias` parameters, same state-dict names) whose
-forward quantizes and dequantizes the input (int8: dynamic, symmetric, one scale per token; fp8:
-dynamic per-tensor scale) and the weight (int4/int8 group-wise or per channel; fp8 per tensor), then
-multiplies. Gradients pass straight through the rounding (`llmopt.quant.int_quant.straight_through`).
+forward quantizes and dequantizes the input (int8: dynamic, one scale per token, asymmetric with a zero
+point by default, or symmetric; fp8: dynamic per-tensor scale) and the weight (int4/int8 group-wise or
+per channel, by default on the full-range grid with fp32 scales; fp8 per tensor), then multiplies. Gradients pass straight through the rounding (`llmopt.quant.int_quant.straight_through`).
 
 Numerics contract: changes outputs at prepare (the quantization error: the contract matrix holds it
 to an SQNR). `convert_qat_` builds `QuantizedLinear` modules holding `IntWeightOnlyLinear` storage (int8,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["build_c_library", "builds", "ptr"]
+__all__ = ["build_c_library", "builds", "cached_build", "ptr"]
 
 
 def _cpu_id() -> str:
@@ -37,6 +37,23 @@ def _cpu_id() -> str:
     return cpu
 
 
+def cached_build(name: str, key_parts: list[str], build) -> Path:
+    """The path of a shared library built once per key: `~/.cache/llmopt/kernels/NAME_KEY.so` (or under
+    `$LLMOPT_CACHE_DIR`), keyed by `key_parts` (source, compiler, flags, ...) and the CPU model. When it is
+    missing, `build(tmp, out)` writes it to `out` inside a temporary directory `tmp` next to it, and it is moved
+    into place atomically (a concurrent build never loads half a file)."""
+    key = hashlib.sha256("\0".join([*key_parts, _cpu_id()]).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("LLMOPT_CACHE_DIR", Path.home() / ".cache" / "llmopt")) / "kernels"
+    lib = root / f"{name}_{key}.so"
+    if not lib.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            out = Path(tmp) / f"{name}.so"
+            build(Path(tmp), out)
+            os.replace(out, lib)
+    return lib
+
+
 @functools.cache
 def build_c_library(name: str, source: str, openmp: bool = False, fallback: str = "the torch path") -> ctypes.CDLL:
     """Compile `source` (cached) and return the loaded library. `name` names the file and the error;
@@ -46,25 +63,21 @@ def build_c_library(name: str, source: str, openmp: bool = False, fallback: str 
         raise ImportError(f"the CPU kernel {name} needs a C compiler (cc or gcc on PATH, or $CC); install gcc, "
                           f"or use {fallback}")
     flags = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"] + (["-fopenmp"] if openmp else [])
-    key = hashlib.sha256("\0".join([source, compiler, *flags, "link-apart", _cpu_id()]).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("LLMOPT_CACHE_DIR", Path.home() / ".cache" / "llmopt")) / "kernels"
-    lib = root / f"{name}_{key}.so"
-    if not lib.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=root) as tmp:
-            src, obj, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.o", Path(tmp) / f"{name}.so"
-            src.write_text(source)
-            # Compile and link apart: linking with -ffast-math adds crtfastmath.o (GCC < 13, even with -shared),
-            # whose constructor sets flush-to-zero / denormals-are-zero for the whole process on load.
-            done = subprocess.run([compiler, *flags, "-c", str(src), "-o", str(obj)], capture_output=True, text=True)
-            if done.returncode == 0:
-                link = ["-shared", "-fPIC"] + (["-fopenmp"] if openmp else [])
-                done = subprocess.run([compiler, *link, str(obj), "-o", str(out), "-lm"], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise ImportError(f"building the CPU kernel {name} with {compiler} failed: "
-                                  f"{done.stderr.strip().splitlines()[-1:]}; use {fallback}")
-            os.replace(out, lib)  # atomic: a concurrent build never loads half a file
-    return ctypes.CDLL(str(lib))
+
+    def build(tmp: Path, out: Path) -> None:
+        src, obj = tmp / f"{name}.c", tmp / f"{name}.o"
+        src.write_text(source)
+        # Compile and link apart: linking with -ffast-math adds crtfastmath.o (GCC < 13, even with -shared),
+        # whose constructor sets flush-to-zero / denormals-are-zero for the whole process on load.
+        done = subprocess.run([compiler, *flags, "-c", str(src), "-o", str(obj)], capture_output=True, text=True)
+        if done.returncode == 0:
+            link = ["-shared", "-fPIC"] + (["-fopenmp"] if openmp else [])
+            done = subprocess.run([compiler, *link, str(obj), "-o", str(out), "-lm"], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ImportError(f"building the CPU kernel {name} with {compiler} failed: "
+                              f"{done.stderr.strip().splitlines()[-1:]}; use {fallback}")
+
+    return ctypes.CDLL(str(cached_build(name, [source, compiler, *flags, "link-apart"], build)))
 
 
 def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:

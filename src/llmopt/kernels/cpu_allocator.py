@@ -30,15 +30,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from llmopt.kernels._cbuild import cached_build
 
 _SOURCE = r"""
 #include <c10/core/Allocator.h>
@@ -284,19 +284,16 @@ def _library() -> ctypes.CDLL:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     flags = ["-O2", "-std=c++17", "-fPIC", "-shared", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{include}",
              f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}"]
-    key = hashlib.sha256("\0".join([_SOURCE, compiler, *flags, torch.__version__]).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("LLMOPT_CACHE_DIR", Path.home() / ".cache" / "llmopt")) / "kernels"
-    lib = root / f"cpu_allocator_{key}.so"
-    if not lib.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=root) as tmp:
-            src, out = Path(tmp) / "cpu_allocator.cpp", Path(tmp) / "cpu_allocator.so"
-            src.write_text(_SOURCE)
-            done = subprocess.run([compiler, *flags, str(src), "-o", str(out), "-lc10"], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise ImportError(f"building the caching CPU allocator with {compiler} failed: "
-                                  f"{done.stderr.strip().splitlines()[-1:]}; use buffer_reuse:allocator=system")
-            os.replace(out, lib)
+
+    def build(tmp: Path, out: Path) -> None:
+        src = tmp / "cpu_allocator.cpp"
+        src.write_text(_SOURCE)
+        done = subprocess.run([compiler, *flags, str(src), "-o", str(out), "-lc10"], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ImportError(f"building the caching CPU allocator with {compiler} failed: "
+                              f"{done.stderr.strip().splitlines()[-1:]}; use buffer_reuse:allocator=system")
+
+    lib = cached_build("cpu_allocator", [_SOURCE, compiler, *flags, torch.__version__], build)
     cdll = ctypes.CDLL(str(lib))
     cdll.llmopt_cpu_alloc_install.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
     cdll.llmopt_cpu_alloc_stats.argtypes = [ctypes.POINTER(ctypes.c_longlong)]

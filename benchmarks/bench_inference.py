@@ -24,7 +24,7 @@ import time
 import torch
 
 from llmopt.data.corpus import default_corpus_text
-from llmopt.inference import (DraftModelProposer, KVCache, PromptLookupProposer, decode_one_token, generate,
+from llmopt.inference import (DraftModelProposer, FeatureDraftProposer, KVCache, PromptLookupProposer, decode_one_token, generate,
                               make_cache,
                               make_quantized_cache, speculative_generate)
 from llmopt.models import load_pretrained
@@ -412,11 +412,14 @@ def bench_spec(args):
     from llmopt.models.hf import to_hf
 
     model, tok = load_pretrained("smollm2-135m")
-    draft = load_draft(args.draft or "runs/smollm2-draft")
-    hf, hf_draft = to_hf(model).eval(), to_hf(draft).eval()
-    for m in (hf, hf_draft):
-        m.generation_config.eos_token_id = None
-        m.generation_config.pad_token_id = 0
+    skip = set(args.skip or [])
+    standalone = not {"speculative", "transformers_assisted", "draft_with_lookup"} <= skip
+    draft = load_draft(args.draft or "runs/smollm2-draft") if standalone else None
+    if standalone:
+        hf, hf_draft = to_hf(model).eval(), to_hf(draft).eval()
+        for m in (hf, hf_draft):
+            m.generation_config.eos_token_id = None
+            m.generation_config.pad_token_id = 0
     text = default_corpus_text()
     heldout = tok.encode(text[-30_000:])  # the corpus tail: outside every distillation window and prompt
     if args.spec_prompts < 1:
@@ -434,6 +437,18 @@ def bench_spec(args):
             return hf.generate(x, attention_mask=torch.ones_like(x), assistant_model=hf_draft, do_sample=False,
                                max_new_tokens=n, min_new_tokens=n)[0, len(prompt):]
 
+    head = None
+    if args.feature_draft:
+        from llmopt.models.feature_draft import FeatureDraft
+
+        head = FeatureDraft.load(args.feature_draft, model)
+        info = head.info
+        emit(bench="spec/feature_draft", path=args.feature_draft, params=head.num_parameters(trainable_only=True),
+             multiply_adds_per_token=head.multiply_adds_per_token(),
+             fraction_of_target=round(head.multiply_adds_per_token() / model.num_parameters(), 4),
+             **{k: info[k] for k in ("vocab", "val_coverage", "rows", "steps", "unroll", "feature_seconds",
+                                     "train_seconds", "total_seconds") if k in info},
+             final={k: v for k, v in info.get("final", {}).items() if k.startswith(("val_", "expected"))})
     configs = {"plain": lambda p: generate(model, [p], n),
                "speculative": lambda p: speculative_generate(model, [p], n, proposer=DraftModelProposer(draft),
                                                              k=args.k),
@@ -442,6 +457,13 @@ def bench_spec(args):
                                                                    proposer=DraftWithLookupProposer(draft)),
                # no draft: how much of the gain n-gram copies alone give (greedy continuations repeat themselves)
                "prompt_lookup": lambda p: speculative_generate(model, [p], n, proposer=PromptLookupProposer(), k=10)}
+    if head is not None:  # the EAGLE head: reads SmolLM2's own hidden states (no transformers peer for it)
+        configs["feature_draft"] = lambda p: speculative_generate(model, [p], n, proposer=FeatureDraftProposer(head),
+                                                                  k=args.k)
+    for c in args.skip or []:
+        if c not in configs or c == "plain":
+            raise SystemExit(f"--skip {c!r}: choose from {', '.join(x for x in configs if x != 'plain')}")
+        del configs[c]
     times = {(c, name): [] for c in configs for name in prompts}
     outputs = {}
     for r in range(args.rounds):
@@ -459,6 +481,25 @@ def bench_spec(args):
             ratios = [b / t for b, t in zip(plain, total)]
             emit(bench=f"spec/{label} ({len(names)} prompts x {n} new)", config=c, median_s=statistics.median(total),
                  tok_s_ratio_vs_baseline=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
+        if "feature_draft" in configs:
+            fd = [outputs["feature_draft", name] for name in names]
+            ks = [k for s in fd for k in s.ks]
+            emit(bench=f"spec/{label}/feature_draft",
+                 identical=all(torch.equal(outputs["plain", name].tokens, outputs["feature_draft", name].tokens)
+                               for name in names),
+                 acceptance_rate=sum(s.accepted for s in fd) / max(1, sum(s.proposed for s in fd)),
+                 proposed=sum(s.proposed for s in fd), accepted=sum(s.accepted for s in fd),
+                 target_forwards=sum(s.target_forwards for s in fd), mean_k=sum(ks) / len(ks) if ks else 0.0,
+                 accept_counts=[sum(c) for c in zip(*[s.accept_counts for s in fd])])
+            if len(names) > 1:
+                for name in names:
+                    s = outputs["feature_draft", name]
+                    ratios = [b / t for b, t in zip(times["plain", name], times["feature_draft", name])]
+                    emit(bench=f"spec/{label}/{name}/feature_draft", ratio_median=statistics.median(ratios),
+                         ratio_min=min(ratios), ratio_max=max(ratios), acceptance_rate=s.acceptance_rate,
+                         target_forwards=s.target_forwards, mean_k=sum(s.ks) / len(s.ks) if s.ks else 0.0)
+        if "speculative" not in configs or "transformers_assisted" not in configs:
+            continue
         specs = [outputs["speculative", name] for name in names]
         proposed, accepted = sum(s.proposed for s in specs), sum(s.accepted for s in specs)
         ks = [k for s in specs for k in s.ks]
@@ -515,6 +556,9 @@ def main():
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--speed-tokens", type=int, default=32)
     p.add_argument("--draft")
+    p.add_argument("--feature-draft", help="spec: also an EAGLE head (python -m llmopt.recipes.feature_draft)")
+    p.add_argument("--skip", action="append", help="spec: leave out a config (speculative, transformers_assisted, "
+                                                   "draft_with_lookup, prompt_lookup, feature_draft)")
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--spec-prompts", type=int, default=6, help="spec: held-out Shakespeare prompts (64 tokens each)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")

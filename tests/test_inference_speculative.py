@@ -134,8 +134,11 @@ def test_sampling_keeps_the_target_distribution(proposer_kind, top_k):
     exact = _exact_two_token_joint(target, prompt, 1.3, top_k)
     rows = 20_000
     proposer = DraftModelProposer(draft) if proposer_kind == "draft" else PromptLookupProposer()
-    got = speculative_generate(target, prompt.expand(rows, -1), 2, proposer=proposer, k=2, adaptive=False,
+    # 3 new tokens: the first comes from the prefill, the second through the accept/reject rule (with 2, the
+    # round after the prefill has no room for a proposal and the rule is never exercised)
+    got = speculative_generate(target, prompt.expand(rows, -1), 3, proposer=proposer, k=2, adaptive=False,
                                temperature=1.3, top_k=top_k, seed=0)
+    assert got.proposed > 0
     pairs = got.new_tokens[:, 0] * 8 + got.new_tokens[:, 1]
     freq = torch.bincount(pairs, minlength=64).float().view(8, 8) / rows
     tv = 0.5 * (freq - exact).abs().sum().item()

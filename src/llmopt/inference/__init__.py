@@ -7,7 +7,8 @@ from llmopt.inference.generate import (GenerateResult, decode_one_token, generat
 from llmopt.inference.prompt_lookup import PromptLookupProposer
 from llmopt.inference.quantized_cache import QuantizedKVCache, make_quantized_cache
 from llmopt.inference.sampling import logits_to_probs, sample
-from llmopt.inference.speculative import (DraftModelProposer, SpeculativeResult, speculative_generate)
+from llmopt.inference.speculative import (DraftModelProposer, FeatureDraftProposer, SpeculativeResult,
+                                          speculative_generate)
 
 from llmopt.core import register_technique
 
@@ -23,6 +24,6 @@ register_technique("prompt_lookup", kind="inference", workload="generate", facto
                    description="Prompt lookup decoding: drafts from n-gram matches in the context, no draft "
                                "model: `llmopt generate --prompt-lookup`.")
 
-__all__ = ["DraftModelProposer", "GenerateResult", "KVCache", "PromptLookupProposer", "QuantizedKVCache",
+__all__ = ["DraftModelProposer", "FeatureDraftProposer", "GenerateResult", "KVCache", "PromptLookupProposer", "QuantizedKVCache",
            "SpeculativeResult", "decode_one_token", "generate", "generate_reference", "logits_to_probs",
            "make_cache", "make_quantized_cache", "prefill", "sample", "speculative_generate"]

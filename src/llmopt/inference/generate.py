@@ -68,12 +68,18 @@ class GenerateResult:
 
 
 # ---- the two steps ------------------------------------------------------------------------------
+def plain_forward(model) -> bool:
+    """True when `model(x)` is exactly `model.lm_head(model.hidden_states(x))` (the plain contract, no forward
+    hooks), so a caller may take the hidden states and the logits from one forward."""
+    return (type(model).forward is CausalLM.forward and not model._forward_hooks and not model._forward_pre_hooks
+            and not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks)
+
+
 def last_logits(model, idx: torch.Tensor, input_pos: torch.Tensor, cache) -> torch.Tensor:
     """Logits (B, V) of the last position of `idx` fed at `input_pos` (filling `cache`). For a model on the plain
     contract (`CausalLM.forward`, no forward hooks) only the last position goes through `lm_head`, as
     transformers' `logits_to_keep=1` does: a 32-token SmolLM2 prompt skips 31 x 49,152 x 576 multiply-adds."""
-    if (type(model).forward is CausalLM.forward and not model._forward_hooks and not model._forward_pre_hooks
-            and not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks):
+    if plain_forward(model):
         return model.lm_head(model.hidden_states(idx, input_pos=input_pos, cache=cache)[:, -1:])[:, -1]
     return model(idx, input_pos=input_pos, cache=cache)[:, -1]
 
@@ -229,9 +235,13 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0
         if compile:
             raise ValueError("compile=True applies to plain decoding; speculative decoding runs eagerly")
         from llmopt.inference.prompt_lookup import PromptLookupProposer
-        from llmopt.inference.speculative import DraftModelProposer, speculative_generate
+        from llmopt.inference.speculative import DraftModelProposer, FeatureDraftProposer, speculative_generate
+        from llmopt.models.feature_draft import FeatureDraft
 
-        proposer = DraftModelProposer(draft) if draft is not None else PromptLookupProposer()
+        if draft is None:
+            proposer = PromptLookupProposer()
+        else:
+            proposer = FeatureDraftProposer(draft) if isinstance(draft, FeatureDraft) else DraftModelProposer(draft)
         return speculative_generate(model, prompt_ids, max_new_tokens, proposer=proposer, k=speculate_k,
                                     adaptive=adaptive_k, temperature=temperature, top_k=top_k, top_p=top_p,
                                     seed=seed, stop_ids=stop_ids, cache=cache, pad_id=pad_id, stream=stream,

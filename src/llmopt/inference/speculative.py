@@ -5,6 +5,8 @@ Chen et al. 2023 ("Accelerating Large Language Model Decoding with Speculative S
 follows gpt-fast's `speculative_decode`, with batch size above 1, an adaptive k and any proposer:
 
 - `DraftModelProposer(draft)`: a small model with the target's vocabulary decodes k tokens.
+- `FeatureDraftProposer(head)`: an EAGLE head (`llmopt.models.feature_draft.FeatureDraft`) that reads the
+  target's own final hidden states (the loop hands them over after every target forward).
 - `llmopt.inference.prompt_lookup.PromptLookupProposer`: n-gram matches in the text so far (no model).
 
 Numerics contract: exact. Greedy (temperature 0): a draft token is kept only if it is the target's
@@ -37,7 +39,7 @@ import torch
 from llmopt.inference.cache import KVCache, _max_len_error, make_cache
 from llmopt.inference.cpu_linear import cpu_linear_kernels
 from llmopt.inference.generate import (GenerateResult, _check_kernels, _make_generator, _prepare_prompts,
-                                       _Stopper, _sync, last_logits, prefill)
+                                       _Stopper, _sync, last_logits, plain_forward, prefill)
 from llmopt.inference.sampling import logits_to_probs, sample
 
 
@@ -88,6 +90,80 @@ class DraftModelProposer:
 
     def rollback(self, length: int) -> None:
         self.cache.truncate(min(self.cache.seq_len, length))
+
+
+class FeatureDraftProposer:
+    """An EAGLE head (`FeatureDraft`) proposes: it reads the target's final hidden state at each position.
+
+    The loop hands the proposer the target's hidden states (`observe`) after the prefill and after every
+    verify forward (only the accepted positions). The head keeps its own one-block cache; a round first
+    feeds it the positions whose true features arrived since the last round (h_p with the token at p + 1),
+    then drafts k tokens on its own predicted features. Those k positions are dropped afterwards (the
+    cache is truncated back to the last true-feature position): the next round re-feeds them with the
+    target's features.
+    """
+
+    wants_hidden = True
+
+    def __init__(self, draft) -> None:
+        self.draft = draft
+        self.cache: KVCache | None = None
+        self.features: torch.Tensor | None = None
+        self.known = 0  # positions < known have the target's features
+        self.true_len = 0  # positions < true_len of the head's cache were fed true features
+
+    def start(self, target, batch_size: int, max_len: int, padding: torch.Tensor | None) -> None:
+        from llmopt.models.feature_draft import FeatureDraft
+
+        if not isinstance(self.draft, FeatureDraft):
+            raise ValueError(f"FeatureDraftProposer needs a FeatureDraft head, got {type(self.draft).__name__}; "
+                             "use DraftModelProposer for a standalone draft model")
+        if not plain_forward(target):
+            raise ValueError("a feature draft reads the target's hidden states, which needs the plain model "
+                             "contract (model(x) == lm_head(hidden_states(x)), no forward hooks); use a "
+                             "standalone draft (DraftModelProposer) with this target")
+        self.draft.attach(target)  # checks that the head was trained for this target
+        max_len = min(max_len, self.draft.config.max_seq_len)
+        if self.cache is None or self.cache.batch_size != batch_size or self.cache.max_len < max_len:
+            self.cache = make_cache(self.draft, batch_size, max_len)
+            self.features = torch.zeros(batch_size, max_len, self.draft.config.dim, device=self.cache.device,
+                                        dtype=self.draft.fc.weight.dtype)
+        self.cache.reset()
+        self.cache.set_key_padding(padding)
+        self.known = self.true_len = 0
+
+    def observe(self, hidden: torch.Tensor, start: int) -> None:
+        """The target's final hidden states (B, T, dim) at positions start..start+T-1."""
+        T = hidden.size(1)
+        self.features[:, start:start + T] = hidden
+        self.known = start + T
+
+    def propose(self, seq: torch.Tensor, k: int, sampling: dict) -> Proposal:
+        B, S = seq.shape
+        draft, cache, device = self.draft, self.cache, seq.device
+        if self.known < S - 1:
+            raise RuntimeError(f"the feature draft has the target's states for {self.known} positions, needs "
+                               f"{S - 1}: call observe after every target forward")
+        start = cache.seq_len
+        f = draft(self.features[:, start:S - 1], seq[:, start + 1:S], input_pos=torch.arange(start, S - 1, device=device),
+                  cache=cache)[:, -1]  # predicts the target's state at S - 1, hence the token at S
+        self.true_len = S - 1
+        greedy = sampling["temperature"] == 0
+        tokens, probs = [], []
+        for j in range(k):
+            if j > 0:
+                f = draft(f[:, None], tokens[-1][:, None], input_pos=torch.tensor([S - 2 + j], device=device),
+                          cache=cache)[:, -1]
+            if greedy:
+                tokens.append(draft.vocab_ids[draft.logits(f).argmax(-1)])
+            else:
+                logits = draft.full_logits(f)
+                tokens.append(sample(logits, **sampling))
+                probs.append(logits_to_probs(logits, sampling["temperature"], sampling["top_k"], sampling["top_p"]))
+        return Proposal(torch.stack(tokens, 1), torch.stack(probs, 1) if probs else None)
+
+    def rollback(self, length: int) -> None:
+        self.cache.truncate(min(self.cache.seq_len, self.true_len, length))
 
 
 class DraftWithLookupProposer:
@@ -311,9 +387,15 @@ def _speculative_generate(model, prompt_ids, max_new_tokens: int, *, proposer, k
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     stopper = _Stopper(stop_ids, B, device)
 
+    wants_hidden = getattr(proposer, "wants_hidden", False)  # a feature draft reads the target's hidden states
     _sync(device)
     start = time.perf_counter()
-    token = stopper(sample(prefill(model, idx, cache), **sampling))
+    if wants_hidden:
+        hidden = model.hidden_states(idx, input_pos=torch.arange(T, device=device), cache=cache)
+        proposer.observe(hidden, 0)
+        token = stopper(sample(model.lm_head(hidden[:, -1]), **sampling))
+    else:
+        token = stopper(sample(prefill(model, idx, cache), **sampling))
     _sync(device)
     prefill_seconds = time.perf_counter() - start
     if stream is not None:
@@ -331,7 +413,12 @@ def _speculative_generate(model, prompt_ids, max_new_tokens: int, *, proposer, k
         t1 = time.perf_counter()
         k_round = proposal.tokens.size(1)
         x = torch.cat([seq[:, -1:], proposal.tokens], dim=1)  # (B, k + 1)
-        logits = model(x, input_pos=torch.arange(S - 1, S + k_round, device=device), cache=cache)  # (B, k + 1, V)
+        input_pos = torch.arange(S - 1, S + k_round, device=device)
+        if wants_hidden:
+            hidden = model.hidden_states(x, input_pos=input_pos, cache=cache)
+            logits = model.lm_head(hidden)  # (B, k + 1, V)
+        else:
+            logits = model(x, input_pos=input_pos, cache=cache)  # (B, k + 1, V)
         if k_round == 0:
             n, out = 0, sample(logits[:, -1], **sampling)[:, None]
         else:
@@ -343,6 +430,8 @@ def _speculative_generate(model, prompt_ids, max_new_tokens: int, *, proposer, k
         controller.observe(k_round, n, k_round + 1, time.perf_counter() - t1, t1 - t0)
         cache.truncate(S + n)  # keeps seq[-1] and the n accepted drafts; the emitted token n + 1 is fed next round
         proposer.rollback(S + n)
+        if wants_hidden:
+            proposer.observe(hidden[:, :n + 1], S - 1)  # the target's states at seq[-1] and the n kept drafts
         emitted = [stopper(out[:, j]) for j in range(n + 1)]
         if stream is not None:
             for column in emitted:

@@ -1,0 +1,155 @@
+"""The EAGLE feature draft: exact greedy output, the target's distribution when sampling, the training-time
+unroll against what decoding feeds, files and errors, and a short training that makes it agree."""
+
+import pytest
+import torch
+
+from llmopt.inference import generate, generate_reference
+from llmopt.inference.cache import make_cache
+from llmopt.inference.speculative import FeatureDraftProposer, speculative_generate
+from llmopt.models import ModelConfig, build_model
+from llmopt.models.feature_draft import FeatureDraft, is_feature_draft_dir
+from llmopt.recipes.feature_draft import draft_losses, kept_vocabulary, unrolled_forward
+
+
+def _model(seed, **overrides):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig.from_name("tiny", **overrides)).eval()
+
+
+def _head(target, seed=7, vocab_ids=None, n_layer=1):
+    torch.manual_seed(seed)
+    ids = torch.arange(target.config.vocab_size) if vocab_ids is None else vocab_ids
+    return FeatureDraft(target.config, ids, n_layer=n_layer).attach(target).eval()
+
+
+def _prompt(batch, length, seed=0, vocab=320):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("k,adaptive,n_layer", [(1, False, 1), (4, False, 1), (5, True, 2)])
+def test_greedy_equals_reference(tiny_model, k, adaptive, n_layer):
+    head = _head(tiny_model, vocab_ids=torch.arange(0, 320, 2), n_layer=n_layer)  # half the ids: misses too
+    prompt = _prompt(2, 9, seed=1)
+    ref = generate_reference(tiny_model, prompt, 24)
+    got = speculative_generate(tiny_model, prompt, 24, proposer=FeatureDraftProposer(head), k=k, adaptive=adaptive)
+    assert torch.equal(got.tokens, ref.tokens)
+    assert got.num_new_tokens == [24, 24] and got.target_forwards == len(got.ks) + 1
+
+
+def test_generate_dispatch_and_left_padding(tiny_model):
+    head = _head(tiny_model)
+    rows = [_prompt(1, n, seed=10 + n)[0].tolist() for n in (3, 9, 6)]
+    singles = [generate(tiny_model, [row], 14).new_tokens[0] for row in rows]
+    batched = generate(tiny_model, rows, 14, draft=head)
+    assert hasattr(batched, "acceptance_rate")
+    for b in range(3):
+        assert torch.equal(batched.new_tokens[b], singles[b])
+
+
+def test_unrolled_passes_see_what_decoding_feeds():
+    """Pass s of the training forward at position p equals the head run through its cache the way a round
+    drafts: true features up to p - s, then its own predictions."""
+    target = _model(0)
+    head = _head(target, n_layer=2)
+    tokens = _prompt(2, 12, seed=3)
+    with torch.no_grad():
+        feats = target.hidden_states(tokens)
+        outs = unrolled_forward(head, feats, tokens, 3)
+        assert torch.allclose(outs[0], head(feats[:, :-1], tokens[:, 1:]), atol=1e-5)
+        for s in (1, 2):
+            for p in (s, 6, 10):
+                cache = make_cache(head, 2, 16)
+                f = head(feats[:, :p - s + 1], tokens[:, 1:p - s + 2], input_pos=torch.arange(p - s + 1),
+                         cache=cache)[:, -1]
+                for j in range(1, s + 1):
+                    q = p - s + j
+                    f = head(f[:, None], tokens[:, q + 1:q + 2], input_pos=torch.tensor([q]), cache=cache)[:, -1]
+                assert torch.allclose(outs[s][:, p - s], f, atol=1e-5), (s, p)
+
+
+def test_training_makes_the_head_agree():
+    """The head trained (unrolled) on the target's greedy continuations of two prompts drafts them: the
+    features, positions and rollback of the decoding loop match the training, or this fails."""
+    target = _model(0, vocab_size=64, tie_embeddings=False, init_std=0.3)  # peaked, varied greedy output
+    prompt = _prompt(2, 4, seed=99, vocab=64)
+    with torch.no_grad():
+        rows = generate(target, prompt, 40).tokens
+        feats = target.hidden_states(rows)
+        top1 = target.lm_head(feats).argmax(-1)
+    ids = kept_vocabulary(top1, rows, 64, 64)
+    kept_index = torch.full((64,), -1, dtype=torch.long)
+    kept_index[ids] = torch.arange(ids.numel())
+    head = _head(target, vocab_ids=ids)
+    before = speculative_generate(target, prompt, 40, proposer=FeatureDraftProposer(head), k=3, adaptive=False)
+    head.train()
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(100):
+        outs = unrolled_forward(head, feats, rows, 2)
+        regs, clss, _ = draft_losses(head, outs, feats, top1, kept_index)
+        (sum(regs) + sum(clss)).backward()
+        opt.step()
+        opt.zero_grad()
+    head.eval()
+    after = speculative_generate(target, prompt, 40, proposer=FeatureDraftProposer(head), k=3, adaptive=False)
+    assert torch.equal(after.tokens, rows) and torch.equal(before.tokens, rows)
+    assert before.acceptance_rate < 0.3 and after.acceptance_rate > 0.8, (before.acceptance_rate,
+                                                                         after.acceptance_rate)
+
+
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_sampling_keeps_the_target_distribution(top_k):
+    target = _model(2, vocab_size=8, dim=16, n_head=2, n_kv_head=1)
+    head = _head(target, seed=3, vocab_ids=torch.tensor([0, 2, 3, 5, 7]))  # ids 1, 4, 6 never proposed
+    prompt = torch.tensor([[1, 2, 3, 1, 2]])
+    V = 8
+    with torch.no_grad():
+        from llmopt.inference.sampling import logits_to_probs
+        p1 = logits_to_probs(target(prompt)[0, -1], 1.3, top_k)
+        seqs = torch.cat([prompt.expand(V, -1), torch.arange(V)[:, None]], dim=1)
+        exact = p1[:, None] * logits_to_probs(target(seqs)[:, -1], 1.3, top_k)
+    rows = 20_000
+    # 3 new tokens: the first comes from the prefill, the second through the accept/reject rule
+    got = speculative_generate(target, prompt.expand(rows, -1), 3, proposer=FeatureDraftProposer(head), k=2,
+                               adaptive=False, temperature=1.3, top_k=top_k, seed=0)
+    assert got.proposed > 0  # every row draws column 0 by the accept/reject rule (the batch keeps the min run)
+    pairs = got.new_tokens[:, 0] * V + got.new_tokens[:, 1]
+    freq = torch.bincount(pairs, minlength=V * V).float().view(V, V) / rows
+    tv = 0.5 * (freq - exact).abs().sum().item()
+    assert tv < 0.035, tv
+
+
+def test_save_load_and_errors(tiny_model, tmp_path):
+    head = _head(tiny_model, vocab_ids=torch.arange(10, 200))
+    head.info = {"note": "test"}
+    head.save(tmp_path / "h")
+    assert is_feature_draft_dir(tmp_path / "h") and not is_feature_draft_dir(tmp_path)
+    back = FeatureDraft.load(tmp_path / "h", tiny_model)
+    assert back.info == {"note": "test"} and torch.equal(back.vocab_ids, head.vocab_ids)
+    f, t = torch.randn(1, 3, tiny_model.config.dim), _prompt(1, 3)
+    with torch.no_grad():
+        assert torch.equal(back(f, t), head(f, t))
+    other = _model(5)  # same shapes, other weights
+    with pytest.raises(ValueError, match="trained for another target"):
+        FeatureDraft.load(tmp_path / "h", other)
+    with pytest.raises(ValueError, match="not a feature draft directory"):
+        FeatureDraft.load(tmp_path)
+    (tmp_path / "h" / "feature_draft.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot read the feature draft"):
+        FeatureDraft.load(tmp_path / "h")
+    wide = _model(0, dim=48, n_head=4, n_kv_head=2)
+    with pytest.raises(ValueError, match="does not fit a target|another target"):
+        _head(tiny_model).attach(wide)
+    with pytest.raises(ValueError, match="not attached"):
+        FeatureDraft(tiny_model.config, torch.arange(5))(f, t)
+    with pytest.raises(ValueError, match="vocab_ids"):
+        FeatureDraft(tiny_model.config, torch.tensor([0, 10_000]))
+
+
+def test_hooked_target_is_refused(tiny_model):
+    handle = tiny_model.register_forward_hook(lambda m, i, o: o)
+    try:
+        with pytest.raises(ValueError, match="plain model contract"):
+            speculative_generate(tiny_model, _prompt(1, 4), 4, proposer=FeatureDraftProposer(_head(tiny_model)))
+    finally:
+        handle.remove()

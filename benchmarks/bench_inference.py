@@ -460,6 +460,8 @@ def bench_spec(args):
     if head is not None:  # the EAGLE head: reads SmolLM2's own hidden states (no transformers peer for it)
         configs["feature_draft"] = lambda p: speculative_generate(model, [p], n, proposer=FeatureDraftProposer(head),
                                                                   k=args.k)
+        configs["feature_draft_with_lookup"] = lambda p: speculative_generate(
+            model, [p], n, k=args.k, proposer=DraftWithLookupProposer(head))
     for c in args.skip or []:
         if c not in configs or c == "plain":
             raise SystemExit(f"--skip {c!r}: choose from {', '.join(x for x in configs if x != 'plain')}")
@@ -490,7 +492,13 @@ def bench_spec(args):
                  acceptance_rate=sum(s.accepted for s in fd) / max(1, sum(s.proposed for s in fd)),
                  proposed=sum(s.proposed for s in fd), accepted=sum(s.accepted for s in fd),
                  target_forwards=sum(s.target_forwards for s in fd), mean_k=sum(ks) / len(ks) if ks else 0.0,
-                 accept_counts=[sum(c) for c in zip(*[s.accept_counts for s in fd])])
+                 accept_counts=[sum(c) for c in zip(*[s.accept_counts for s in fd])],
+                 **({"with_lookup_identical": all(torch.equal(outputs["plain", name].tokens,
+                                                              outputs["feature_draft_with_lookup", name].tokens)
+                                                  for name in names),
+                     "with_lookup_acceptance": sum(outputs["feature_draft_with_lookup", name].accepted for name in names)
+                     / max(1, sum(outputs["feature_draft_with_lookup", name].proposed for name in names))}
+                    if "feature_draft_with_lookup" in configs else {}))
             if len(names) > 1:
                 for name in names:
                     s = outputs["feature_draft", name]
@@ -558,7 +566,8 @@ def main():
     p.add_argument("--draft")
     p.add_argument("--feature-draft", help="spec: also an EAGLE head (python -m llmopt.recipes.feature_draft)")
     p.add_argument("--skip", action="append", help="spec: leave out a config (speculative, transformers_assisted, "
-                                                   "draft_with_lookup, prompt_lookup, feature_draft)")
+                                                   "draft_with_lookup, prompt_lookup, feature_draft, "
+                                                   "feature_draft_with_lookup)")
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--spec-prompts", type=int, default=6, help="spec: held-out Shakespeare prompts (64 tokens each)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")

@@ -6,7 +6,7 @@ import torch
 
 from llmopt.inference import generate, generate_reference
 from llmopt.inference.cache import make_cache
-from llmopt.inference.speculative import FeatureDraftProposer, speculative_generate
+from llmopt.inference.speculative import DraftWithLookupProposer, FeatureDraftProposer, speculative_generate
 from llmopt.models import ModelConfig, build_model
 from llmopt.models.feature_draft import FeatureDraft, is_feature_draft_dir
 from llmopt.recipes.feature_draft import draft_losses, kept_vocabulary, unrolled_forward
@@ -153,3 +153,14 @@ def test_hooked_target_is_refused(tiny_model):
             speculative_generate(tiny_model, _prompt(1, 4), 4, proposer=FeatureDraftProposer(_head(tiny_model)))
     finally:
         handle.remove()
+
+
+def test_with_prompt_lookup_stays_exact(tiny_model):
+    """Lookup rounds skip the head; its cache catches up on their tokens from the states the loop hands over."""
+    base = _prompt(2, 20, seed=8)
+    prompt = torch.cat([base, base[:, :5]], dim=1)  # copy-heavy
+    ref = generate_reference(tiny_model, prompt, 30)
+    proposer = DraftWithLookupProposer(_head(tiny_model, vocab_ids=torch.arange(0, 320, 3)))
+    got = speculative_generate(tiny_model, prompt, 30, proposer=proposer, k=4, adaptive=False)
+    assert torch.equal(got.tokens, ref.tokens)
+    assert proposer.lookup_rounds > 0 and proposer.lookup_rounds < len(got.ks)

@@ -62,3 +62,26 @@ def test_bad_input_is_one_line(capsys, runs, extra, needle):
     code, _, err = _generate(capsys, str(runs / "target"), "--prompt", "ROMEO:", *extra)
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+
+
+def test_feature_draft_head_from_the_cli(capsys, runs, tmp_path):
+    import torch
+
+    from llmopt.models import load_pretrained
+    from llmopt.models.feature_draft import FeatureDraft
+
+    target = str(runs / "target")
+    model, _ = load_pretrained(target)
+    torch.manual_seed(0)
+    FeatureDraft(model.config, torch.arange(model.config.vocab_size)).attach(model).save(tmp_path / "head")
+    base = [target, "--prompt", "ROMEO: ROMEO:", "--max-new-tokens", "12", "--temperature", "0", "--no-stop"]
+    code, plain, _ = _generate(capsys, *base)
+    code, text, err = _generate(capsys, *base, "--draft", str(tmp_path / "head"), "--stats")
+    assert code == 0 and text == plain and "acceptance_rate" in err
+    # a head trained for another target of the same shape: refused in one line
+    torch.manual_seed(1)
+    other = type(model)(model.config)
+    FeatureDraft(model.config, torch.arange(model.config.vocab_size)).attach(other).save(tmp_path / "foreign")
+    code, _, err = _generate(capsys, *base, "--draft", str(tmp_path / "foreign"))
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "another target" in lines[0], err

@@ -116,6 +116,7 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     from llmopt.inference import generate
     from llmopt.models import load_pretrained
+    from llmopt.models.feature_draft import FeatureDraft, is_feature_draft_dir
 
     if args.draft and args.prompt_lookup:
         raise UsageError("pass either --draft or --prompt-lookup, not both")
@@ -141,7 +142,12 @@ def cmd_generate(args) -> int:
             raise UsageError(f"unknown stop token {text!r}: it encodes to {len(ids)} tokens, not one")
         stop.append(ids[0])
     draft = None
-    if args.draft:
+    if args.draft and is_feature_draft_dir(args.draft):  # an EAGLE head trained for this target
+        try:
+            draft = FeatureDraft.load(args.draft, model)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    elif args.draft:
         draft, draft_tokenizer = load_pretrained(args.draft)
         draft.eval()
         if draft.config.vocab_size != model.config.vocab_size or draft_tokenizer.encode(texts[0]) != prompts[0]:
@@ -285,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats", action="store_true", help="print prefill/decode tokens/s to stderr as JSON")
     g.add_argument("--stop", action="append", metavar="TOKEN", help="also stop at this token (text of one token)")
     g.add_argument("--kv-cache", choices=["int8", "int4", "int2"], help="quantized KV cache (KIVI layout)")
-    g.add_argument("--draft", metavar="MODEL", help="speculative decoding with this draft model (same tokenizer)")
+    g.add_argument("--draft", metavar="MODEL", help="speculative decoding with this draft model (same tokenizer) or "
+                   "feature-draft (EAGLE) head directory")
     g.add_argument("--prompt-lookup", action="store_true", help="prompt lookup decoding (n-gram drafts)")
     g.add_argument("--speculate-k", type=int, default=8, help="most tokens proposed per round (adapted)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (static cache)")

@@ -167,7 +167,7 @@ class FeatureDraftProposer:
 
 
 class DraftWithLookupProposer:
-    """Prompt lookup first, the draft model otherwise: a round proposes the tokens that followed the last
+    """Prompt lookup first, the draft (a model or a `FeatureDraft` head) otherwise: a round proposes the tokens that followed the last
     earlier occurrence of the sequence's last `min_ngram`..`max_ngram` tokens when every row has such a match
     of at least `min_tokens` tokens (free to find), else the draft's k tokens. Small models' greedy output
     repeats itself (a line, then the same line again), which an n-gram match copies for nothing and a small
@@ -175,9 +175,11 @@ class DraftWithLookupProposer:
 
     def __init__(self, draft, *, max_ngram: int = 3, min_ngram: int = 2, min_tokens: int = 1) -> None:
         from llmopt.inference.prompt_lookup import PromptLookupProposer
+        from llmopt.models.feature_draft import FeatureDraft
 
         self.draft = draft
-        self.model_proposer = DraftModelProposer(draft)
+        self.model_proposer = FeatureDraftProposer(draft) if isinstance(draft, FeatureDraft) else DraftModelProposer(draft)
+        self.wants_hidden = getattr(self.model_proposer, "wants_hidden", False)
         self.lookup = PromptLookupProposer(max_ngram, min_ngram)
         self.min_tokens = min_tokens
         self.lookup_rounds = 0
@@ -195,6 +197,9 @@ class DraftWithLookupProposer:
             self.lookup_rounds += 1
             return found
         return self.model_proposer.propose(seq, k, sampling)
+
+    def observe(self, hidden: torch.Tensor, start: int) -> None:
+        self.model_proposer.observe(hidden, start)
 
     def rollback(self, length: int) -> None:
         self.model_proposer.rollback(length)

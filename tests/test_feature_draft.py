@@ -164,3 +164,28 @@ def test_with_prompt_lookup_stays_exact(tiny_model):
     got = speculative_generate(tiny_model, prompt, 30, proposer=proposer, k=4, adaptive=False)
     assert torch.equal(got.tokens, ref.tokens)
     assert proposer.lookup_rounds > 0 and proposer.lookup_rounds < len(got.ks)
+
+
+def test_recipe_end_to_end_on_a_tiny_target(tmp_path):
+    """The recipe on a tiny trained target: data, features, training, files; a rerun reuses the cached
+    features and continues from the saved head."""
+    from llmopt.cli import main as cli
+    from llmopt.models import load_pretrained
+    from llmopt.recipes.feature_draft import main, train_feature_draft
+
+    quick = ["--set", "train.steps=2", "--set", "data.max_chars=40000", "--set", "train.batch_size=2",
+             "--set", "train.seq_len=32", "--set", "train.eval_batches=1", "--set", "train.progress=false"]
+    assert cli(["train", "tiny", "--out", str(tmp_path / "target")] + quick) == 0
+    kw = dict(target_name=str(tmp_path / "target"), continuations=4, val_continuations=2, windows=4, seq_len=24,
+              prompt_len=8, vocab=64, steps=3, batch_size=2, unroll=2, eval_every=2)
+    summary = train_feature_draft(tmp_path / "head", **kw)
+    assert summary["rows"] == 8 and summary["final"]["step"] == 3 and "val_top1_pass1" in summary["final"]
+    target, _ = load_pretrained(tmp_path / "target")
+    head = FeatureDraft.load(tmp_path / "head", target)
+    assert head.vocab_ids.numel() == 64 and head.info["steps"] == 3
+    again = train_feature_draft(tmp_path / "head", **kw, init_head=tmp_path / "head")
+    assert again["feature_seconds"] < summary["feature_seconds"] + 1 and again["init_head"]
+    with pytest.raises(SystemExit, match="error: .*--vocab"):
+        main(["--out", str(tmp_path / "bad"), "--target", str(tmp_path / "target"), "--vocab", "0",
+              "--continuations", "2", "--val-continuations", "2", "--windows", "2", "--seq-len", "24",
+              "--prompt-len", "8"])

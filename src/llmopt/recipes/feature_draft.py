@@ -134,7 +134,7 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
                         prompt_len: int = 33, heldout_chars: int = 30_000, vocab: int = 8192, n_layer: int = 1,
                         steps: int = 800, batch_size: int = 16, lr: float = 5e-4, warmup: int = 40,
                         unroll: int = 3, reg_weight: float = 1.0, noise: float = 0.0, eval_every: int = 100,
-                        seed: int = 1337, threads: int | None = None,
+                        seed: int = 1337, threads: int | None = None, init_head: str | Path | None = None,
                         on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Build the data, train the head and save it to `out_dir`; returns the summary (see the module docstring)."""
     from llmopt.data.corpus import default_corpus_text
@@ -161,7 +161,8 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
         raise ValueError(f"the corpus has {len(full)} characters: too few for heldout_chars={heldout_chars}")
     train_text, heldout = full[:-heldout_chars], full[-heldout_chars:]
     new_tokens = seq_len - prompt_len + 1
-    tag = f"{target_name}_{prompt_len}+{new_tokens}x1"
+    tname = Path(target_name).name  # a name or a run directory
+    tag = f"{tname}_{prompt_len}+{new_tokens}x1"
 
     # 1. sequences
     t0 = time.perf_counter()
@@ -204,7 +205,7 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
 
     # 2. target features
     t0 = time.perf_counter()
-    cache_file = data_dir / f"features_{target_name}_{inputs.size(0)}x{seq_len}_{int(inputs.sum())}.pt"
+    cache_file = data_dir / f"features_{tname}_{inputs.size(0)}x{seq_len}_{int(inputs.sum())}.pt"
     if cache_file.is_file():
         feats, top1, val_feats, val_top1 = torch.load(cache_file)
     else:
@@ -223,18 +224,31 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
 
     # 3. the head
     torch.manual_seed(seed)
-    draft = FeatureDraft(target.config, vocab_ids, n_layer=n_layer).attach(target)
+    if init_head is not None:  # continue a previous run (its kept vocabulary and weights)
+        draft = FeatureDraft.load(init_head, target)
+        if draft.config.n_layer != n_layer:
+            raise ValueError(f"--init-head {init_head} has {draft.config.n_layer} blocks, not --layers {n_layer}")
+        vocab_ids = draft.vocab_ids
+        kept_index = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
+        kept_index[vocab_ids] = torch.arange(vocab_ids.numel())
+        coverage = float((kept_index[top1] >= 0).float().mean())
+        val_coverage = float((kept_index[val_top1[:, prompt_len - 1:]] >= 0).float().mean())
+        previous = draft.info
+    else:
+        draft = FeatureDraft(target.config, vocab_ids, n_layer=n_layer).attach(target)
+        previous = None
     with torch.no_grad():
         std = target.config.init_std
         for name, p in draft.named_parameters():
-            if not p.requires_grad:
+            if not p.requires_grad or init_head is not None:
                 continue
             if p.dim() == 2:
                 p.normal_(0.0, std / (math.sqrt(2 * n_layer) if name.endswith(("o_proj.weight", "down_proj.weight"))
                                       else 1.0))
             else:
                 p.fill_(1.0)
-        draft.norm.weight.copy_(target.norm.weight)  # the features are the target's normalized states
+        if init_head is None:
+            draft.norm.weight.copy_(target.norm.weight)  # the features are the target's normalized states
     params = [p for p in draft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     val_rows = torch.arange(val_inputs.size(0))
@@ -300,7 +314,8 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
                "target_multiply_adds_per_token": target.num_parameters(),
                "rows": inputs.size(0), "continuation_rows": cont.size(0), "text_rows": text_rows.size(0),
                "seq_len": seq_len, "steps": steps, "batch_size": batch_size, "lr": lr, "unroll": unroll,
-               "noise": noise, "threads": torch.get_num_threads(),
+               "noise": noise, "threads": torch.get_num_threads(), "init_head": str(init_head or ""),
+               "previous": {k: v for k, v in (previous or {}).items() if k != "history"} or None,
                "sequence_seconds": round(sequence_seconds, 1), "feature_seconds": round(feature_seconds, 1),
                "train_seconds": round(train_seconds, 1), "total_seconds": round(time.perf_counter() - t_start, 1),
                "final": history[-1], "history": history}
@@ -330,6 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--noise", type=float, default=0.0, help="feature noise, relative to the features' RMS")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--threads", type=int)
+    p.add_argument("--init-head", help="continue from this head directory (a previous run's OUT)")
     a = p.parse_args(argv)
     try:
         summary = train_feature_draft(
@@ -337,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
             val_continuations=a.val_continuations, val_continuations_from=a.val_continuations_from,
             windows=a.windows, seq_len=a.seq_len, prompt_len=a.prompt_len, vocab=a.vocab, n_layer=a.layers,
             steps=a.steps, batch_size=a.batch_size, lr=a.lr, unroll=a.unroll, reg_weight=a.reg_weight,
-            noise=a.noise, eval_every=a.eval_every, threads=a.threads,
+            noise=a.noise, eval_every=a.eval_every, threads=a.threads, init_head=a.init_head,
             on_log=lambda r: print(json.dumps(r), flush=True))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -149,9 +149,9 @@ def _quantized_attention(cache, pos: int, mask, bound: dict):
 
     if type(cache) is not QuantizedKVCache or cache.device.type != "cpu":
         return None
-    # the cache's own rule for its C attention kernel (kernel= setting, fp16 scales, post-RoPE keys, fp32, the
-    # mask), which reads the same layout as this one
-    if not cache._use_kernel(torch.empty(0), mask):
+    # the cache's own rule for its C attention kernel (kernel= setting, fp16 scales, fp32, the mask), which reads
+    # the same layout as this one; this one also reads pre-RoPE keys (it applies RoPE per stored key)
+    if not cache._use_kernel(torch.empty(0), mask, pre_rope_ok=True):
         return None
     S, W, q_end = cache.sink_tokens, cache.k_window[0].size(2), cache.quantized
     if any(cache.stored_after(q, pos + 1) != q or S + pos - q >= W for q in q_end):
@@ -163,13 +163,14 @@ def _quantized_attention(cache, pos: int, mask, bound: dict):
     if attention is None or attention[0] is not cache or attention[1].key != key:
         if not kv_attention.available() or kv_attention.QuantizedDecodeAttention.unsupported(
                 n_head=cache.n_kv_head * bound["group"], n_kv_head=cache.n_kv_head, head_dim=cache.head_dim,
-                bits=cache.bits, value_group=cache.value_group, window_dtype=cache.dtype):
+                bits=cache.bits, value_group=cache.value_group, window_dtype=cache.dtype,
+                pre_rope=cache.rope is not None):
             return None
         attention = (cache, kv_attention.QuantizedDecodeAttention(
             cache.k_codes, cache.k_scale, cache.k_zero, cache.v_codes, cache.v_scale, cache.v_zero, cache.k_window,
             cache.v_window, n_head=cache.n_kv_head * bound["group"], bits=cache.bits, group_size=cache.group_size,
             value_group=cache.value_group, sink_tokens=S, rotation=cache.H, rotate_keys=cache.rotate == "both",
-            threads=bound["threads"]))
+            threads=bound["threads"], rope=cache.rope))
         bound["last"] = attention
     keep = None if mask is None else mask[:, 0, 0, :pos + 1]
     keep = kv_attention.decode_keep(keep, batch=cache.batch_size, length=pos + 1, n_quantized=q_end[0],

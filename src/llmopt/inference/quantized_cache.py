@@ -446,13 +446,17 @@ class QuantizedKVCache(KVCache):
             out = out + out_rot @ self.H
         return (out / total).view(B, n_head, T, D).to(q.dtype)
 
-    def _use_kernel(self, q: torch.Tensor, mask) -> bool:
+    def _use_kernel(self, q: torch.Tensor, mask, *, pre_rope_ok: bool = False) -> bool:
+        """Whether a one-token attention takes a C kernel. `pre_rope_ok`: the caller's kernel applies RoPE to
+        pre-RoPE keys (the one-call decode step's `kv_attention.QuantizedDecodeAttention`); `attend`'s own
+        kernel (`kv_attend_decode_cpu`) reads keys as stored."""
         if self.kernel == "torch" or q.device.type != "cpu" or self.dtype != torch.float32:
             return False
-        if self.scale_dtype != SCALE_DTYPE or self.rope is not None:  # the kernel reads fp16 scales, keys as stored
+        if self.scale_dtype != SCALE_DTYPE or (self.rope is not None and not pre_rope_ok):
             if self.kernel == "c":
-                raise ValueError("kernel='c' reads fp16 scales and post-RoPE keys only (not scale_format='fp8' or "
-                                 "pre_rope=True); use kernel='auto' or 'torch'")
+                raise ValueError("kernel='c': the C kernels read fp16 scales only, and attend's kernel post-RoPE keys "
+                                 "only (not scale_format='fp8', or pre_rope=True outside the one-call decode step "
+                                 "of generate); use kernel='auto' or 'torch'")
             return False
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.size(2) == 1):
             return False

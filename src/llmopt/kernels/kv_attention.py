@@ -182,6 +182,12 @@ static inline float v_hsum(v8 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+static inline v8 v_add(v8 a, v8 b) { return _mm256_add_ps(a, b); }
+static inline v8 v_sub(v8 a, v8 b) { return _mm256_sub_ps(a, b); }
+static inline v8 v_mul(v8 a, v8 b) { return _mm256_mul_ps(a, b); }
+static inline v8 v_swap4(v8 a) { return _mm256_permute2f128_ps(a, a, 1); }  /* lane i <- lane i ^ 4 */
+static inline v8 v_swap2(v8 a) { return _mm256_permute_ps(a, 0x4E); }       /* lane i <- lane i ^ 2 */
+static inline v8 v_swap1(v8 a) { return _mm256_permute_ps(a, 0xB1); }       /* lane i <- lane i ^ 1 */
 #else
 typedef struct { float f[8]; } v8; typedef struct { int32_t i[8]; } v8i;
 static inline v8 v_zero(void) { v8 r; for (int i = 0; i < 8; i++) r.f[i] = 0.f; return r; }
@@ -192,6 +198,13 @@ static inline v8 v_fma(v8 a, v8 b, v8 c) { for (int i = 0; i < 8; i++) c.f[i] +=
 static inline v8i v_widen(const uint8_t* p) { v8i r; for (int i = 0; i < 8; i++) r.i[i] = p[i]; return r; }
 static inline v8 v_codes(v8i w, int shift, int mask) { v8 r; for (int i = 0; i < 8; i++) r.f[i] = (float)((w.i[i] >> shift) & mask); return r; }
 static inline float v_hsum(v8 v) { float s = 0.f; for (int i = 0; i < 8; i++) s += v.f[i]; return s; }
+static inline v8 v_add(v8 a, v8 b) { for (int i = 0; i < 8; i++) a.f[i] += b.f[i]; return a; }
+static inline v8 v_sub(v8 a, v8 b) { for (int i = 0; i < 8; i++) a.f[i] -= b.f[i]; return a; }
+static inline v8 v_mul(v8 a, v8 b) { for (int i = 0; i < 8; i++) a.f[i] *= b.f[i]; return a; }
+static inline v8 v_swapn(v8 a, int n) { v8 r; for (int i = 0; i < 8; i++) r.f[i] = a.f[i ^ n]; return r; }
+static inline v8 v_swap4(v8 a) { return v_swapn(a, 4); }
+static inline v8 v_swap2(v8 a) { return v_swapn(a, 2); }
+static inline v8 v_swap1(v8 a) { return v_swapn(a, 1); }
 #endif
 
 /* The two inner loops, written for a compile-time number of query heads per kv head (g) and code width (bits),
@@ -230,12 +243,69 @@ static inline __attribute__((always_inline)) void value_chunk(const uint8_t* vcb
   }
   for (long j = 0; j < g; j++) for (int kk = 0; kk < pb; kk++) v_store(oq + j * D + kk * P + i0, acc[j][kk]);
 }
+/* Scores of stored pre-RoPE keys t in [t0, t1) of one key group (KVQuant layout): each code row is dequantized
+   with the group's scales and zeros (sl, zl), in the [k][i] order like the query; rotated back by the Hadamard
+   matrix when keys are rotated (`hadamard`: a fast Walsh-Hadamard transform, butterflies across registers, then
+   within one; H[a][b] = (-1)^popcount(a & b) / sqrt(D) is unchanged by the same permutation of the index bits of a
+   and b, and the [k][i] order is such a permutation of the channel order, so the transform needs no reordering;
+   the 1 / sqrt(D) is in the query); then given RoPE at its position t, k cos_t + rotate_half(k) sin_t, with the
+   model's tables in the same order (rc, rs: rs carries rotate_half's sign), and dotted with the g queries ql.
+   Channel c's RoPE partner c +- D/2 sits P/2 code slots away in the [k][i] order: the register RP/2 further on
+   within the slot's RP registers, or, with one register a slot (P = 8), the other half of the same register. */
+static inline __attribute__((always_inline)) void key_scores_rope(const uint8_t* kcb, const float* ql,
+    const float* sl, const float* zl, const float* rc, const float* rs, float* row, int hadamard, float* s, long Lk,
+    long t0, long t1, long P, long D, const long g, const int bits) {
+  const int pb = 8 / bits, mask = (1 << bits) - 1;
+  const long R = D / 8, RP = P / 8;  /* registers in a row, in one code slot */
+  static const float sg1[8] = {1, -1, 1, -1, 1, -1, 1, -1}, sg2[8] = {1, 1, -1, -1, 1, 1, -1, -1},
+                     sg4[8] = {1, 1, 1, 1, -1, -1, -1, -1};
+  for (long t = t0; t < t1; t++) {
+    const uint8_t* cr = kcb + t * P;
+    for (long i0 = 0; i0 < P; i0 += 8) {
+      const v8i w = v_widen(cr + i0);
+      for (int kk = 0; kk < pb; kk++) {
+        const long o = kk * P + i0;
+        v_store(row + o, v_fma(v_codes(w, kk * bits, mask), v_load(sl + o), v_load(zl + o)));
+      }
+    }
+    if (hadamard) {
+      for (long st = 1; st < R; st <<= 1)
+        for (long r = 0; r < R; r++) if (!(r & st)) {
+          const v8 a = v_load(row + 8 * r), b = v_load(row + 8 * (r + st));
+          v_store(row + 8 * r, v_add(a, b));
+          v_store(row + 8 * (r + st), v_sub(a, b));
+        }
+      for (long r = 0; r < R; r++) {
+        v8 x = v_load(row + 8 * r);
+        x = v_fma(x, v_load(sg1), v_swap1(x));
+        x = v_fma(x, v_load(sg2), v_swap2(x));
+        x = v_fma(x, v_load(sg4), v_swap4(x));
+        v_store(row + 8 * r, x);
+      }
+    }
+    const float* ct = rc + t * D;
+    const float* stab = rs + t * D;
+    v8 acc[64];
+    for (long j = 0; j < g; j++) acc[j] = v_zero();
+    for (long r = 0; r < R; r++) {
+      const v8 x = v_load(row + 8 * r);
+      const v8 xp = RP > 1 ? v_load(row + 8 * (r - r % RP + (r % RP + RP / 2) % RP)) : v_swap4(x);
+      const v8 kr = v_fma(xp, v_load(stab + 8 * r), v_mul(x, v_load(ct + 8 * r)));
+      for (long j = 0; j < g; j++) acc[j] = v_fma(kr, v_load(ql + j * D + 8 * r), acc[j]);
+    }
+    for (long j = 0; j < g; j++) s[j * Lk + t] = v_hsum(acc[j]);
+  }
+}
 #define KVQ_BY_G(F, bits, ...) switch (g) { case 1: F(__VA_ARGS__, 1, bits); break; case 2: F(__VA_ARGS__, 2, bits); break; \
   case 3: F(__VA_ARGS__, 3, bits); break; case 4: F(__VA_ARGS__, 4, bits); break; default: F(__VA_ARGS__, g, bits); }
 #define KVQ_BY_BITS(F, ...) if (bits == 8) { KVQ_BY_G(F, 8, __VA_ARGS__) } else if (bits == 4) { KVQ_BY_G(F, 4, __VA_ARGS__) } \
   else { KVQ_BY_G(F, 2, __VA_ARGS__) }
 static void kvq_keys(const uint8_t* kcb, const float* qp, const float* qz, float* s, long Lk, long t0, long t1, long P,
                      long D, long g, int bits) { KVQ_BY_BITS(key_scores, kcb, qp, qz, s, Lk, t0, t1, P, D) }
+static void kvq_keys_rope(const uint8_t* kcb, const float* ql, const float* sl, const float* zl, const float* rc,
+                          const float* rs, float* row, int hadamard, float* s, long Lk, long t0, long t1, long P,
+                          long D, long g, int bits) {
+  KVQ_BY_BITS(key_scores_rope, kcb, ql, sl, zl, rc, rs, row, hadamard, s, Lk, t0, t1, P, D) }
 static void kvq_values(const uint8_t* vcb, const float* ps, float* oq, long n, long P, long D, long i0, long g,
                        int bits) { KVQ_BY_BITS(value_chunk, vcb, ps, oq, n, P, D, i0) }
 
@@ -247,9 +317,10 @@ typedef struct {
   float* scratch;             /* per thread: kvq_scratch floats */
   long scratch_per_thread, max_threads;
   const kvq_layer_t* layers;
+  const float *rcos, *rsin;   /* keys stored before RoPE: (cap, D) tables in the [k][i] order (rsin signed); else NULL */
 } kvq_t;
 
-long kvq_scratch(long g, long D, long VG, long max_keys) { return 2 * g * max_keys + 6 * g * D + g * (D / VG) + D + 64; }
+long kvq_scratch(long g, long D, long VG, long max_keys) { return 2 * g * max_keys + 6 * g * D + g * (D / VG) + 4 * D + 64; }
 
 static inline void matvec_h(const float* h, const float* x, float* y, long D) {  /* y = x @ H */
   for (long c = 0; c < D; c++) y[c] = 0.f;
@@ -291,12 +362,27 @@ void kvq_decode_layer(const kvq_t* c, long layer, const float* q, const float* k
     for (long j = 0; j < g; j++) {
       const float* qj = q + ((b * H + h) * g + j) * D;
       for (long i = 0; i < D; i++) qw[j * D + i] = qj[i] * scale;
-      if (c->rotate == 2) matvec_h(c->hmat, qw + j * D, qr + j * D, D);
+      if (c->rotate == 2 && !c->rcos) matvec_h(c->hmat, qw + j * D, qr + j * D, D);
       else memcpy(qr + j * D, qw + j * D, D * sizeof(float));
     }
     /* scores of the codes, a key group at a time */
     const uint8_t* kcb = ly->kc + bh * c->cap * P;
-    for (long t0 = 0; t0 < qe; t0 += G) {
+    if (c->rcos) {  /* pre-RoPE keys: each key is dequantized, rotated back and given RoPE (key_scores_rope) */
+      float* sl = s + 2 * g * Lk + 6 * g * D + g * NV + D;  /* past ps (at most g * Lk floats) */
+      float* zl = sl + D;
+      float* row = zl + D;
+      const float hs = c->rotate == 2 ? 1.0f / sqrtf((float)D) : 1.0f;  /* the Hadamard transform's norm */
+      for (long j = 0; j < g; j++)
+        for (long ch = 0; ch < D; ch++) qp[j * D + (ch % pb) * P + ch / pb] = qw[j * D + ch] * hs;
+      for (long t0 = 0; t0 < qe; t0 += G) {
+        const _Float16* ksc = ly->ks + (bh * (c->cap / G) + t0 / G) * D;
+        const _Float16* kzc = ly->kz + (bh * (c->cap / G) + t0 / G) * D;
+        for (long ch = 0; ch < D; ch++) { sl[(ch % pb) * P + ch / pb] = (float)ksc[ch]; zl[(ch % pb) * P + ch / pb] = (float)kzc[ch]; }
+        kvq_keys_rope(kcb, qp, sl, zl, c->rcos, c->rsin, row, c->rotate == 2, s, Lk, t0, t0 + G < qe ? t0 + G : qe, P,
+                      D, g, bits);
+      }
+    }
+    else for (long t0 = 0; t0 < qe; t0 += G) {
       const _Float16* ksc = ly->ks + (bh * (c->cap / G) + t0 / G) * D;
       const _Float16* kzc = ly->kz + (bh * (c->cap / G) + t0 / G) * D;
       for (long j = 0; j < g; j++) {
@@ -425,7 +511,28 @@ class _KvqLayer(ctypes.Structure):
 class _Kvq(ctypes.Structure):
     _fields_ = ([(n, ctypes.c_long) for n in ("B", "H", "g", "D", "cap", "W", "S", "G", "VG", "bits", "rotate", "pos")]
                 + [("hmat", ctypes.c_void_p), ("keep", ctypes.c_void_p), ("scratch", ctypes.c_void_p),
-                   ("scratch_per_thread", ctypes.c_long), ("max_threads", ctypes.c_long), ("layers", ctypes.c_void_p)])
+                   ("scratch_per_thread", ctypes.c_long), ("max_threads", ctypes.c_long), ("layers", ctypes.c_void_p),
+                   ("rcos", ctypes.c_void_p), ("rsin", ctypes.c_void_p)])
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix of order n (what the pre-RoPE path's fast transform computes)."""
+    h = torch.ones(1, 1)
+    while h.size(0) < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / h.size(0) ** 0.5
+
+
+def _slot_order_rope(cos: torch.Tensor, sin: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary tables (n, D) with their channels in the kernel's [k][i] order (index k * P + i holds channel
+    (8 / bits) * i + k, P = D * bits / 8), sin multiplied by rotate_half's sign (-1 on the first half of the
+    channels), so that RoPE of a key row x in that order is x * cos + partner(x) * sin."""
+    D = cos.size(1)
+    pb, P = 8 // bits, D * bits // 8
+    idx = torch.arange(D)
+    channel = pb * (idx % P) + idx // P
+    sign = torch.where(channel < D // 2, -1.0, 1.0)
+    return cos.float()[:, channel].contiguous(), (sin.float()[:, channel] * sign).contiguous()
 
 
 class QuantizedDecodeAttention:
@@ -440,16 +547,27 @@ class QuantizedDecodeAttention:
     the window (`QuantizedKVCache.stored_after(q_end, pos + 1) == q_end` for every layer) and takes the cache's
     own `update` on the others. `set_step(pos, q_end, keep)` before each step: the position written, the stored
     positions per layer, and `keep` (B, S + pos + 1) bool in kernel order (codes, sink slots, window) or None.
-    `supports(...)` says whether a layout fits the kernel: fp32 window, packed rows and value groups in whole
-    8-byte chunks, at most 64 query heads per kv head."""
+    `unsupported(...)` says why a layout does not fit the kernel (fp32 window, packed rows and value groups in
+    whole 8-byte chunks, at most 64 query heads per kv head; pre-RoPE keys: rows of 8 or a multiple of 16 bytes).
+
+    `rope=(cos, sin)`: the cache stores keys before RoPE (`QuantizedKVCache(rope=...)`, KVQuant), with these
+    tables (the model's `rope_cos` / `rope_sin`, at least one row per storable position). The window and the sink
+    copies hold keys after RoPE, as the cache's `update` writes them (the token's key is written as given, post-RoPE;
+    only a flushed group, which `update` does, is rotated back before it is quantized), so only the codes change:
+    each stored key is dequantized, rotated back by the Hadamard matrix when keys are rotated (a fast
+    Walsh-Hadamard transform, so `rotation` must be the Sylvester-Hadamard matrix `QuantizedKVCache` uses) and given
+    RoPE at its position, k cos + rotate_half(k) sin, before the dot product with the (unrotated) query, as
+    `QuantizedKVCache.dequantize` does. About 3x the key-side work of post-RoPE codes, which fold the group's
+    scales into the query instead."""
 
     def __init__(self, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_window, v_window, *, n_head: int,
                  bits: int, group_size: int, value_group: int, sink_tokens: int, rotation: torch.Tensor | None,
-                 rotate_keys: bool, threads: int = 1, isa: str = "native") -> None:
+                 rotate_keys: bool, threads: int = 1, isa: str = "native",
+                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         B, H, cap, P = k_codes[0].shape
         D = k_window[0].shape[3]
         why = self.unsupported(n_head=n_head, n_kv_head=H, head_dim=D, bits=bits, value_group=value_group,
-                               window_dtype=k_window[0].dtype)
+                               window_dtype=k_window[0].dtype, pre_rope=rope is not None)
         if why:
             raise ValueError(f"QuantizedDecodeAttention: {why}; use QuantizedKVCache.attend")
         n = len(k_codes)
@@ -460,6 +578,17 @@ class QuantizedDecodeAttention:
         self.key = tuple(t.data_ptr() for t in (k_codes[0], k_window[0], v_window[-1]))
         self._lib = _library(isa)
         self.hmat = None if rotation is None else rotation.float().contiguous()
+        self.rope = None
+        if rope is not None:
+            cos, sin = rope
+            if cos.shape != sin.shape or cos.dim() != 2 or cos.size(0) < cap or cos.size(1) != D:
+                raise ValueError(f"rope must be (cos, sin) tables of shape (>= {cap} positions, head_dim={D}), got "
+                                 f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+            if rotate_keys and (self.hmat is None or self.hmat.shape != (D, D)
+                                or not torch.allclose(self.hmat, _sylvester(D), atol=1e-6)):
+                raise ValueError("pre-RoPE keys with rotated keys need rotation = the Sylvester-Hadamard matrix "
+                                 "(QuantizedKVCache's hadamard(head_dim)); use QuantizedKVCache.attend")
+            self.rope = _slot_order_rope(cos[:cap], sin[:cap], bits)
         self.n_layer = n
         self.layers = (_KvqLayer * n)(*(_KvqLayer(*(b[i].data_ptr() for b in bufs), 0) for i in range(n)))
         W, g = k_window[0].shape[2], n_head // H
@@ -471,13 +600,14 @@ class QuantizedDecodeAttention:
         self.state = _Kvq(B, H, g, D, cap, W, sink_tokens, group_size, value_group, bits,
                           0 if rotation is None else (2 if rotate_keys else 1), 0,
                           None if self.hmat is None else self.hmat.data_ptr(), None, self._scratch.data_ptr(), per,
-                          self.threads, ctypes.addressof(self.layers))
+                          self.threads, ctypes.addressof(self.layers),
+                          *((None, None) if self.rope is None else (t.data_ptr() for t in self.rope)))
         self.c_call = (ctypes.cast(self._lib.kvq_decode_layer, ctypes.c_void_p).value, ctypes.addressof(self.state))
         """(address of the C function, address of its state), for `StackDecodePlan.step_with_c_attention`."""
 
     @staticmethod
     def unsupported(*, n_head: int, n_kv_head: int, head_dim: int, bits: int, value_group: int,
-                    window_dtype: torch.dtype) -> str | None:
+                    window_dtype: torch.dtype, pre_rope: bool = False) -> str | None:
         """Why a cache layout does not fit the kernel, or None when it does."""
         per_byte = 8 // bits
         if window_dtype != torch.float32:
@@ -487,6 +617,9 @@ class QuantizedDecodeAttention:
         if head_dim * bits % 64 or value_group % (8 * per_byte) or head_dim % value_group:
             return (f"head_dim={head_dim} at {bits} bits and value_group={value_group} must pack into whole 8-byte "
                     "chunks (head_dim * bits and value_group * bits multiples of 64)")
+        if pre_rope and head_dim * bits != 64 and head_dim * bits % 128:
+            return (f"pre-RoPE keys need head_dim * bits = 64 or a multiple of 128 (a channel's RoPE partner in the "
+                    f"same register or a whole register away), got head_dim={head_dim} at {bits} bits")
         return None
 
     def set_step(self, pos: int, q_end, keep: torch.Tensor | None = None) -> None:

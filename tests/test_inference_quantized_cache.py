@@ -380,3 +380,91 @@ def test_defaults_by_bits(tiny_model):
                                  sink_tokens=0)
     assert cache.rope is None and (cache.key_clip, cache.value_clip) == ("minmax", "unbiased")
     assert cache.sink_tokens == 0
+
+
+# ---- pre-RoPE keys through the one-call C decode step of generate (kernels.kv_attention) ----------------------
+
+def _fed_logits(model, ids, steps, *, fused, pad=None, truncate_at=None, **cache_kw):
+    """Logits of a prefill and `steps` one-token forwards of fixed fed tokens, through the C stack step:
+    `fused` = one C call a step where no group is flushed (the cache's kernel="auto"), otherwise the C layer
+    halves around the cache's update and torch attend (kernel="torch"). `truncate_at` = (step, length): a
+    rollback there."""
+    from llmopt.inference import decode_one_token
+    from llmopt.inference.cpu_linear import cpu_linear_kernels
+
+    B, T = ids.shape
+    cache = make_quantized_cache(model, B, T + steps + 2, kernel="auto" if fused else "torch", **cache_kw)
+    if pad is not None:
+        cache.set_key_padding(pad)
+    feed = torch.randint(0, model.config.vocab_size, (steps, B, 1), generator=torch.Generator().manual_seed(5))
+    out, pos = [], T
+    with torch.no_grad(), cpu_linear_kernels(model):
+        out.append(prefill(model, ids, cache))
+        for i in range(steps):
+            if truncate_at is not None and i == truncate_at[0]:
+                cache.truncate(truncate_at[1])
+                pos = truncate_at[1]
+            out.append(decode_one_token(model, feed[i], torch.tensor([pos]), cache)[1])
+            pos += 1
+    return torch.stack(out), cache
+
+
+@pytest.fixture
+def one_call_steps(monkeypatch):
+    """Counts the one-call quantized decode steps (a spy: the real method runs)."""
+    from llmopt.kernels.dense_gemv import StackDecodePlan
+
+    calls = []
+    real = StackDecodePlan.step_with_c_attention
+    monkeypatch.setattr(StackDecodePlan, "step_with_c_attention",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("bits,rotate,sinks", [(2, "both", 4), (2, "none", 0), (4, "both", 4), (8, "values", 0)])
+def test_one_call_step_with_pre_rope_keys_equals_the_torch_attention(bits, rotate, sinks, one_call_steps):
+    from llmopt.kernels import kv_attention
+    from llmopt.models import ModelConfig, build_model
+
+    if not kv_attention.available():
+        pytest.skip("no C compiler with OpenMP here")
+    torch.manual_seed(6)
+    model = build_model(ModelConfig.from_name("demo")).eval()  # head_dim 32: at 2 bits one register a code slot
+    ids = torch.randint(0, model.config.vocab_size, (2, 21))
+    pad = torch.zeros(2, 21, dtype=torch.bool)
+    pad[1, :5] = True  # row 1 left-padded
+    # group 16: 40 steps cross several group flushes (those steps take the cache's update), and a rollback
+    kw = dict(bits=bits, group_size=16, value_group=32, rotate=rotate, sink_tokens=sinks, pre_rope=True, pad=pad,
+              truncate_at=(30, 27))
+    ref, ref_cache = _fed_logits(model, ids, 40, fused=False, **kw)
+    assert not one_call_steps
+    got, cache = _fed_logits(model, ids, 40, fused=True, **kw)
+    assert cache.rope is not None and len(one_call_steps) > 30  # most steps were one C call
+    # the same GEMVs; attention sums in another order, which can move a code by a step at a later flush
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+    assert cache.quantized == ref_cache.quantized
+    for layer in range(model.config.n_layer):
+        codes = (unpack(cache.k_codes[layer], bits).int() - unpack(ref_cache.k_codes[layer], bits).int()).abs()
+        assert codes.max() <= 1 and (codes > 0).float().mean() < 0.01
+
+
+def test_generate_kv_int2_defaults_tokens_unchanged_by_the_one_call_step(one_call_steps):
+    """`generate(kv_bits=2)` with its defaults (pre-RoPE keys, 4 sinks): the one-call C step gives the greedy
+    tokens of the module-by-module torch path."""
+    from llmopt.kernels import kv_attention
+    from llmopt.models import ModelConfig, build_model
+
+    if not kv_attention.available():
+        pytest.skip("no C compiler with OpenMP here")
+    torch.manual_seed(8)
+    model = build_model(ModelConfig.from_name("demo")).eval()
+    with torch.no_grad():  # wider weights than the init's: greedy text that depends on the context (not one token)
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 70))
+    fast = generate(model, prompt, 30, kv_bits=2)
+    assert len(one_call_steps) > 20  # the flushes at 79 and 95 take the per-layer path
+    assert all(len(set(row.tolist())) > 20 for row in fast.tokens[:, 70:])
+    slow = generate(model, prompt, 30, kv_bits=2, kernels="torch")
+    assert torch.equal(fast.tokens, slow.tokens)

@@ -454,9 +454,9 @@ class QuantizedKVCache(KVCache):
             return False
         if self.scale_dtype != SCALE_DTYPE or (self.rope is not None and not pre_rope_ok):
             if self.kernel == "c":
-                raise ValueError("kernel='c': the C kernels read fp16 scales only, and attend's kernel post-RoPE keys "
-                                 "only (not scale_format='fp8', or pre_rope=True outside the one-call decode step "
-                                 "of generate); use kernel='auto' or 'torch'")
+                raise ValueError("kernel='c': attend's C kernel reads fp16 scales and post-RoPE keys only (not "
+                                 "scale_format='fp8' or pre_rope=True; the one-call decode step of generate reads "
+                                 "pre-RoPE keys too); use kernel='auto' or 'torch'")
             return False
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.size(2) == 1):
             return False

@@ -39,7 +39,9 @@ with the scale and zero that make the group's error zero-mean and uncorrelated w
 toward the mean, which attention does not average out). Pre-RoPE keys (`rope=(cos, sin)`, KVQuant): a key group
 is rotated back to its pre-RoPE values before it is quantized, and gets RoPE again when read. The int2 defaults of
 `make_quantized_cache` use both and 4 sinks (measured in docs/techniques/kv_cache_quant.md). One-byte scales:
-`scale_format="fp8"`. The C decode kernel reads neither pre-RoPE keys nor fp8 scales (the torch path then).
+`scale_format="fp8"`. The one-call C decode step of `generate` (`kernels.kv_attention.QuantizedDecodeAttention`)
+reads pre-RoPE keys (RoPE applied per stored key, as `dequantize` does); `attend`'s own C kernel reads neither
+pre-RoPE keys nor fp8 scales (the torch path then), nor does the one-call step read fp8 scales.
 
 Numerics contract: lossy, bounded. Asymmetric min-max rounding: every dequantized key or value is within
 half a step, (max - min) / (2^bits - 1) / 2, of the original over its group (plus fp16 rounding of the
@@ -555,7 +557,8 @@ def make_quantized_cache(model, batch_size: int, max_len: int | None = None, *, 
     """A `QuantizedKVCache` sized from `model.config`, on the model's device (window in the model's dtype).
     `pre_rope=True` quantizes keys before RoPE, with the model's rotary tables. Defaults by `bits`: at 2 bits
     pre-RoPE keys, `key_clip = value_clip = "unbiased"` and 4 sink tokens (measured on SmolLM2: perplexity +3.8%
-    instead of +11-17%, 0.158x the bytes of fp16; the decode step then takes the torch path, not the C kernel);
+    instead of +11-17%, 0.158x the bytes of fp16; `generate`'s one-call C decode step applies RoPE to the stored
+keys; the step that flushes a group, once in `group_size`, runs the torch attention);
     at 8 and 4 bits post-RoPE keys, min-max and no sinks (the C kernel's layout)."""
     config = model.config
     if config.family != "llama":

@@ -25,6 +25,13 @@ inner loops read 8 packed bytes at a time, widen them to 32 bits and shift/mask 
 b-bit codes holds channels 8/b apart in the query's reordered layout), and keep the accumulators in
 registers for up to 4 query heads per kv head (measured at 2k context on SmolLM2's shapes: about 0.45x the
 time of `kv_attend_decode`, whose per-channel unpacking and in-memory sums it replaces).
+
+Pre-RoPE keys (`QuantizedDecodeAttention(rope=...)`, KVQuant, the int2 default of `make_quantized_cache`): the codes
+hold keys before RoPE (Hadamard-rotated), so a key group's scales can no longer be folded into one query: each
+stored key is dequantized, rotated back by a fast Walsh-Hadamard transform and given RoPE at its position before
+its dot products with the g query heads (`key_scores_rope`; about 2.5x the time of the post-RoPE layer call at 2k
+context on SmolLM2's shapes). The window and the sink copies hold post-RoPE keys, as `QuantizedKVCache.update`
+writes them; values are unchanged.
 """
 
 from __future__ import annotations
@@ -253,34 +260,34 @@ static inline __attribute__((always_inline)) void value_chunk(const uint8_t* vcb
    Channel c's RoPE partner c +- D/2 sits P/2 code slots away in the [k][i] order: the register RP/2 further on
    within the slot's RP registers, or, with one register a slot (P = 8), the other half of the same register. */
 static inline __attribute__((always_inline)) void key_scores_rope(const uint8_t* kcb, const float* ql,
-    const float* sl, const float* zl, const float* rc, const float* rs, float* row, int hadamard, float* s, long Lk,
-    long t0, long t1, long P, long D, const long g, const int bits) {
+    const float* sl, const float* zl, const float* rc, const float* rs, int hadamard, float* s, long Lk, long t0,
+    long t1, long D, const long R, const long g, const int bits) {
   const int pb = 8 / bits, mask = (1 << bits) - 1;
-  const long R = D / 8, RP = P / 8;  /* registers in a row, in one code slot */
+  const long P = R * bits, RP = R / pb;  /* bytes a row (R = D / 8 registers); registers of one code slot */
   static const float sg1[8] = {1, -1, 1, -1, 1, -1, 1, -1}, sg2[8] = {1, 1, -1, -1, 1, 1, -1, -1},
                      sg4[8] = {1, 1, 1, 1, -1, -1, -1, -1};
   for (long t = t0; t < t1; t++) {
     const uint8_t* cr = kcb + t * P;
+    v8 x[32];  /* the key row, [k][i] order (registers when R is a compile-time constant) */
     for (long i0 = 0; i0 < P; i0 += 8) {
       const v8i w = v_widen(cr + i0);
       for (int kk = 0; kk < pb; kk++) {
-        const long o = kk * P + i0;
-        v_store(row + o, v_fma(v_codes(w, kk * bits, mask), v_load(sl + o), v_load(zl + o)));
+        const long r = kk * RP + i0 / 8;
+        x[r] = v_fma(v_codes(w, kk * bits, mask), v_load(sl + 8 * r), v_load(zl + 8 * r));
       }
     }
     if (hadamard) {
       for (long st = 1; st < R; st <<= 1)
         for (long r = 0; r < R; r++) if (!(r & st)) {
-          const v8 a = v_load(row + 8 * r), b = v_load(row + 8 * (r + st));
-          v_store(row + 8 * r, v_add(a, b));
-          v_store(row + 8 * (r + st), v_sub(a, b));
+          const v8 a = x[r], b = x[r + st];
+          x[r] = v_add(a, b);
+          x[r + st] = v_sub(a, b);
         }
+      const v8 s1 = v_load(sg1), s2 = v_load(sg2), s4 = v_load(sg4);
       for (long r = 0; r < R; r++) {
-        v8 x = v_load(row + 8 * r);
-        x = v_fma(x, v_load(sg1), v_swap1(x));
-        x = v_fma(x, v_load(sg2), v_swap2(x));
-        x = v_fma(x, v_load(sg4), v_swap4(x));
-        v_store(row + 8 * r, x);
+        x[r] = v_fma(x[r], s1, v_swap1(x[r]));
+        x[r] = v_fma(x[r], s2, v_swap2(x[r]));
+        x[r] = v_fma(x[r], s4, v_swap4(x[r]));
       }
     }
     const float* ct = rc + t * D;
@@ -288,9 +295,8 @@ static inline __attribute__((always_inline)) void key_scores_rope(const uint8_t*
     v8 acc[64];
     for (long j = 0; j < g; j++) acc[j] = v_zero();
     for (long r = 0; r < R; r++) {
-      const v8 x = v_load(row + 8 * r);
-      const v8 xp = RP > 1 ? v_load(row + 8 * (r - r % RP + (r % RP + RP / 2) % RP)) : v_swap4(x);
-      const v8 kr = v_fma(xp, v_load(stab + 8 * r), v_mul(x, v_load(ct + 8 * r)));
+      const v8 xp = RP > 1 ? x[r - r % RP + (r % RP + RP / 2) % RP] : v_swap4(x[r]);
+      const v8 kr = v_fma(xp, v_load(stab + 8 * r), v_mul(x[r], v_load(ct + 8 * r)));
       for (long j = 0; j < g; j++) acc[j] = v_fma(kr, v_load(ql + j * D + 8 * r), acc[j]);
     }
     for (long j = 0; j < g; j++) s[j * Lk + t] = v_hsum(acc[j]);
@@ -303,9 +309,12 @@ static inline __attribute__((always_inline)) void key_scores_rope(const uint8_t*
 static void kvq_keys(const uint8_t* kcb, const float* qp, const float* qz, float* s, long Lk, long t0, long t1, long P,
                      long D, long g, int bits) { KVQ_BY_BITS(key_scores, kcb, qp, qz, s, Lk, t0, t1, P, D) }
 static void kvq_keys_rope(const uint8_t* kcb, const float* ql, const float* sl, const float* zl, const float* rc,
-                          const float* rs, float* row, int hadamard, float* s, long Lk, long t0, long t1, long P,
-                          long D, long g, int bits) {
-  KVQ_BY_BITS(key_scores_rope, kcb, ql, sl, zl, rc, rs, row, hadamard, s, Lk, t0, t1, P, D) }
+                          const float* rs, int hadamard, float* s, long Lk, long t0, long t1, long D, long g,
+                          int bits) {  /* D = 32 and 64 get their own instances (the key row in registers) */
+  if (D == 64) { KVQ_BY_BITS(key_scores_rope, kcb, ql, sl, zl, rc, rs, hadamard, s, Lk, t0, t1, D, 8) }
+  else if (D == 32) { KVQ_BY_BITS(key_scores_rope, kcb, ql, sl, zl, rc, rs, hadamard, s, Lk, t0, t1, D, 4) }
+  else { const long R = D / 8; KVQ_BY_BITS(key_scores_rope, kcb, ql, sl, zl, rc, rs, hadamard, s, Lk, t0, t1, D, R) }
+}
 static void kvq_values(const uint8_t* vcb, const float* ps, float* oq, long n, long P, long D, long i0, long g,
                        int bits) { KVQ_BY_BITS(value_chunk, vcb, ps, oq, n, P, D, i0) }
 
@@ -370,7 +379,6 @@ void kvq_decode_layer(const kvq_t* c, long layer, const float* q, const float* k
     if (c->rcos) {  /* pre-RoPE keys: each key is dequantized, rotated back and given RoPE (key_scores_rope) */
       float* sl = s + 2 * g * Lk + 6 * g * D + g * NV + D;  /* past ps (at most g * Lk floats) */
       float* zl = sl + D;
-      float* row = zl + D;
       const float hs = c->rotate == 2 ? 1.0f / sqrtf((float)D) : 1.0f;  /* the Hadamard transform's norm */
       for (long j = 0; j < g; j++)
         for (long ch = 0; ch < D; ch++) qp[j * D + (ch % pb) * P + ch / pb] = qw[j * D + ch] * hs;
@@ -378,8 +386,8 @@ void kvq_decode_layer(const kvq_t* c, long layer, const float* q, const float* k
         const _Float16* ksc = ly->ks + (bh * (c->cap / G) + t0 / G) * D;
         const _Float16* kzc = ly->kz + (bh * (c->cap / G) + t0 / G) * D;
         for (long ch = 0; ch < D; ch++) { sl[(ch % pb) * P + ch / pb] = (float)ksc[ch]; zl[(ch % pb) * P + ch / pb] = (float)kzc[ch]; }
-        kvq_keys_rope(kcb, qp, sl, zl, c->rcos, c->rsin, row, c->rotate == 2, s, Lk, t0, t0 + G < qe ? t0 + G : qe, P,
-                      D, g, bits);
+        kvq_keys_rope(kcb, qp, sl, zl, c->rcos, c->rsin, c->rotate == 2, s, Lk, t0, t0 + G < qe ? t0 + G : qe, D, g,
+                      bits);
       }
     }
     else for (long t0 = 0; t0 < qe; t0 += G) {
@@ -617,6 +625,8 @@ class QuantizedDecodeAttention:
         if head_dim * bits % 64 or value_group % (8 * per_byte) or head_dim % value_group:
             return (f"head_dim={head_dim} at {bits} bits and value_group={value_group} must pack into whole 8-byte "
                     "chunks (head_dim * bits and value_group * bits multiples of 64)")
+        if pre_rope and head_dim > 256:
+            return f"pre-RoPE keys need head_dim <= 256 (a key row of 32 registers), got {head_dim}"
         if pre_rope and head_dim * bits != 64 and head_dim * bits % 128:
             return (f"pre-RoPE keys need head_dim * bits = 64 or a multiple of 128 (a channel's RoPE partner in the "
                     f"same register or a whole register away), got head_dim={head_dim} at {bits} bits")

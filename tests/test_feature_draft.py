@@ -68,9 +68,8 @@ def test_unrolled_passes_see_what_decoding_feeds():
                 assert torch.allclose(outs[s][:, p - s], f, atol=1e-5), (s, p)
 
 
-def test_training_makes_the_head_agree():
-    """The head trained (unrolled) on the target's greedy continuations of two prompts drafts them: the
-    features, positions and rollback of the decoding loop match the training, or this fails."""
+def _memorized_head():
+    """A peaked tiny target, its greedy continuations of two prompts, and a head trained (unrolled) on them."""
     target = _model(0, vocab_size=64, tie_embeddings=False, init_std=0.3)  # peaked, varied greedy output
     prompt = _prompt(2, 4, seed=99, vocab=64)
     with torch.no_grad():
@@ -90,11 +89,50 @@ def test_training_makes_the_head_agree():
         (sum(regs) + sum(clss)).backward()
         opt.step()
         opt.zero_grad()
-    head.eval()
+    return target, prompt, rows, head.eval(), before
+
+
+@pytest.fixture(scope="module")
+def memorized():
+    return _memorized_head()
+
+
+def test_training_makes_the_head_agree(memorized):
+    """The head trained on the target's greedy continuations of two prompts drafts them: the features,
+    positions and rollback of the decoding loop match the training, or this fails."""
+    target, prompt, rows, head, before = memorized
     after = speculative_generate(target, prompt, 40, proposer=FeatureDraftProposer(head), k=3, adaptive=False)
     assert torch.equal(after.tokens, rows) and torch.equal(before.tokens, rows)
     assert before.acceptance_rate < 0.3 and after.acceptance_rate > 0.8, (before.acceptance_rate,
                                                                          after.acceptance_rate)
+
+
+def test_fused_cpu_step_matches_the_module_path(memorized):
+    """The head's blocks in the fused C step (kernels="auto") propose what the module path proposes."""
+    from llmopt.inference.cpu_linear import cpu_linear_kernels
+
+    target, prompt, rows, head, _ = memorized
+    with cpu_linear_kernels(head) as routed:
+        fused = "forward_cached" in head.__dict__
+    runs = {}
+    for kernels in ("auto", "torch"):
+        got = speculative_generate(target, prompt, 40, proposer=FeatureDraftProposer(head), k=3, adaptive=False,
+                                   kernels=kernels)
+        assert torch.equal(got.tokens, rows)
+        runs[kernels] = (got.accept_counts, got.ks)
+    assert runs["auto"] == runs["torch"] and sum(runs["auto"][0][1:]) > 0
+    if routed:
+        assert fused
+
+
+def test_an_unattached_head_is_linked_before_the_kernels_copy_it():
+    target = _model(0, vocab_size=64, tie_embeddings=False, init_std=0.3)
+    torch.manual_seed(3)
+    head = FeatureDraft(target.config, torch.arange(64)).eval()  # never attached: head rows are random
+    got = speculative_generate(target, _prompt(1, 4, seed=2, vocab=64), 12, proposer=FeatureDraftProposer(head), k=2,
+                               adaptive=False)
+    assert torch.equal(head.head.weight, target.lm_head.weight)
+    assert torch.equal(got.tokens, generate_reference(target, _prompt(1, 4, seed=2, vocab=64), 12).tokens)
 
 
 @pytest.mark.parametrize("top_k", [None, 4])
@@ -189,3 +227,4 @@ def test_recipe_end_to_end_on_a_tiny_target(tmp_path):
         main(["--out", str(tmp_path / "bad"), "--target", str(tmp_path / "target"), "--vocab", "0",
               "--continuations", "2", "--val-continuations", "2", "--windows", "2", "--seq-len", "24",
               "--prompt-len", "8"])
+

@@ -110,7 +110,9 @@ def _stack_plan(model: nn.Module, dense: dict | None = None):
     from llmopt.kernels.dense_gemv import DenseGemvPlan, StackDecodePlan
     from llmopt.models.llama import Attention, Block, FeedForward, RMSNorm, Transformer
 
-    if type(model) is not Transformer or _has_hooks(model) or type(model.norm) is not RMSNorm:
+    from llmopt.models.feature_draft import FeatureDraft
+
+    if type(model) not in (Transformer, FeatureDraft) or _has_hooks(model) or type(model.norm) is not RMSNorm:
         return None
     if dense is None:
         dense = {m: DenseGemvPlan(m.weight) for m in model.modules() if _routable(m)}
@@ -224,6 +226,31 @@ def _fast_hidden_states(model: nn.Module, plan, threads: int):
     return hidden_states
 
 
+def _fast_feature_draft(model: nn.Module, plan, threads: int):
+    """`FeatureDraft.forward_cached` with its blocks in one fused C step (fp32, a dense `KVCache`, consecutive
+    positions, at most MAX_ROWS rows x tokens); anything else takes the module path."""
+    from llmopt.inference.cache import KVCache
+
+    stock = type(model).forward_cached
+
+    def forward_cached(features: torch.Tensor, next_tokens: torch.Tensor, *, input_pos: torch.Tensor, cache):
+        B, T = next_tokens.shape
+        if (type(cache) is not KVCache or B * T > MAX_ROWS or torch.is_grad_enabled() or features.device.type != "cpu"
+                or model.fc.weight.dtype != torch.float32 or cache.dtype != torch.float32
+                or input_pos.numel() != T or B != cache.batch_size):
+            return stock(model, features, next_tokens, input_pos=input_pos, cache=cache)
+        pos = int(input_pos[0])
+        if T > 1 and not torch.equal(input_pos, torch.arange(pos, pos + T)):
+            return stock(model, features, next_tokens, input_pos=input_pos, cache=cache)
+        cache.attn_mask(input_pos)  # validates the positions and advances seq_len, as the stock forward does
+        x = model.fc(torch.cat([features.float(), model.embed(next_tokens).float()], dim=-1)).contiguous()
+        plan.step(x, pos, model.rope_cos[pos:pos + T], model.rope_sin[pos:pos + T], cache.k, cache.v,
+                  cache.key_padding, threads)
+        return model.norm(x)
+
+    return forward_cached
+
+
 @contextlib.contextmanager
 def cpu_linear_kernels(*models: nn.Module | None, enabled: bool = True, stack: bool = True):
     """Route the plain `nn.Linear` layers of `models` (None entries are skipped) through the CPU decode kernel
@@ -241,8 +268,12 @@ def cpu_linear_kernels(*models: nn.Module | None, enabled: bool = True, stack: b
                     continue
                 linears = [m for m in model.modules() if _routable(m)]
                 dense = {m: DenseGemvPlan(m.weight) for m in linears}  # one plan per weight, shared with the stack
-                plan = _stack_plan(model, dense) if stack and "hidden_states" not in model.__dict__ else None
-                if plan is not None:
+                plan = (_stack_plan(model, dense) if stack and "hidden_states" not in model.__dict__
+                        and "forward_cached" not in model.__dict__ else None)
+                if plan is not None and hasattr(model, "forward_cached"):  # a FeatureDraft head
+                    model.forward_cached = _fast_feature_draft(model, plan, threads)
+                    patched.append(model)
+                elif plan is not None:
                     model.hidden_states = _fast_hidden_states(model, plan, threads)
                     patched.append(model)
                 for module in linears:
@@ -255,3 +286,4 @@ def cpu_linear_kernels(*models: nn.Module | None, enabled: bool = True, stack: b
         for module in patched:
             module.__dict__.pop("forward", None)
             module.__dict__.pop("hidden_states", None)
+            module.__dict__.pop("forward_cached", None)

@@ -112,7 +112,8 @@ class FeatureDraftProposer:
         self.known = 0  # positions < known have the target's features
         self.true_len = 0  # positions < true_len of the head's cache were fed true features
 
-    def start(self, target, batch_size: int, max_len: int, padding: torch.Tensor | None) -> None:
+    def prepare(self, target) -> None:
+        """Before the CPU kernels are bound: link the head to the target (its output rows are copied here)."""
         from llmopt.models.feature_draft import FeatureDraft
 
         if not isinstance(self.draft, FeatureDraft):
@@ -123,6 +124,10 @@ class FeatureDraftProposer:
                              "contract (model(x) == lm_head(hidden_states(x)), no forward hooks); use a "
                              "standalone draft (DraftModelProposer) with this target")
         self.draft.attach(target)  # checks that the head was trained for this target
+
+    def start(self, target, batch_size: int, max_len: int, padding: torch.Tensor | None) -> None:
+        if self.draft.__dict__["_embed"] is not target.embed_tokens:
+            self.prepare(target)
         max_len = min(max_len, self.draft.config.max_seq_len)
         if self.cache is None or self.cache.batch_size != batch_size or self.cache.max_len < max_len:
             self.cache = make_cache(self.draft, batch_size, max_len)
@@ -145,15 +150,16 @@ class FeatureDraftProposer:
             raise RuntimeError(f"the feature draft has the target's states for {self.known} positions, needs "
                                f"{S - 1}: call observe after every target forward")
         start = cache.seq_len
-        f = draft(self.features[:, start:S - 1], seq[:, start + 1:S], input_pos=torch.arange(start, S - 1, device=device),
-                  cache=cache)[:, -1]  # predicts the target's state at S - 1, hence the token at S
+        f = draft.forward_cached(self.features[:, start:S - 1], seq[:, start + 1:S],
+                                 input_pos=torch.arange(start, S - 1, device=device),
+                                 cache=cache)[:, -1]  # predicts the target's state at S - 1, hence the token at S
         self.true_len = S - 1
         greedy = sampling["temperature"] == 0
         tokens, probs = [], []
         for j in range(k):
             if j > 0:
-                f = draft(f[:, None], tokens[-1][:, None], input_pos=torch.tensor([S - 2 + j], device=device),
-                          cache=cache)[:, -1]
+                f = draft.forward_cached(f[:, None], tokens[-1][:, None],
+                                         input_pos=torch.tensor([S - 2 + j], device=device), cache=cache)[:, -1]
             if greedy:
                 tokens.append(draft.vocab_ids[draft.logits(f).argmax(-1)])
             else:
@@ -197,6 +203,10 @@ class DraftWithLookupProposer:
             self.lookup_rounds += 1
             return found
         return self.model_proposer.propose(seq, k, sampling)
+
+    def prepare(self, target) -> None:
+        if hasattr(self.model_proposer, "prepare"):
+            self.model_proposer.prepare(target)
 
     def observe(self, hidden: torch.Tensor, start: int) -> None:
         self.model_proposer.observe(hidden, start)
@@ -359,6 +369,8 @@ def speculative_generate(model, prompt_ids, max_new_tokens: int, *, proposer, k:
     draft model's linears too).
     """
     _check_kernels(kernels)
+    if hasattr(proposer, "prepare"):  # before the kernels copy the draft's weights
+        proposer.prepare(model)
     with cpu_linear_kernels(model, getattr(proposer, "draft", None), enabled=kernels == "auto"):
         return _speculative_generate(model, prompt_ids, max_new_tokens, proposer=proposer, k=k, adaptive=adaptive,
                                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,

@@ -120,6 +120,12 @@ class FeatureDraft(nn.Module):
             x = layer(x, cos, sin, cache=cache, input_pos=input_pos, mask=mask)
         return self.norm(x)
 
+    def forward_cached(self, features: torch.Tensor, next_tokens: torch.Tensor, *, input_pos: torch.Tensor,
+                       cache) -> torch.Tensor:
+        """`forward` through a cache: what decoding calls (`llmopt.inference.cpu_linear` swaps in the fused CPU
+        step for the blocks here, as it does for a Transformer's decode step)."""
+        return self(features, next_tokens, input_pos=input_pos, cache=cache)
+
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Logits (..., len(vocab_ids)) over the kept tokens."""
         return self.head(features)

@@ -1,9 +1,11 @@
 """Quantized KV caches vs the dense cache through `generate` at a 1,984-token context: decode tok/s of each, rounds
 rotated so that every configuration runs in every slot of a round. Columns: the dense cache (fused one-call C
 step), int4 (one C call per step too, window write and packed-code attention inside; the step that quantizes a
-group takes the per-layer path), int2 (with --int2), int4 with the per-layer path forced (--per-layer: the C
-layer halves around the cache's Python update / attend, what int4 ran before the one-call step), and the dense
-cache with kernels="torch" (module by module). Ratios are per round against the dense fused step: median and
+group takes the per-layer path), int2 (with --int2: its defaults, pre-RoPE keys and 4 sinks, one C call per step
+too, RoPE applied to each stored key inside), int4 with the per-layer path forced (--per-layer: the C layer halves
+around the cache's Python update / attend, what int4 ran before the one-call step; with --int2 also int2 so, whose
+attention over pre-RoPE keys is then the cache's torch `attend`, what int2 ran before the one-call step read
+pre-RoPE keys), and the dense cache with kernels="torch" (module by module). Ratios are per round against the dense fused step: median and
 band (min-max).
 
     python benchmarks/bench_kv_generate.py [--rounds 5] [--steps 32] [--int2] [--per-layer]
@@ -37,6 +39,8 @@ if args.int2:
     configs["int2"] = dict(kv_bits=2)
 if args.per_layer:
     configs["int4 per-layer path"] = dict(kv_bits=4, per_layer=True)
+    if args.int2:
+        configs["int2 per-layer path"] = dict(kv_bits=2, per_layer=True)
 configs["dense kernels=torch"] = dict(kernels="torch")
 names = list(configs)
 res = {name: [] for name in names}

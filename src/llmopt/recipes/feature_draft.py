@@ -128,12 +128,12 @@ def draft_losses(draft: FeatureDraft, outs: list[torch.Tensor], feats: torch.Ten
 
 
 # ---- the recipe -------------------------------------------------------------------------------------
-def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m", continuations: int = 640,
-                        continuations_from: str | None = None, val_continuations: int = 32,
+def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m", continuations: int = 832,
+                        continuations_from: str | None = None, val_continuations: int = 16,
                         val_continuations_from: str | None = None, windows: int = 256, seq_len: int = 128,
                         prompt_len: int = 33, heldout_chars: int = 30_000, vocab: int = 8192, n_layer: int = 1,
-                        steps: int = 800, batch_size: int = 16, lr: float = 5e-4, warmup: int = 40,
-                        unroll: int = 3, reg_weight: float = 1.0, noise: float = 0.0, eval_every: int = 100,
+                        steps: int = 700, batch_size: int = 16, lr: float = 1e-3, warmup: int = 40,
+                        unroll: int = 3, reg_weight: float = 1.0, noise: float = 0.0, eval_every: int = 50,
                         seed: int = 1337, threads: int | None = None, init_head: str | Path | None = None,
                         on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Build the data, train the head and save it to `out_dir`; returns the summary (see the module docstring)."""
@@ -328,22 +328,22 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m llmopt.recipes.feature_draft", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--target", default="smollm2-135m")
-    p.add_argument("--continuations", type=int, default=640, help="greedy continuations generated for training")
+    p.add_argument("--continuations", type=int, default=832, help="greedy continuations generated for training")
     p.add_argument("--continuations-from", help="reuse a folder of part*.safetensors continuations instead")
-    p.add_argument("--val-continuations", type=int, default=32)
+    p.add_argument("--val-continuations", type=int, default=16)
     p.add_argument("--val-continuations-from")
     p.add_argument("--windows", type=int, default=256, help="corpus text windows added to the training rows")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=33)
     p.add_argument("--vocab", type=int, default=8192, help="token ids the head can propose")
     p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--unroll", type=int, default=3, help="passes on its own predictions (1 = EAGLE-1)")
     p.add_argument("--reg-weight", type=float, default=1.0)
     p.add_argument("--noise", type=float, default=0.0, help="feature noise, relative to the features' RMS")
-    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--threads", type=int)
     p.add_argument("--init-head", help="continue from this head directory (a previous run's OUT)")
     a = p.parse_args(argv)

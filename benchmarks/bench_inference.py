@@ -460,6 +460,9 @@ def bench_spec(args):
     if head is not None:  # the EAGLE head: reads SmolLM2's own hidden states (no transformers peer for it)
         configs["feature_draft"] = lambda p: speculative_generate(model, [p], n, proposer=FeatureDraftProposer(head),
                                                                   k=args.k)
+        for c in args.feature_confidence or []:  # EAGLE-2 style: stop drafting below this head confidence
+            configs[f"feature_draft_conf{c:g}"] = (lambda c: lambda p: speculative_generate(
+                model, [p], n, proposer=FeatureDraftProposer(head, min_confidence=c), k=args.k))(c)
         configs["feature_draft_with_lookup"] = lambda p: speculative_generate(
             model, [p], n, k=args.k, proposer=DraftWithLookupProposer(head))
     for c in args.skip or []:
@@ -565,6 +568,8 @@ def main():
     p.add_argument("--speed-tokens", type=int, default=32)
     p.add_argument("--draft")
     p.add_argument("--feature-draft", help="spec: also an EAGLE head (python -m llmopt.recipes.feature_draft)")
+    p.add_argument("--feature-confidence", type=float, action="append",
+                   help="spec: also the EAGLE head with min_confidence=C (repeatable)")
     p.add_argument("--skip", action="append", help="spec: leave out a config (speculative, transformers_assisted, "
                                                    "draft_with_lookup, prompt_lookup, feature_draft, "
                                                    "feature_draft_with_lookup)")

@@ -27,14 +27,18 @@ def _prompt(batch, length, seed=0, vocab=320):
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("k,adaptive,n_layer", [(1, False, 1), (4, False, 1), (5, True, 2)])
-def test_greedy_equals_reference(tiny_model, k, adaptive, n_layer):
+@pytest.mark.parametrize("k,adaptive,n_layer,confidence", [(1, False, 1, None), (4, False, 1, None),
+                                                            (5, True, 2, None), (4, False, 1, 0.004)])
+def test_greedy_equals_reference(tiny_model, k, adaptive, n_layer, confidence):
     head = _head(tiny_model, vocab_ids=torch.arange(0, 320, 2), n_layer=n_layer)  # half the ids: misses too
     prompt = _prompt(2, 9, seed=1)
     ref = generate_reference(tiny_model, prompt, 24)
-    got = speculative_generate(tiny_model, prompt, 24, proposer=FeatureDraftProposer(head), k=k, adaptive=adaptive)
+    got = speculative_generate(tiny_model, prompt, 24, proposer=FeatureDraftProposer(head, min_confidence=confidence),
+                               k=k, adaptive=adaptive)
     assert torch.equal(got.tokens, ref.tokens)
     assert got.num_new_tokens == [24, 24] and got.target_forwards == len(got.ks) + 1
+    if confidence is not None:  # some rounds stop early, some propose nothing
+        assert 0 in got.ks and any(0 < k_ < k for k_ in got.ks), got.ks
 
 
 def test_generate_dispatch_and_left_padding(tiny_model):
@@ -135,8 +139,8 @@ def test_an_unattached_head_is_linked_before_the_kernels_copy_it():
     assert torch.equal(got.tokens, generate_reference(target, _prompt(1, 4, seed=2, vocab=64), 12).tokens)
 
 
-@pytest.mark.parametrize("top_k", [None, 4])
-def test_sampling_keeps_the_target_distribution(top_k):
+@pytest.mark.parametrize("top_k,confidence", [(None, None), (4, None), (None, 0.3)])
+def test_sampling_keeps_the_target_distribution(top_k, confidence):
     target = _model(2, vocab_size=8, dim=16, n_head=2, n_kv_head=1)
     head = _head(target, seed=3, vocab_ids=torch.tensor([0, 2, 3, 5, 7]))  # ids 1, 4, 6 never proposed
     prompt = torch.tensor([[1, 2, 3, 1, 2]])
@@ -148,9 +152,10 @@ def test_sampling_keeps_the_target_distribution(top_k):
         exact = p1[:, None] * logits_to_probs(target(seqs)[:, -1], 1.3, top_k)
     rows = 20_000
     # 3 new tokens: the first comes from the prefill, the second through the accept/reject rule
-    got = speculative_generate(target, prompt.expand(rows, -1), 3, proposer=FeatureDraftProposer(head), k=2,
+    got = speculative_generate(target, prompt.expand(rows, -1), 3, k=2,
+                               proposer=FeatureDraftProposer(head, min_confidence=confidence),
                                adaptive=False, temperature=1.3, top_k=top_k, seed=0)
-    assert got.proposed > 0  # every row draws column 0 by the accept/reject rule (the batch keeps the min run)
+    assert got.proposed > 0 or confidence is not None  # every row draws column 0 by the accept/reject rule (the batch keeps the min run)
     pairs = got.new_tokens[:, 0] * V + got.new_tokens[:, 1]
     freq = torch.bincount(pairs, minlength=V * V).float().view(V, V) / rows
     tv = 0.5 * (freq - exact).abs().sum().item()

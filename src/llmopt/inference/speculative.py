@@ -105,8 +105,14 @@ class FeatureDraftProposer:
 
     wants_hidden = True
 
-    def __init__(self, draft) -> None:
+    def __init__(self, draft, *, min_confidence: float | None = None) -> None:
+        if min_confidence is not None and not 0.0 <= min_confidence < 1.0:
+            raise ValueError(f"min_confidence must be in [0, 1) or None, got {min_confidence}")
         self.draft = draft
+        self.min_confidence = min_confidence
+        """Stop drafting (EAGLE-2's use of the head's confidence, on a chain) once the head's probability of its
+        own token falls below this in some row; the first token too (then the round is a plain decode step).
+        None: always draft the k tokens asked for."""
         self.cache: KVCache | None = None
         self.features: torch.Tensor | None = None
         self.known = 0  # positions < known have the target's features
@@ -161,11 +167,25 @@ class FeatureDraftProposer:
                 f = draft.forward_cached(f[:, None], tokens[-1][:, None],
                                          input_pos=torch.tensor([S - 2 + j], device=device), cache=cache)[:, -1]
             if greedy:
-                tokens.append(draft.vocab_ids[draft.logits(f).argmax(-1)])
+                small = draft.logits(f)
+                if self.min_confidence is not None:
+                    top, index = small.softmax(-1).max(-1)
+                    if float(top.min()) < self.min_confidence:
+                        break
+                else:
+                    index = small.argmax(-1)
+                tokens.append(draft.vocab_ids[index])
             else:
                 logits = draft.full_logits(f)
-                tokens.append(sample(logits, **sampling))
-                probs.append(logits_to_probs(logits, sampling["temperature"], sampling["top_k"], sampling["top_p"]))
+                token = sample(logits, **sampling)
+                q = logits_to_probs(logits, sampling["temperature"], sampling["top_k"], sampling["top_p"])
+                if self.min_confidence is not None and \
+                        float(q.gather(-1, token[:, None]).min()) < self.min_confidence:
+                    break
+                tokens.append(token)
+                probs.append(q)
+        if not tokens:
+            return Proposal(seq.new_zeros(B, 0))
         return Proposal(torch.stack(tokens, 1), torch.stack(probs, 1) if probs else None)
 
     def rollback(self, length: int) -> None:

@@ -29,8 +29,8 @@ time of `kv_attend_decode`, whose per-channel unpacking and in-memory sums it re
 Pre-RoPE keys (`QuantizedDecodeAttention(rope=...)`, KVQuant, the int2 default of `make_quantized_cache`): the codes
 hold keys before RoPE (Hadamard-rotated), so a key group's scales can no longer be folded into one query: each
 stored key is dequantized, rotated back by a fast Walsh-Hadamard transform and given RoPE at its position before
-its dot products with the g query heads (`key_scores_rope`; about 2.5x the time of the post-RoPE layer call at 2k
-context on SmolLM2's shapes). The window and the sink copies hold post-RoPE keys, as `QuantizedKVCache.update`
+its dot products with the g query heads (`key_scores_rope`, the row kept in registers; a layer call at 2k context
+on SmolLM2's shapes takes about 1.34x the time of the post-RoPE one, docs/techniques/kv_cache_quant.md). The window and the sink copies hold post-RoPE keys, as `QuantizedKVCache.update`
 writes them; values are unchanged.
 """
 
@@ -565,8 +565,8 @@ class QuantizedDecodeAttention:
     each stored key is dequantized, rotated back by the Hadamard matrix when keys are rotated (a fast
     Walsh-Hadamard transform, so `rotation` must be the Sylvester-Hadamard matrix `QuantizedKVCache` uses) and given
     RoPE at its position, k cos + rotate_half(k) sin, before the dot product with the (unrotated) query, as
-    `QuantizedKVCache.dequantize` does. About 3x the key-side work of post-RoPE codes, which fold the group's
-    scales into the query instead."""
+    `QuantizedKVCache.dequantize` does. More key-side work than post-RoPE codes, which fold the group's scales
+    into the query instead (a layer call about 1.34x as long at 2k on SmolLM2's shapes)."""
 
     def __init__(self, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_window, v_window, *, n_head: int,
                  bits: int, group_size: int, value_group: int, sink_tokens: int, rotation: torch.Tensor | None,

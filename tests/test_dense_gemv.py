@@ -10,6 +10,8 @@ from llmopt.inference import generate, generate_reference
 from llmopt.inference.cpu_linear import MAX_ROWS, cpu_linear_kernels
 from llmopt.kernels.dense_gemv import DenseGemvPlan, dense_gemv, dense_gemv_available
 
+from kv_steps import quantized_logits as _quantized_logits, spy_one_call_steps
+
 pytestmark = pytest.mark.skipif(not dense_gemv_available(), reason="no C compiler: the dense gemv kernel cannot build")
 
 
@@ -228,40 +230,10 @@ def test_stack_halves_around_a_quantized_cache(bits):
 
 # ---- the whole one-token step over a quantized cache in one C call (window write + attention in C) -----------
 
-def _quantized_logits(model, ids, steps, *, path, pad=None, truncate_at=None, **cache_kw):
-    """Logits of `steps` one-token forwards after a prefill of ids, the fed tokens fixed (not argmax), so every
-    path sees the same input; with `truncate_at` (step index, length) the cache is rolled back there first.
-    path: "module" (kernels off, torch attention), "layers" (the stack's C halves around the cache's update and
-    torch attend) or "fused" (one C call a step where no group is flushed)."""
-    from llmopt.inference import decode_one_token, make_quantized_cache, prefill
-
-    B, T = ids.shape
-    fast = path != "module"
-    cache = make_quantized_cache(model, B, T + steps + 2, kernel="auto" if path == "fused" else "torch", **cache_kw)
-    if pad is not None:
-        cache.set_key_padding(pad)
-    feed = torch.randint(0, model.config.vocab_size, (steps, B, 1), generator=torch.Generator().manual_seed(5))
-    out, pos = [], T
-    with torch.no_grad(), cpu_linear_kernels(model, enabled=fast):
-        out.append(prefill(model, ids, cache))
-        for i in range(steps):
-            if truncate_at is not None and i == truncate_at[0]:
-                cache.truncate(truncate_at[1])
-                pos = truncate_at[1]
-            out.append(decode_one_token(model, feed[i], torch.tensor([pos]), cache)[1])
-            pos += 1
-    return torch.stack(out), cache
-
-
 @pytest.fixture
 def fused_steps(monkeypatch):
     """Counts the one-call steps (a spy: the real method runs)."""
-    from llmopt.kernels.dense_gemv import StackDecodePlan
-
-    calls = []
-    real = StackDecodePlan.step_with_c_attention
-    monkeypatch.setattr(StackDecodePlan, "step_with_c_attention", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
-    return calls
+    return spy_one_call_steps(monkeypatch)
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])

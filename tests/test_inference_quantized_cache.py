@@ -11,6 +11,8 @@ from llmopt.inference.quantized_cache import (QuantizedKVCache, make_quantized_c
                                               unpack)
 from llmopt.inference.speculative import DraftModelProposer, speculative_generate
 
+from kv_steps import quantized_logits, spy_one_call_steps
+
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_pack_round_trip(bits):
@@ -384,41 +386,16 @@ def test_defaults_by_bits(tiny_model):
 
 # ---- pre-RoPE keys through the one-call C decode step of generate (kernels.kv_attention) ----------------------
 
-def _fed_logits(model, ids, steps, *, fused, pad=None, truncate_at=None, **cache_kw):
-    """Logits of a prefill and `steps` one-token forwards of fixed fed tokens, through the C stack step:
-    `fused` = one C call a step where no group is flushed (the cache's kernel="auto"), otherwise the C layer
-    halves around the cache's update and torch attend (kernel="torch"). `truncate_at` = (step, length): a
-    rollback there."""
-    from llmopt.inference import decode_one_token
-    from llmopt.inference.cpu_linear import cpu_linear_kernels
-
-    B, T = ids.shape
-    cache = make_quantized_cache(model, B, T + steps + 2, kernel="auto" if fused else "torch", **cache_kw)
-    if pad is not None:
-        cache.set_key_padding(pad)
-    feed = torch.randint(0, model.config.vocab_size, (steps, B, 1), generator=torch.Generator().manual_seed(5))
-    out, pos = [], T
-    with torch.no_grad(), cpu_linear_kernels(model):
-        out.append(prefill(model, ids, cache))
-        for i in range(steps):
-            if truncate_at is not None and i == truncate_at[0]:
-                cache.truncate(truncate_at[1])
-                pos = truncate_at[1]
-            out.append(decode_one_token(model, feed[i], torch.tensor([pos]), cache)[1])
-            pos += 1
-    return torch.stack(out), cache
+def _fed_logits(model, ids, steps, *, fused, **kw):
+    """`quantized_logits` through the C stack step: one C call a step (`fused`) or the C layer halves around the
+    cache's update and torch attend."""
+    return quantized_logits(model, ids, steps, path="fused" if fused else "layers", **kw)
 
 
 @pytest.fixture
 def one_call_steps(monkeypatch):
     """Counts the one-call quantized decode steps (a spy: the real method runs)."""
-    from llmopt.kernels.dense_gemv import StackDecodePlan
-
-    calls = []
-    real = StackDecodePlan.step_with_c_attention
-    monkeypatch.setattr(StackDecodePlan, "step_with_c_attention",
-                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
-    return calls
+    return spy_one_call_steps(monkeypatch)
 
 
 @pytest.mark.parametrize("bits,rotate,sinks", [(2, "both", 4), (2, "none", 0), (4, "both", 4), (8, "values", 0)])

@@ -228,6 +228,10 @@ def test_recipe_end_to_end_on_a_tiny_target(tmp_path):
     assert head.vocab_ids.numel() == 64 and head.info["steps"] == 3
     again = train_feature_draft(tmp_path / "head", **kw, init_head=tmp_path / "head")
     assert again["feature_seconds"] < summary["feature_seconds"] + 1 and again["init_head"]
+    (feature_file,) = (tmp_path / "head" / "data").glob("features_*.pt")
+    feature_file.write_bytes(b"garbage")  # a stopped write
+    with pytest.raises(ValueError, match="cannot read the cached features .*delete it"):
+        train_feature_draft(tmp_path / "head", **kw)
     with pytest.raises(SystemExit, match="error: .*--vocab"):
         main(["--out", str(tmp_path / "bad"), "--target", str(tmp_path / "target"), "--vocab", "0",
               "--continuations", "2", "--val-continuations", "2", "--windows", "2", "--seq-len", "24",

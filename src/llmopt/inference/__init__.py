@@ -18,12 +18,12 @@ register_technique("kv_cache", kind="inference", workload="generate", factory=ma
                    description="Quantized KV cache (KIVI layout, 8/4/2 bits, full-precision recent window): "
                                "`llmopt generate --kv-cache int4`.")
 register_technique("speculative", kind="inference", workload="generate", factory=DraftModelProposer,
-                   description="Speculative decoding with a draft model, exact accept/reject, adaptive k: "
-                               "`llmopt generate --draft MODEL`.")
+                   description="Speculative decoding with a draft model or an EAGLE feature-draft head, exact "
+                               "accept/reject, adaptive k: `llmopt generate --draft MODEL|HEAD_DIR`.")
 register_technique("prompt_lookup", kind="inference", workload="generate", factory=PromptLookupProposer,
                    description="Prompt lookup decoding: drafts from n-gram matches in the context, no draft "
                                "model: `llmopt generate --prompt-lookup`.")
 
-__all__ = ["DraftModelProposer", "FeatureDraftProposer", "GenerateResult", "KVCache", "PromptLookupProposer", "QuantizedKVCache",
-           "SpeculativeResult", "decode_one_token", "generate", "generate_reference", "logits_to_probs",
+__all__ = ["DraftModelProposer", "FeatureDraftProposer", "GenerateResult", "KVCache", "PromptLookupProposer",
+           "QuantizedKVCache", "SpeculativeResult", "decode_one_token", "generate", "generate_reference", "logits_to_probs",
            "make_cache", "make_quantized_cache", "prefill", "sample", "speculative_generate"]

@@ -181,6 +181,23 @@ def _quantized_attention(cache, pos: int, mask, bound: dict):
     return attention[1]
 
 
+def _dense_step_position(cache, input_pos: torch.Tensor | None, B: int, T: int, device: torch.device) -> int | None:
+    """The first of the T positions when the fused stack step can take B rows of them through `cache` (a dense
+    fp32 / bf16 `KVCache` of batch B, consecutive positions, at most MAX_ROWS rows x tokens, CPU, no grad);
+    None otherwise (the caller takes the module path)."""
+    from llmopt.inference.cache import KVCache
+
+    if (cache is None or type(cache) is not KVCache or input_pos is None or B * T > MAX_ROWS
+            or torch.is_grad_enabled() or device.type != "cpu"
+            or cache.dtype not in (torch.float32, torch.bfloat16) or input_pos.numel() != T
+            or B != cache.batch_size):
+        return None
+    pos = int(input_pos[0])
+    if T > 1 and not torch.equal(input_pos, torch.arange(pos, pos + T)):
+        return None  # the kernel takes consecutive positions
+    return pos
+
+
 def _fast_hidden_states(model: nn.Module, plan, threads: int):
     from llmopt.inference.cache import KVCache
 
@@ -209,14 +226,9 @@ def _fast_hidden_states(model: nn.Module, plan, threads: int):
 
             plan.step_with_attention(x, pos, cos, sin, attend, threads)
             return model.norm(x)
-        if (cache is None or type(cache) is not KVCache or input_pos is None or B * T > MAX_ROWS
-                or torch.is_grad_enabled() or idx.device.type != "cpu"
-                or cache.dtype not in (torch.float32, torch.bfloat16) or input_pos.numel() != T
-                or B != cache.batch_size):
+        pos = _dense_step_position(cache, input_pos, B, T, idx.device)
+        if pos is None:
             return stock(model, idx, input_pos=input_pos, cache=cache)
-        pos = int(input_pos[0])
-        if T > 1 and not torch.equal(input_pos, torch.arange(pos, pos + T)):
-            return stock(model, idx, input_pos=input_pos, cache=cache)  # the kernel takes consecutive positions
         cache.attn_mask(input_pos)  # validates the positions and advances seq_len, as the stock forward does
         x = model.embed_tokens(idx).float().contiguous()  # (B, T, dim)
         plan.step(x, pos, model.rope_cos[pos:pos + T], model.rope_sin[pos:pos + T], cache.k, cache.v,
@@ -229,21 +241,15 @@ def _fast_hidden_states(model: nn.Module, plan, threads: int):
 def _fast_feature_draft(model: nn.Module, plan, threads: int):
     """`FeatureDraft.forward_cached` with its blocks in one fused C step (fp32, a dense `KVCache`, consecutive
     positions, at most MAX_ROWS rows x tokens); anything else takes the module path."""
-    from llmopt.inference.cache import KVCache
-
     stock = type(model).forward_cached
 
     def forward_cached(features: torch.Tensor, next_tokens: torch.Tensor, *, input_pos: torch.Tensor, cache):
         B, T = next_tokens.shape
-        if (type(cache) is not KVCache or B * T > MAX_ROWS or torch.is_grad_enabled() or features.device.type != "cpu"
-                or model.fc.weight.dtype != torch.float32 or cache.dtype != torch.float32
-                or input_pos.numel() != T or B != cache.batch_size):
-            return stock(model, features, next_tokens, input_pos=input_pos, cache=cache)
-        pos = int(input_pos[0])
-        if T > 1 and not torch.equal(input_pos, torch.arange(pos, pos + T)):
+        pos = _dense_step_position(cache, input_pos, B, T, features.device)
+        if pos is None or model.fc.weight.dtype != torch.float32 or cache.dtype != torch.float32:
             return stock(model, features, next_tokens, input_pos=input_pos, cache=cache)
         cache.attn_mask(input_pos)  # validates the positions and advances seq_len, as the stock forward does
-        x = model.fc(torch.cat([features.float(), model.embed(next_tokens).float()], dim=-1)).contiguous()
+        x = model.mix(features, next_tokens).contiguous()
         plan.step(x, pos, model.rope_cos[pos:pos + T], model.rope_sin[pos:pos + T], cache.k, cache.v,
                   cache.key_padding, threads)
         return model.norm(x)

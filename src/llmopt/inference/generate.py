@@ -235,13 +235,9 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0
         if compile:
             raise ValueError("compile=True applies to plain decoding; speculative decoding runs eagerly")
         from llmopt.inference.prompt_lookup import PromptLookupProposer
-        from llmopt.inference.speculative import DraftModelProposer, FeatureDraftProposer, speculative_generate
-        from llmopt.models.feature_draft import FeatureDraft
+        from llmopt.inference.speculative import draft_proposer, speculative_generate
 
-        if draft is None:
-            proposer = PromptLookupProposer()
-        else:
-            proposer = FeatureDraftProposer(draft) if isinstance(draft, FeatureDraft) else DraftModelProposer(draft)
+        proposer = draft_proposer(draft) if draft is not None else PromptLookupProposer()
         return speculative_generate(model, prompt_ids, max_new_tokens, proposer=proposer, k=speculate_k,
                                     adaptive=adaptive_k, temperature=temperature, top_k=top_k, top_p=top_p,
                                     seed=seed, stop_ids=stop_ids, cache=cache, pad_id=pad_id, stream=stream,

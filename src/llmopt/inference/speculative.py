@@ -132,7 +132,7 @@ class FeatureDraftProposer:
         self.draft.attach(target)  # checks that the head was trained for this target
 
     def start(self, target, batch_size: int, max_len: int, padding: torch.Tensor | None) -> None:
-        if self.draft.__dict__["_embed"] is not target.embed_tokens:
+        if not self.draft.attached_to(target):
             self.prepare(target)
         max_len = min(max_len, self.draft.config.max_seq_len)
         if self.cache is None or self.cache.batch_size != batch_size or self.cache.max_len < max_len:
@@ -192,19 +192,26 @@ class FeatureDraftProposer:
         self.cache.truncate(min(self.cache.seq_len, self.true_len, length))
 
 
+def draft_proposer(draft):
+    """The proposer for a draft: `FeatureDraftProposer` for a `FeatureDraft` head, `DraftModelProposer` for a
+    model."""
+    from llmopt.models.feature_draft import FeatureDraft
+
+    return FeatureDraftProposer(draft) if isinstance(draft, FeatureDraft) else DraftModelProposer(draft)
+
+
 class DraftWithLookupProposer:
-    """Prompt lookup first, the draft (a model or a `FeatureDraft` head) otherwise: a round proposes the tokens that followed the last
-    earlier occurrence of the sequence's last `min_ngram`..`max_ngram` tokens when every row has such a match
+    """Prompt lookup first, the draft (a model or a `FeatureDraft` head) otherwise: a round proposes the tokens
+    that followed the last earlier occurrence of the sequence's last `min_ngram`..`max_ngram` tokens when every row has such a match
     of at least `min_tokens` tokens (free to find), else the draft's k tokens. Small models' greedy output
     repeats itself (a line, then the same line again), which an n-gram match copies for nothing and a small
     draft often misses. The draft's cache catches up on the skipped tokens at its next round."""
 
     def __init__(self, draft, *, max_ngram: int = 3, min_ngram: int = 2, min_tokens: int = 1) -> None:
         from llmopt.inference.prompt_lookup import PromptLookupProposer
-        from llmopt.models.feature_draft import FeatureDraft
 
         self.draft = draft
-        self.model_proposer = FeatureDraftProposer(draft) if isinstance(draft, FeatureDraft) else DraftModelProposer(draft)
+        self.model_proposer = draft_proposer(draft)
         self.wants_hidden = getattr(self.model_proposer, "wants_hidden", False)
         self.lookup = PromptLookupProposer(max_ngram, min_ngram)
         self.min_tokens = min_tokens

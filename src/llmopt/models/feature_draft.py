@@ -96,10 +96,19 @@ class FeatureDraft(nn.Module):
     def attached(self) -> bool:
         return self.__dict__["_embed"] is not None
 
+    def attached_to(self, target) -> bool:
+        return self.__dict__["_embed"] is target.embed_tokens
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if not self.attached:
             raise ValueError("feature draft is not attached to its target: call draft.attach(target) first")
         return self.__dict__["_embed"](tokens)
+
+    def mix(self, features: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        """The blocks' input (B, T, dim): `fc` over the target's features h_p and the embeddings of the tokens at
+        p + 1, in the head's dtype."""
+        dtype = self.fc.weight.dtype
+        return self.fc(torch.cat([features.to(dtype), self.embed(next_tokens).to(dtype)], dim=-1))
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, features: torch.Tensor, next_tokens: torch.Tensor, *, input_pos: torch.Tensor | None = None,
@@ -107,8 +116,7 @@ class FeatureDraft(nn.Module):
         """Predicted features (B, T, dim) at positions p + 1 from the target's features h_p (B, T, dim) and the
         tokens at p + 1 (B, T); `input_pos` (T,) are the positions p (required with a cache)."""
         T = features.size(1)
-        x = self.fc(torch.cat([features.to(self.fc.weight.dtype), self.embed(next_tokens).to(self.fc.weight.dtype)],
-                              dim=-1))
+        x = self.mix(features, next_tokens)
         if input_pos is None:
             if cache is not None:
                 raise ValueError("input_pos is required with a cache: pass the positions p of the features, shape (T,)")
@@ -141,7 +149,7 @@ class FeatureDraft(nn.Module):
 
     def multiply_adds_per_token(self) -> int:
         """Weights one drafted token reads: fc, the blocks, the norm and the kept output rows."""
-        return sum(p.numel() for name, p in self.named_parameters())
+        return sum(p.numel() for p in self.parameters())
 
     # ---- files -----------------------------------------------------------------------------------
     def save(self, out_dir: str | Path) -> Path:

@@ -78,8 +78,7 @@ def unrolled_forward(draft: FeatureDraft, feats: torch.Tensor, tokens: torch.Ten
     x_feats, x_tokens, start = feats[:, :-1], tokens[:, 1:], 0
     for s in range(passes):
         pos = torch.arange(start, T - 1, device=feats.device)  # positions p of this pass
-        x = draft.fc(torch.cat([x_feats.to(draft.fc.weight.dtype), draft.embed(x_tokens).to(draft.fc.weight.dtype)],
-                               dim=-1))
+        x = draft.mix(x_feats, x_tokens)
         cos, sin = draft.rope_cos[pos], draft.rope_sin[pos]
         for li, block in enumerate(draft.layers):
             attn = block.self_attn
@@ -207,13 +206,39 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
     t0 = time.perf_counter()
     cache_file = data_dir / f"features_{tname}_{inputs.size(0)}x{seq_len}_{int(inputs.sum())}.pt"
     if cache_file.is_file():
-        feats, top1, val_feats, val_top1 = torch.load(cache_file)
+        try:
+            feats, top1, val_feats, val_top1 = torch.load(cache_file)
+        except Exception as e:  # a stopped write or a foreign file: say which, and how to rebuild it
+            raise ValueError(f"cannot read the cached features {cache_file} ({type(e).__name__}); delete it and "
+                             "rerun to rebuild it") from None
     else:
         feats, top1 = target_features(target, inputs, on_batch=progress("feature_rows"))
         val_feats, val_top1 = target_features(target, val_inputs)
         torch.save((feats, top1, val_feats, val_top1), cache_file)
     feature_seconds = time.perf_counter() - t0
-    vocab_ids = kept_vocabulary(top1, inputs, vocab, target.config.vocab_size)
+
+    # 3. the head, and the ids it can propose
+    torch.manual_seed(seed)
+    previous = None
+    if init_head is not None:  # continue a previous run (its kept vocabulary and weights)
+        draft = FeatureDraft.load(init_head, target)
+        if draft.config.n_layer != n_layer:
+            raise ValueError(f"--init-head {init_head} has {draft.config.n_layer} blocks, not --layers {n_layer}")
+        vocab_ids, previous = draft.vocab_ids, draft.info
+    else:
+        vocab_ids = kept_vocabulary(top1, inputs, vocab, target.config.vocab_size)
+        draft = FeatureDraft(target.config, vocab_ids, n_layer=n_layer).attach(target)
+        with torch.no_grad():
+            std = target.config.init_std
+            for name, p in draft.named_parameters():
+                if not p.requires_grad:
+                    continue
+                if p.dim() == 2:
+                    scaled = name.endswith(("o_proj.weight", "down_proj.weight"))
+                    p.normal_(0.0, std / (math.sqrt(2 * n_layer) if scaled else 1.0))
+                else:
+                    p.fill_(1.0)
+            draft.norm.weight.copy_(target.norm.weight)  # the features are the target's normalized states
     kept_index = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
     kept_index[vocab_ids] = torch.arange(vocab_ids.numel())
     coverage = float((kept_index[top1] >= 0).float().mean())
@@ -221,43 +246,14 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
     log({"rows": inputs.size(0), "continuation_rows": cont.size(0), "text_rows": text_rows.size(0),
          "val_rows": val_inputs.size(0), "vocab": vocab_ids.numel(), "coverage": round(coverage, 4),
          "val_coverage": round(val_coverage, 4), "feature_seconds": round(feature_seconds, 1)})
-
-    # 3. the head
-    torch.manual_seed(seed)
-    if init_head is not None:  # continue a previous run (its kept vocabulary and weights)
-        draft = FeatureDraft.load(init_head, target)
-        if draft.config.n_layer != n_layer:
-            raise ValueError(f"--init-head {init_head} has {draft.config.n_layer} blocks, not --layers {n_layer}")
-        vocab_ids = draft.vocab_ids
-        kept_index = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
-        kept_index[vocab_ids] = torch.arange(vocab_ids.numel())
-        coverage = float((kept_index[top1] >= 0).float().mean())
-        val_coverage = float((kept_index[val_top1[:, prompt_len - 1:]] >= 0).float().mean())
-        previous = draft.info
-    else:
-        draft = FeatureDraft(target.config, vocab_ids, n_layer=n_layer).attach(target)
-        previous = None
-    with torch.no_grad():
-        std = target.config.init_std
-        for name, p in draft.named_parameters():
-            if not p.requires_grad or init_head is not None:
-                continue
-            if p.dim() == 2:
-                p.normal_(0.0, std / (math.sqrt(2 * n_layer) if name.endswith(("o_proj.weight", "down_proj.weight"))
-                                      else 1.0))
-            else:
-                p.fill_(1.0)
-        if init_head is None:
-            draft.norm.weight.copy_(target.norm.weight)  # the features are the target's normalized states
     params = [p for p in draft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    val_rows = torch.arange(val_inputs.size(0))
 
     def evaluate() -> dict[str, Any]:
         draft.eval()
         hits = [[] for _ in range(unroll)]
         with torch.no_grad():
-            for i in range(0, val_rows.numel(), 8):
+            for i in range(0, val_inputs.size(0), 8):
                 f, t, g = val_feats[i:i + 8].float(), val_inputs[i:i + 8], val_top1[i:i + 8]
                 outs = unrolled_forward(draft, f, t, unroll)
                 _, _, h = draft_losses(draft, outs, f, g, kept_index)

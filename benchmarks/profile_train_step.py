@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/profile_train_step.py                 # eager
     .venv/bin/python benchmarks/profile_train_step.py --fused auto    # with fused_ops:backend=auto
 
-Prints the self-time table and the share of the step in matmuls (aten::mm / addmm / bmm) and in the SDPA
-attention kernels, forward and backward: the part of the step that operator fusion cannot shorten, so
-1 / (that share) bounds what any fusion can gain (Amdahl).
+Prints the self-time table and the share of the step in matmuls (aten::mm / addmm / addmm_ / bmm) and in the
+SDPA attention kernels, forward and backward: the part of the step that operator fusion cannot shorten, so
+1 / (that share) bounds what any fusion can gain (Amdahl). Also the rate of the step's matmuls (the profiler's
+FLOP count over their self time) against a large square fp32 GEMM timed in the same process: when the two are
+close, the matmuls already run at what this core can do and fusion has nothing left to take from them.
 """
 
 from __future__ import annotations
@@ -47,17 +49,35 @@ def main() -> None:
         step()
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         for _ in range(a.steps):
             step()
     events = prof.key_averages()
     print(events.table(sort_by="self_cpu_time_total", row_limit=20))
     total = sum(e.self_cpu_time_total for e in events)
-    mm = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    gemms = [e for e in events if e.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")]
+    mm = sum(e.self_cpu_time_total for e in gemms)
+    mm_flops = sum(e.flops for e in gemms)
     attn = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key)
     fixed = (mm + attn) / total
     print(f"matmul share {mm / total:.1%}, attention kernels {attn / total:.1%}: {fixed:.1%} of the step is in "
           f"kernels fusion does not shorten; even free everything-else gives at most {1 / fixed:.2f}x")
+    # the core's GEMM rate: a large square fp32 product, best of 5 (the same thread count)
+    import time
+
+    n = 2048
+    u, v = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        torch.mm(u, v)
+        best = min(best, time.perf_counter() - t0)
+    counted = sum(e.self_cpu_time_total for e in gemms if e.flops)  # the profiler counts no FLOPs for addmm_
+    step_rate = mm_flops / (counted * 1e-6) / 1e9 if counted else 0.0
+    peak_rate = 2 * n ** 3 / best / 1e9
+    print(f"matmul FLOPs per step (addmm_ not counted) {mm_flops / a.steps / 1e9:.1f} G at {step_rate:.0f} GFLOP/s in the step; a "
+          f"{n}^3 fp32 GEMM here runs at {peak_rate:.0f} GFLOP/s: the step's matmuls at {step_rate / peak_rate:.0%} "
+          "of it")
 
 
 if __name__ == "__main__":

@@ -232,6 +232,13 @@ def test_recipe_end_to_end_on_a_tiny_target(tmp_path):
     feature_file.write_bytes(b"garbage")  # a stopped write
     with pytest.raises(ValueError, match="cannot read the cached features .*delete it"):
         train_feature_draft(tmp_path / "head", **kw)
+    # reused continuations (two folders) plus newly generated ones: all of them are training rows
+    (generated,) = (tmp_path / "head" / "data").glob("continuations_*")
+    more = train_feature_draft(tmp_path / "more", **{**kw, "continuations": 2, "steps": 1},
+                               continuations_from=[generated, str(generated)], generate_too=True)
+    assert more["continuation_rows"] == 4 + 4 + 2 and more["rows"] == 10 + 4
+    reused = train_feature_draft(tmp_path / "reused", **{**kw, "steps": 1}, continuations_from=generated)
+    assert reused["continuation_rows"] == 4  # without generate_too, --continuations is not generated
     with pytest.raises(SystemExit, match="error: .*--vocab"):
         main(["--out", str(tmp_path / "bad"), "--target", str(tmp_path / "target"), "--vocab", "0",
               "--continuations", "2", "--val-continuations", "2", "--windows", "2", "--seq-len", "24",

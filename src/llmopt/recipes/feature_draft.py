@@ -2,6 +2,8 @@
 
     python -m llmopt.recipes.feature_draft --out runs/smollm2-eagle                  # SmolLM2-135M, defaults
     python -m llmopt.recipes.feature_draft --out DIR --continuations-from runs/smollm2-draft-seq/teacher_targets/continuations_...
+    python -m llmopt.recipes.feature_draft --out DIR --continuations-from FOLDER --generate-too --continuations 2048 \
+        --init-head runs/smollm2-eagle --steps 600 --lr 5e-4          # more rows: reused + new, continuing a head
 
 Steps, in order (each cached under OUT/data/, so a rerun skips what is done):
 1. Token sequences: the target's greedy continuations of `--continuations` prompts drawn from the bundled
@@ -128,12 +130,13 @@ def draft_losses(draft: FeatureDraft, outs: list[torch.Tensor], feats: torch.Ten
 
 # ---- the recipe -------------------------------------------------------------------------------------
 def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m", continuations: int = 832,
-                        continuations_from: str | None = None, val_continuations: int = 16,
+                        continuations_from: str | Path | list[str | Path] | None = None, val_continuations: int = 16,
                         val_continuations_from: str | None = None, windows: int = 256, seq_len: int = 128,
                         prompt_len: int = 33, heldout_chars: int = 30_000, vocab: int = 8192, n_layer: int = 1,
                         steps: int = 700, batch_size: int = 16, lr: float = 1e-3, warmup: int = 40,
                         unroll: int = 3, reg_weight: float = 1.0, noise: float = 0.0, eval_every: int = 50,
                         seed: int = 1337, threads: int | None = None, init_head: str | Path | None = None,
+                        generate_too: bool = False,
                         on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Build the data, train the head and save it to `out_dir`; returns the summary (see the module docstring)."""
     from llmopt.data.corpus import default_corpus_text
@@ -176,14 +179,18 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
     def progress(what):
         return lambda done, total: log({what: done, "of": total, "elapsed_s": round(time.perf_counter() - t0, 1)})
 
-    if continuations_from:
-        cont = parts(continuations_from).inputs
-    elif continuations:
+    # reused continuations (distill runs' folders) and/or `continuations` generated here: all are training rows
+    if isinstance(continuations_from, (str, Path)):
+        continuations_from = [continuations_from]
+    conts = [parts(folder).inputs for folder in continuations_from or []]
+    if continuations and (not conts or generate_too):
         prompts = continuation_prompts(train_text, continuations, prompt_len, tokenizer, seed=seed)
-        cont = cached_continuations(target, prompts, new_tokens, data_dir / f"continuations_{tag}_seed{seed}",
-                                    top_k=1, batch_size=32, on_batch=progress("continuations")).inputs
-    else:
-        cont = torch.empty(0, seq_len, dtype=torch.long)
+        conts.append(cached_continuations(target, prompts, new_tokens, data_dir / f"continuations_{tag}_seed{seed}",
+                                          top_k=1, batch_size=32, on_batch=progress("continuations")).inputs)
+    if any(c.size(1) != seq_len for c in conts):
+        raise ValueError(f"continuation rows must be {seq_len} tokens (prompt {prompt_len} + {new_tokens - 1}); "
+                         f"got {sorted({c.size(1) for c in conts})}")
+    cont = torch.cat(conts) if conts else torch.empty(0, seq_len, dtype=torch.long)
     if val_continuations_from:
         val_inputs = parts(val_continuations_from).inputs
     else:
@@ -325,7 +332,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--target", default="smollm2-135m")
     p.add_argument("--continuations", type=int, default=832, help="greedy continuations generated for training")
-    p.add_argument("--continuations-from", help="reuse a folder of part*.safetensors continuations instead")
+    p.add_argument("--continuations-from", action="append",
+                   help="reuse a folder of part*.safetensors continuations (repeatable); instead of generating, "
+                        "unless --generate-too")
+    p.add_argument("--generate-too", action="store_true",
+                   help="with --continuations-from: also generate --continuations new ones (more training rows)")
     p.add_argument("--val-continuations", type=int, default=16)
     p.add_argument("--val-continuations-from")
     p.add_argument("--windows", type=int, default=256, help="corpus text windows added to the training rows")
@@ -350,6 +361,7 @@ def main(argv: list[str] | None = None) -> None:
             windows=a.windows, seq_len=a.seq_len, prompt_len=a.prompt_len, vocab=a.vocab, n_layer=a.layers,
             steps=a.steps, batch_size=a.batch_size, lr=a.lr, unroll=a.unroll, reg_weight=a.reg_weight,
             noise=a.noise, eval_every=a.eval_every, threads=a.threads, init_head=a.init_head,
+            generate_too=a.generate_too,
             on_log=lambda r: print(json.dumps(r), flush=True))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -437,18 +437,23 @@ def bench_spec(args):
             return hf.generate(x, attention_mask=torch.ones_like(x), assistant_model=hf_draft, do_sample=False,
                                max_new_tokens=n, min_new_tokens=n)[0, len(prompt):]
 
-    head = None
-    if args.feature_draft:
+    heads = {}  # config name -> EAGLE head: the first --feature-draft is "feature_draft", later ones "feature_draft_2", ...
+    for i, path in enumerate(args.feature_draft or []):
         from llmopt.models.feature_draft import FeatureDraft
 
-        head = FeatureDraft.load(args.feature_draft, model)
+        head = FeatureDraft.load(path, model)
         info = head.info
-        emit(bench="spec/feature_draft", path=args.feature_draft, params=head.num_parameters(trainable_only=True),
+        name = "feature_draft" if i == 0 else f"feature_draft_{i + 1}"
+        emit(bench=f"spec/{name}", path=path, params=head.num_parameters(trainable_only=True),
              multiply_adds_per_token=head.multiply_adds_per_token(),
              fraction_of_target=round(head.multiply_adds_per_token() / model.num_parameters(), 4),
              **{k: info[k] for k in ("vocab", "val_coverage", "rows", "steps", "unroll", "feature_seconds",
                                      "train_seconds", "total_seconds") if k in info},
              final={k: v for k, v in info.get("final", {}).items() if k.startswith(("val_", "expected"))})
+        heads[name] = head
+        if args.feature_bf16:  # the same head drafting with bf16 weights (half the bytes a drafted token reads)
+            heads[f"{name}_bf16"] = FeatureDraft.load(path, model, dtype=torch.bfloat16)
+    head = heads.get("feature_draft")
     configs = {"plain": lambda p: generate(model, [p], n),
                "speculative": lambda p: speculative_generate(model, [p], n, proposer=DraftModelProposer(draft),
                                                              k=args.k),
@@ -457,9 +462,10 @@ def bench_spec(args):
                                                                    proposer=DraftWithLookupProposer(draft)),
                # no draft: how much of the gain n-gram copies alone give (greedy continuations repeat themselves)
                "prompt_lookup": lambda p: speculative_generate(model, [p], n, proposer=PromptLookupProposer(), k=10)}
-    if head is not None:  # the EAGLE head: reads SmolLM2's own hidden states (no transformers peer for it)
-        configs["feature_draft"] = lambda p: speculative_generate(model, [p], n, proposer=FeatureDraftProposer(head),
-                                                                  k=args.k)
+    for name, h in heads.items():  # the EAGLE heads: read SmolLM2's own hidden states (no transformers peer for it)
+        configs[name] = (lambda h: lambda p: speculative_generate(model, [p], n, proposer=FeatureDraftProposer(h),
+                                                                  k=args.k))(h)
+    if head is not None:
         for c in args.feature_confidence or []:  # EAGLE-2 style: stop drafting below this head confidence
             configs[f"feature_draft_conf{c:g}"] = (lambda c: lambda p: speculative_generate(
                 model, [p], n, proposer=FeatureDraftProposer(head, min_confidence=c), k=args.k))(c)
@@ -486,12 +492,11 @@ def bench_spec(args):
             ratios = [b / t for b, t in zip(plain, total)]
             emit(bench=f"spec/{label} ({len(names)} prompts x {n} new)", config=c, median_s=statistics.median(total),
                  tok_s_ratio_vs_baseline=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
-        if "feature_draft" in configs:
-            fd = [outputs["feature_draft", name] for name in names]
+        for hc in [c for c in heads if c in configs]:
+            fd = [outputs[hc, name] for name in names]
             ks = [k for s in fd for k in s.ks]
-            emit(bench=f"spec/{label}/feature_draft",
-                 identical=all(torch.equal(outputs["plain", name].tokens, outputs["feature_draft", name].tokens)
-                               for name in names),
+            emit(bench=f"spec/{label}/{hc}",
+                 identical=all(torch.equal(outputs["plain", name].tokens, outputs[hc, name].tokens) for name in names),
                  acceptance_rate=sum(s.accepted for s in fd) / max(1, sum(s.proposed for s in fd)),
                  proposed=sum(s.proposed for s in fd), accepted=sum(s.accepted for s in fd),
                  target_forwards=sum(s.target_forwards for s in fd), mean_k=sum(ks) / len(ks) if ks else 0.0,
@@ -501,12 +506,12 @@ def bench_spec(args):
                                                   for name in names),
                      "with_lookup_acceptance": sum(outputs["feature_draft_with_lookup", name].accepted for name in names)
                      / max(1, sum(outputs["feature_draft_with_lookup", name].proposed for name in names))}
-                    if "feature_draft_with_lookup" in configs else {}))
+                    if hc == "feature_draft" and "feature_draft_with_lookup" in configs else {}))
             if len(names) > 1:
                 for name in names:
-                    s = outputs["feature_draft", name]
-                    ratios = [b / t for b, t in zip(times["plain", name], times["feature_draft", name])]
-                    emit(bench=f"spec/{label}/{name}/feature_draft", ratio_median=statistics.median(ratios),
+                    s = outputs[hc, name]
+                    ratios = [b / t for b, t in zip(times["plain", name], times[hc, name])]
+                    emit(bench=f"spec/{label}/{name}/{hc}", ratio_median=statistics.median(ratios),
                          ratio_min=min(ratios), ratio_max=max(ratios), acceptance_rate=s.acceptance_rate,
                          target_forwards=s.target_forwards, mean_k=sum(s.ks) / len(s.ks) if s.ks else 0.0)
         if "speculative" not in configs or "transformers_assisted" not in configs:
@@ -567,7 +572,11 @@ def main():
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--speed-tokens", type=int, default=32)
     p.add_argument("--draft")
-    p.add_argument("--feature-draft", help="spec: also an EAGLE head (python -m llmopt.recipes.feature_draft)")
+    p.add_argument("--feature-draft", action="append",
+                   help="spec: also an EAGLE head (python -m llmopt.recipes.feature_draft); repeatable: the first is "
+                        "config feature_draft, the next feature_draft_2, ...")
+    p.add_argument("--feature-bf16", action="store_true",
+                   help="spec: also each EAGLE head with bf16 weights (configs feature_draft_bf16, ...)")
     p.add_argument("--feature-confidence", type=float, action="append",
                    help="spec: also the EAGLE head with min_confidence=C (repeatable)")
     p.add_argument("--skip", action="append", help="spec: leave out a config (speculative, transformers_assisted, "

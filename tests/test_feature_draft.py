@@ -129,6 +129,27 @@ def test_fused_cpu_step_matches_the_module_path(memorized):
         assert fused
 
 
+def test_bf16_head_drafts_through_the_fused_step(memorized):
+    """A head cast to bf16 (half the bytes a drafted token reads) takes the fused C step too, stays exact, and
+    drafts as well as the fp32 head on what it memorized."""
+    import copy
+
+    from llmopt.inference.cpu_linear import cpu_linear_kernels
+
+    target, prompt, rows, head, _ = memorized
+    half = copy.deepcopy(head).to(torch.bfloat16).attach(target)
+    assert half.head.weight.dtype == torch.bfloat16
+    with cpu_linear_kernels(half) as routed:
+        fused = "forward_cached" in half.__dict__
+    assert fused or not routed
+    fp32 = speculative_generate(target, prompt, 40, proposer=FeatureDraftProposer(head), k=3, adaptive=False)
+    for kernels in ("auto", "torch"):
+        got = speculative_generate(target, prompt, 40, proposer=FeatureDraftProposer(half), k=3, adaptive=False,
+                                   kernels=kernels)
+        assert torch.equal(got.tokens, rows)
+        assert got.acceptance_rate > fp32.acceptance_rate - 0.1, (kernels, got.acceptance_rate, fp32.acceptance_rate)
+
+
 def test_an_unattached_head_is_linked_before_the_kernels_copy_it():
     target = _model(0, vocab_size=64, tie_embeddings=False, init_std=0.3)
     torch.manual_seed(3)

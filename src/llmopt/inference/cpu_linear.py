@@ -239,20 +239,22 @@ def _fast_hidden_states(model: nn.Module, plan, threads: int):
 
 
 def _fast_feature_draft(model: nn.Module, plan, threads: int):
-    """`FeatureDraft.forward_cached` with its blocks in one fused C step (fp32, a dense `KVCache`, consecutive
-    positions, at most MAX_ROWS rows x tokens); anything else takes the module path."""
+    """`FeatureDraft.forward_cached` with its blocks in one fused C step (fp32 or bf16 weights, a dense `KVCache`,
+    consecutive positions, at most MAX_ROWS rows x tokens; arithmetic in fp32 as in the target's step); anything
+    else takes the module path."""
     stock = type(model).forward_cached
+    dtype = model.fc.weight.dtype
 
     def forward_cached(features: torch.Tensor, next_tokens: torch.Tensor, *, input_pos: torch.Tensor, cache):
         B, T = next_tokens.shape
         pos = _dense_step_position(cache, input_pos, B, T, features.device)
-        if pos is None or model.fc.weight.dtype != torch.float32 or cache.dtype != torch.float32:
+        if pos is None:
             return stock(model, features, next_tokens, input_pos=input_pos, cache=cache)
         cache.attn_mask(input_pos)  # validates the positions and advances seq_len, as the stock forward does
-        x = model.mix(features, next_tokens).contiguous()
+        x = model.mix(features, next_tokens).float().contiguous()
         plan.step(x, pos, model.rope_cos[pos:pos + T], model.rope_sin[pos:pos + T], cache.k, cache.v,
                   cache.key_padding, threads)
-        return model.norm(x)
+        return model.norm(x.to(dtype))
 
     return forward_cached
 

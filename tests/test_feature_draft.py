@@ -17,20 +17,21 @@ def _model(seed, **overrides):
     return build_model(ModelConfig.from_name("tiny", **overrides)).eval()
 
 
-def _head(target, seed=7, vocab_ids=None, n_layer=1):
+def _head(target, seed=7, vocab_ids=None, n_layer=1, prev_token=False):
     torch.manual_seed(seed)
     ids = torch.arange(target.config.vocab_size) if vocab_ids is None else vocab_ids
-    return FeatureDraft(target.config, ids, n_layer=n_layer).attach(target).eval()
+    return FeatureDraft(target.config, ids, n_layer=n_layer, prev_token=prev_token).attach(target).eval()
 
 
 def _prompt(batch, length, seed=0, vocab=320):
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("k,adaptive,n_layer,confidence", [(1, False, 1, None), (4, False, 1, None),
-                                                            (5, True, 2, None), (4, False, 1, 0.004)])
-def test_greedy_equals_reference(tiny_model, k, adaptive, n_layer, confidence):
-    head = _head(tiny_model, vocab_ids=torch.arange(0, 320, 2), n_layer=n_layer)  # half the ids: misses too
+@pytest.mark.parametrize("k,adaptive,n_layer,confidence,prev", [(1, False, 1, None, False), (4, False, 1, None, False),
+                                                                 (5, True, 2, None, False), (4, False, 1, 0.004, False),
+                                                                 (1, False, 1, None, True), (4, False, 2, None, True)])
+def test_greedy_equals_reference(tiny_model, k, adaptive, n_layer, confidence, prev):
+    head = _head(tiny_model, vocab_ids=torch.arange(0, 320, 2), n_layer=n_layer, prev_token=prev)  # half the ids
     prompt = _prompt(2, 9, seed=1)
     ref = generate_reference(tiny_model, prompt, 24)
     got = speculative_generate(tiny_model, prompt, 24, proposer=FeatureDraftProposer(head, min_confidence=confidence),
@@ -51,24 +52,28 @@ def test_generate_dispatch_and_left_padding(tiny_model):
         assert torch.equal(batched.new_tokens[b], singles[b])
 
 
-def test_unrolled_passes_see_what_decoding_feeds():
+@pytest.mark.parametrize("prev", [False, True])
+def test_unrolled_passes_see_what_decoding_feeds(prev):
     """Pass s of the training forward at position p equals the head run through its cache the way a round
-    drafts: true features up to p - s, then its own predictions."""
+    drafts: true features up to p - s, then its own predictions (and, for a prev_token head, the token at
+    each position)."""
     target = _model(0)
-    head = _head(target, n_layer=2)
+    head = _head(target, n_layer=2, prev_token=prev)
     tokens = _prompt(2, 12, seed=3)
+    at = (lambda a, b: tokens[:, a:b]) if prev else (lambda a, b: None)
     with torch.no_grad():
         feats = target.hidden_states(tokens)
         outs = unrolled_forward(head, feats, tokens, 3)
-        assert torch.allclose(outs[0], head(feats[:, :-1], tokens[:, 1:]), atol=1e-5)
+        assert torch.allclose(outs[0], head(feats[:, :-1], tokens[:, 1:], prev_tokens=at(0, -1)), atol=1e-5)
         for s in (1, 2):
             for p in (s, 6, 10):
                 cache = make_cache(head, 2, 16)
-                f = head(feats[:, :p - s + 1], tokens[:, 1:p - s + 2], input_pos=torch.arange(p - s + 1),
-                         cache=cache)[:, -1]
+                f = head(feats[:, :p - s + 1], tokens[:, 1:p - s + 2], prev_tokens=at(0, p - s + 1),
+                         input_pos=torch.arange(p - s + 1), cache=cache)[:, -1]
                 for j in range(1, s + 1):
                     q = p - s + j
-                    f = head(f[:, None], tokens[:, q + 1:q + 2], input_pos=torch.tensor([q]), cache=cache)[:, -1]
+                    f = head(f[:, None], tokens[:, q + 1:q + 2], prev_tokens=at(q, q + 1), input_pos=torch.tensor([q]),
+                             cache=cache)[:, -1]
                 assert torch.allclose(outs[s][:, p - s], f, atol=1e-5), (s, p)
 
 
@@ -127,6 +132,21 @@ def test_fused_cpu_step_matches_the_module_path(memorized):
     assert runs["auto"] == runs["torch"] and sum(runs["auto"][0][1:]) > 0
     if routed:
         assert fused
+
+
+def test_prev_token_head_fused_step_matches_the_module_path(tiny_model):
+    """A prev_token head drafts the same tokens through the fused C step as through the modules, and the
+    output stays the target's."""
+    head = _head(tiny_model, prev_token=True, n_layer=2)
+    prompt = _prompt(2, 7, seed=4)
+    ref = generate_reference(tiny_model, prompt, 20)
+    runs = {}
+    for kernels in ("auto", "torch"):
+        got = speculative_generate(tiny_model, prompt, 20, proposer=FeatureDraftProposer(head), k=3, adaptive=False,
+                                   kernels=kernels)
+        assert torch.equal(got.tokens, ref.tokens)
+        runs[kernels] = (got.accept_counts, got.ks)
+    assert runs["auto"] == runs["torch"]
 
 
 def test_bf16_head_drafts_through_the_fused_step(memorized):
@@ -193,6 +213,14 @@ def test_save_load_and_errors(tiny_model, tmp_path):
     f, t = torch.randn(1, 3, tiny_model.config.dim), _prompt(1, 3)
     with torch.no_grad():
         assert torch.equal(back(f, t), head(f, t))
+    prev = _head(tiny_model, vocab_ids=torch.arange(10, 200), prev_token=True)
+    prev.save(tmp_path / "p")
+    back = FeatureDraft.load(tmp_path / "p", tiny_model)
+    assert back.prev_token and back.fc.in_features == 3 * tiny_model.config.dim
+    with torch.no_grad():
+        assert torch.equal(back(f, t, prev_tokens=t), prev(f, t, prev_tokens=t))
+    with pytest.raises(ValueError, match="prev_tokens"):
+        back(f, t)
     other = _model(5)  # same shapes, other weights
     with pytest.raises(ValueError, match="trained for another target"):
         FeatureDraft.load(tmp_path / "h", other)
@@ -260,6 +288,15 @@ def test_recipe_end_to_end_on_a_tiny_target(tmp_path):
     assert more["continuation_rows"] == 4 + 4 + 2 and more["rows"] == 10 + 4
     reused = train_feature_draft(tmp_path / "reused", **{**kw, "steps": 1}, continuations_from=generated)
     assert reused["continuation_rows"] == 4  # without generate_too, --continuations is not generated
+    # a head that also reads the previous token, grown from the trained one: fc starts as the same function
+    old = FeatureDraft.load(tmp_path / "head", target)
+    grown = train_feature_draft(tmp_path / "grown", **{**kw, "steps": 1, "lr": 1e-9}, init_head=tmp_path / "head",
+                                prev_token=True)
+    assert grown["prev_token"] and grown["history"][0]["val_top1_pass0"] == again["final"]["val_top1_pass0"]
+    new = FeatureDraft.load(tmp_path / "grown", target)
+    assert new.prev_token and torch.allclose(new.fc.weight[:, :2 * old.config.dim], old.fc.weight, atol=1e-6)
+    with pytest.raises(ValueError, match="add --prev-token"):
+        train_feature_draft(tmp_path / "x", **kw, init_head=tmp_path / "grown")
     with pytest.raises(SystemExit, match="error: .*--vocab"):
         main(["--out", str(tmp_path / "bad"), "--target", str(tmp_path / "target"), "--vocab", "0",
               "--continuations", "2", "--val-continuations", "2", "--windows", "2", "--seq-len", "24",

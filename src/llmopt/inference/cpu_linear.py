@@ -245,13 +245,14 @@ def _fast_feature_draft(model: nn.Module, plan, threads: int):
     stock = type(model).forward_cached
     dtype = model.fc.weight.dtype
 
-    def forward_cached(features: torch.Tensor, next_tokens: torch.Tensor, *, input_pos: torch.Tensor, cache):
+    def forward_cached(features: torch.Tensor, next_tokens: torch.Tensor, *, prev_tokens: torch.Tensor | None = None,
+                       input_pos: torch.Tensor, cache):
         B, T = next_tokens.shape
         pos = _dense_step_position(cache, input_pos, B, T, features.device)
         if pos is None:
-            return stock(model, features, next_tokens, input_pos=input_pos, cache=cache)
+            return stock(model, features, next_tokens, prev_tokens=prev_tokens, input_pos=input_pos, cache=cache)
+        x = model.mix(features, next_tokens, prev_tokens).float().contiguous()  # checks prev_tokens first
         cache.attn_mask(input_pos)  # validates the positions and advances seq_len, as the stock forward does
-        x = model.mix(features, next_tokens).float().contiguous()
         plan.step(x, pos, model.rope_cos[pos:pos + T], model.rope_sin[pos:pos + T], cache.k, cache.v,
                   cache.key_padding, threads)
         return model.norm(x.to(dtype))

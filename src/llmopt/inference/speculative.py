@@ -156,15 +156,18 @@ class FeatureDraftProposer:
             raise RuntimeError(f"the feature draft has the target's states for {self.known} positions, needs "
                                f"{S - 1}: call observe after every target forward")
         start = cache.seq_len
+        prev = draft.prev_token  # the head also reads the token at each position p
         f = draft.forward_cached(self.features[:, start:S - 1], seq[:, start + 1:S],
+                                 prev_tokens=seq[:, start:S - 1] if prev else None,
                                  input_pos=torch.arange(start, S - 1, device=device),
                                  cache=cache)[:, -1]  # predicts the target's state at S - 1, hence the token at S
         self.true_len = S - 1
         greedy = sampling["temperature"] == 0
         tokens, probs = [], []
         for j in range(k):
-            if j > 0:
-                f = draft.forward_cached(f[:, None], tokens[-1][:, None],
+            if j > 0:  # position S - 2 + j: its token is seq[:, -1] (j = 1) or the draft's token j - 2
+                at = (seq[:, -1] if j == 1 else tokens[-2])[:, None] if prev else None
+                f = draft.forward_cached(f[:, None], tokens[-1][:, None], prev_tokens=at,
                                          input_pos=torch.tensor([S - 2 + j], device=device), cache=cache)[:, -1]
             if greedy:
                 small = draft.logits(f)

@@ -37,10 +37,14 @@ class FeatureDraft(nn.Module):
     """EAGLE-style draft head for a Llama-family `target` (see the module docstring).
 
     `vocab_ids` (N,): the token ids the head can propose (the target's most frequent greedy outputs);
-    `n_layer`: decoder blocks of the target's width (1 in EAGLE).
+    `n_layer`: decoder blocks of the target's width (1 in EAGLE); `prev_token`: also read the embedding of the
+    token at p itself (so a key at j carries t_j and the head's one attention layer can copy: a query for the
+    token after t_{p+1} matches the key where t_j == t_{p+1} and reads h_j, the target's guess for t_{j+1}: an
+    induction head in one layer, which text that repeats itself needs).
     """
 
-    def __init__(self, target_config: ModelConfig, vocab_ids: torch.Tensor, *, n_layer: int = 1) -> None:
+    def __init__(self, target_config: ModelConfig, vocab_ids: torch.Tensor, *, n_layer: int = 1,
+                 prev_token: bool = False) -> None:
         super().__init__()
         if target_config.family != "llama":
             raise ValueError(f"a feature draft needs a llama-family target, got {target_config.family!r}")
@@ -51,7 +55,8 @@ class FeatureDraft(nn.Module):
             raise ValueError(f"vocab_ids must be non-empty ids in [0, {target_config.vocab_size})")
         self.config = dataclasses.replace(target_config, n_layer=n_layer, name="feature-draft")
         dim = self.config.dim
-        self.fc = nn.Linear(2 * dim, dim, bias=False)
+        self.prev_token = bool(prev_token)
+        self.fc = nn.Linear((3 if prev_token else 2) * dim, dim, bias=False)
         self.layers = nn.ModuleList(Block(self.config, i) for i in range(n_layer))
         self.norm = RMSNorm(dim, self.config.norm_eps)
         self.register_buffer("vocab_ids", vocab_ids.clone())
@@ -104,19 +109,27 @@ class FeatureDraft(nn.Module):
             raise ValueError("feature draft is not attached to its target: call draft.attach(target) first")
         return self.__dict__["_embed"](tokens)
 
-    def mix(self, features: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
-        """The blocks' input (B, T, dim): `fc` over the target's features h_p and the embeddings of the tokens at
-        p + 1, in the head's dtype."""
+    def mix(self, features: torch.Tensor, next_tokens: torch.Tensor,
+            prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The blocks' input (B, T, dim): `fc` over the target's features h_p, the embeddings of the tokens at
+        p + 1 and (a `prev_token` head) of the tokens at p, in the head's dtype."""
         dtype = self.fc.weight.dtype
-        return self.fc(torch.cat([features.to(dtype), self.embed(next_tokens).to(dtype)], dim=-1))
+        parts = [features.to(dtype), self.embed(next_tokens).to(dtype)]
+        if self.prev_token:
+            if prev_tokens is None or prev_tokens.shape != next_tokens.shape:
+                raise ValueError("this feature draft reads the token at each position p too (prev_token=True): pass "
+                                 f"prev_tokens of shape {tuple(next_tokens.shape)}")
+            parts.append(self.embed(prev_tokens).to(dtype))
+        return self.fc(torch.cat(parts, dim=-1))
 
     # ---- forward ---------------------------------------------------------------------------------
-    def forward(self, features: torch.Tensor, next_tokens: torch.Tensor, *, input_pos: torch.Tensor | None = None,
-                cache=None) -> torch.Tensor:
-        """Predicted features (B, T, dim) at positions p + 1 from the target's features h_p (B, T, dim) and the
-        tokens at p + 1 (B, T); `input_pos` (T,) are the positions p (required with a cache)."""
+    def forward(self, features: torch.Tensor, next_tokens: torch.Tensor, *, prev_tokens: torch.Tensor | None = None,
+                input_pos: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Predicted features (B, T, dim) at positions p + 1 from the target's features h_p (B, T, dim), the
+        tokens at p + 1 (B, T) and, for a `prev_token` head, the tokens at p (B, T); `input_pos` (T,) are the
+        positions p (required with a cache)."""
         T = features.size(1)
-        x = self.mix(features, next_tokens)
+        x = self.mix(features, next_tokens, prev_tokens)
         if input_pos is None:
             if cache is not None:
                 raise ValueError("input_pos is required with a cache: pass the positions p of the features, shape (T,)")
@@ -128,11 +141,11 @@ class FeatureDraft(nn.Module):
             x = layer(x, cos, sin, cache=cache, input_pos=input_pos, mask=mask)
         return self.norm(x)
 
-    def forward_cached(self, features: torch.Tensor, next_tokens: torch.Tensor, *, input_pos: torch.Tensor,
-                       cache) -> torch.Tensor:
+    def forward_cached(self, features: torch.Tensor, next_tokens: torch.Tensor, *, prev_tokens: torch.Tensor | None = None,
+                       input_pos: torch.Tensor, cache) -> torch.Tensor:
         """`forward` through a cache: what decoding calls (`llmopt.inference.cpu_linear` swaps in the fused CPU
         step for the blocks here, as it does for a Transformer's decode step)."""
-        return self(features, next_tokens, input_pos=input_pos, cache=cache)
+        return self(features, next_tokens, prev_tokens=prev_tokens, input_pos=input_pos, cache=cache)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Logits (..., len(vocab_ids)) over the kept tokens."""
@@ -160,6 +173,7 @@ class FeatureDraft(nn.Module):
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("head.")}
         save_file(tensors, str(out / WEIGHTS_FILE))
         meta = {"kind": "feature_draft", "n_layer": self.config.n_layer, "vocab_kept": int(self.vocab_ids.numel()),
+                "prev_token": self.prev_token,
                 "target": self.__dict__["_target_fingerprint"], "target_config": dataclasses.asdict(self.config), "info": self.info}
         (out / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         return out
@@ -185,7 +199,7 @@ class FeatureDraft(nn.Module):
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
             raise ValueError(f"cannot read the feature draft in {path} ({type(e).__name__}: {e}); "
                              "re-run the recipe that wrote it") from None
-        draft = cls(config, tensors["vocab_ids"], n_layer=int(meta["n_layer"]))
+        draft = cls(config, tensors["vocab_ids"], n_layer=int(meta["n_layer"]), prev_token=bool(meta.get("prev_token")))
         missing, unexpected = draft.load_state_dict(tensors, strict=False)
         missing = [k for k in missing if not k.startswith("head.")]
         if missing or unexpected:

@@ -80,7 +80,7 @@ def unrolled_forward(draft: FeatureDraft, feats: torch.Tensor, tokens: torch.Ten
     x_feats, x_tokens, start = feats[:, :-1], tokens[:, 1:], 0
     for s in range(passes):
         pos = torch.arange(start, T - 1, device=feats.device)  # positions p of this pass
-        x = draft.mix(x_feats, x_tokens)
+        x = draft.mix(x_feats, x_tokens, tokens[:, start:T - 1] if draft.prev_token else None)
         cos, sin = draft.rope_cos[pos], draft.rope_sin[pos]
         for li, block in enumerate(draft.layers):
             attn = block.self_attn
@@ -136,7 +136,7 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
                         steps: int = 700, batch_size: int = 16, lr: float = 1e-3, warmup: int = 40,
                         unroll: int = 3, reg_weight: float = 1.0, noise: float = 0.0, eval_every: int = 50,
                         seed: int = 1337, threads: int | None = None, init_head: str | Path | None = None,
-                        generate_too: bool = False,
+                        generate_too: bool = False, prev_token: bool = False,
                         on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Build the data, train the head and save it to `out_dir`; returns the summary (see the module docstring)."""
     from llmopt.data.corpus import default_corpus_text
@@ -231,10 +231,19 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
         draft = FeatureDraft.load(init_head, target)
         if draft.config.n_layer != n_layer:
             raise ValueError(f"--init-head {init_head} has {draft.config.n_layer} blocks, not --layers {n_layer}")
+        if draft.prev_token and not prev_token:
+            raise ValueError(f"--init-head {init_head} reads the previous token; add --prev-token")
         vocab_ids, previous = draft.vocab_ids, draft.info
+        if prev_token and not draft.prev_token:  # grow fc: the new token's columns start at zero (same function)
+            grown = FeatureDraft(target.config, vocab_ids, n_layer=n_layer, prev_token=True)
+            state = draft.state_dict()
+            fc = state["fc.weight"]
+            state["fc.weight"] = torch.cat([fc, torch.zeros_like(fc[:, :target.config.dim])], dim=1)
+            grown.load_state_dict(state)
+            draft = grown.attach(target)
     else:
         vocab_ids = kept_vocabulary(top1, inputs, vocab, target.config.vocab_size)
-        draft = FeatureDraft(target.config, vocab_ids, n_layer=n_layer).attach(target)
+        draft = FeatureDraft(target.config, vocab_ids, n_layer=n_layer, prev_token=prev_token).attach(target)
         with torch.no_grad():
             std = target.config.init_std
             for name, p in draft.named_parameters():
@@ -311,7 +320,7 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
             history.append(record)
             log(record)
     train_seconds = time.perf_counter() - t1
-    summary = {"target": target_name, "n_layer": n_layer, "vocab": vocab_ids.numel(), "coverage": round(coverage, 4),
+    summary = {"target": target_name, "n_layer": n_layer, "prev_token": draft.prev_token, "vocab": vocab_ids.numel(), "coverage": round(coverage, 4),
                "val_coverage": round(val_coverage, 4), "params": draft.num_parameters(trainable_only=True),
                "multiply_adds_per_token": draft.multiply_adds_per_token(),
                "target_multiply_adds_per_token": target.num_parameters(),
@@ -344,6 +353,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-len", type=int, default=33)
     p.add_argument("--vocab", type=int, default=8192, help="token ids the head can propose")
     p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--prev-token", action="store_true",
+                   help="the head also reads the token at each position (a one-layer induction head: copies); with "
+                        "--init-head of a head without it, its fc grows zero columns (the same function to start)")
     p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -361,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
             windows=a.windows, seq_len=a.seq_len, prompt_len=a.prompt_len, vocab=a.vocab, n_layer=a.layers,
             steps=a.steps, batch_size=a.batch_size, lr=a.lr, unroll=a.unroll, reg_weight=a.reg_weight,
             noise=a.noise, eval_every=a.eval_every, threads=a.threads, init_head=a.init_head,
-            generate_too=a.generate_too,
+            generate_too=a.generate_too, prev_token=a.prev_token,
             on_log=lambda r: print(json.dumps(r), flush=True))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -152,6 +152,30 @@ def test_stack_decode_step_equals_the_module_path(preset):
     torch.testing.assert_close(_decode_logits(model, ids, 8, fast=True), ref, atol=0.1, rtol=0.1)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_stack_multi_token_step_with_left_padding_equals_the_module_path(cache_dtype):
+    """A k + 1-token forward (speculative verify) over a left-padded batch: the fused step's attention (keys
+    scored four at a time, padded slots skipped) equals the module path."""
+    from llmopt.inference import make_cache
+    from llmopt.models import ModelConfig, build_model
+
+    torch.manual_seed(2)
+    model = build_model(ModelConfig.from_name("demo")).eval()
+    ids = torch.randint(1, model.config.vocab_size, (2, 11))
+    padding = torch.zeros(2, 11, dtype=torch.bool)
+    padding[1, :4] = True  # row 1 is a 7-token prompt, left-padded
+    x = torch.randint(1, model.config.vocab_size, (2, 5))
+    outs = []
+    for fast in (False, True):
+        cache = make_cache(model, 2, 24, dtype=cache_dtype)
+        cache.set_key_padding(padding)
+        with torch.no_grad(), cpu_linear_kernels(model, enabled=fast):
+            model.hidden_states(ids, input_pos=torch.arange(11), cache=cache)
+            outs.append(model.hidden_states(x, input_pos=torch.arange(11, 16), cache=cache).float())
+    tol = 2e-5 if cache_dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(outs[1], outs[0], atol=tol, rtol=tol)
+
+
 def test_stack_decode_scalar_build_equals_native(tiny_model):
     from llmopt.inference.cpu_linear import _stack_plan
     from llmopt.kernels.dense_gemv import StackDecodePlan

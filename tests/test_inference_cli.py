@@ -78,8 +78,8 @@ def test_feature_draft_head_from_the_cli(capsys, runs, tmp_path):
     code, plain, _ = _generate(capsys, *base)
     code, text, err = _generate(capsys, *base, "--draft", str(tmp_path / "head"), "--stats")
     assert code == 0 and text == plain and "acceptance_rate" in err
-    code, text, _ = _generate(capsys, *base, "--draft", str(tmp_path / "head"), "--draft-dtype", "bf16")
-    assert code == 0 and text == plain  # a bf16 head: the target's output is unchanged
+    code, text, _ = _generate(capsys, *base, "--draft", str(tmp_path / "head"), "--draft-dtype", "fp32")
+    assert code == 0 and text == plain  # the head as trained (bf16 is the default): the same output
     code, _, err = _generate(capsys, *base, "--draft", target, "--draft-dtype", "bf16")
     assert code == 2 and "--draft-dtype applies to a feature-draft" in err
     # a head trained for another target of the same shape: refused in one line

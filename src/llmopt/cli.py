@@ -147,8 +147,9 @@ def cmd_generate(args) -> int:
     draft = None
     if args.draft and is_feature_draft_dir(args.draft):  # an EAGLE head trained for this target
         try:
+            # bf16 by default: half the bytes a drafted token reads (the head's step is bound by them), same output
             draft = FeatureDraft.load(args.draft, model, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[
-                args.draft_dtype] if args.draft_dtype else None)
+                args.draft_dtype or "bf16"])
         except ValueError as e:
             raise UsageError(str(e)) from None
     elif args.draft:
@@ -300,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-cache", choices=["int8", "int4", "int2"], help="quantized KV cache (KIVI layout)")
     g.add_argument("--draft", metavar="MODEL", help="speculative decoding with this draft model (same tokenizer) or "
                    "feature-draft (EAGLE) head directory")
-    g.add_argument("--draft-dtype", choices=("fp32", "bf16"), help="cast a feature-draft head's weights (bf16: "
-                   "about half the drafting time on CPU; the output stays exact)")
+    g.add_argument("--draft-dtype", choices=("fp32", "bf16"), help="a feature-draft head's weights (default bf16: "
+                   "about half the drafting time on CPU; the output stays exact either way)")
     g.add_argument("--prompt-lookup", action="store_true", help="prompt lookup decoding (n-gram drafts)")
     g.add_argument("--speculate-k", type=int, default=8, help="most tokens proposed per round (adapted)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (static cache)")

@@ -454,6 +454,12 @@ def bench_spec(args):
         heads[name] = head
         if args.feature_bf16:  # the same head drafting with bf16 weights (half the bytes a drafted token reads)
             heads[f"{name}_bf16"] = FeatureDraft.load(path, model, dtype=torch.bfloat16)
+        if args.feature_int8:  # int8 weight-only linears (weight_only_quant, the C decode kernels): a quarter
+            from llmopt.core import apply_
+            from llmopt.techniques.weight_only_quant import WeightOnlyQuantConfig
+
+            heads[f"{name}_int8"] = FeatureDraft.load(path, model)
+            apply_(heads[f"{name}_int8"], WeightOnlyQuantConfig(bits=8))
     head = heads.get("feature_draft")
     configs = {"plain": lambda p: generate(model, [p], n),
                "speculative": lambda p: speculative_generate(model, [p], n, proposer=DraftModelProposer(draft),
@@ -586,6 +592,8 @@ def main():
     p.add_argument("--feature-draft", action="append",
                    help="spec: also an EAGLE head (python -m llmopt.recipes.feature_draft); repeatable: the first is "
                         "config feature_draft, the next feature_draft_2, ...")
+    p.add_argument("--feature-int8", action="store_true",
+                   help="spec: also each EAGLE head with int8 weight-only linears (configs feature_draft_int8, ...)")
     p.add_argument("--feature-bf16", action="store_true",
                    help="spec: also each EAGLE head with bf16 weights (configs feature_draft_bf16, ...)")
     p.add_argument("--feature-confidence", type=float, action="append",

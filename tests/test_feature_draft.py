@@ -170,6 +170,28 @@ def test_bf16_head_drafts_through_the_fused_step(memorized):
         assert got.acceptance_rate > fp32.acceptance_rate - 0.1, (kernels, got.acceptance_rate, fp32.acceptance_rate)
 
 
+def test_int8_quantized_head_drafts_exactly(memorized):
+    """A head whose linears are weight-only int8 (`weight_only_quant`, applied after attach) drafts through the
+    fused step on the int8 C kernels; the output stays the target's, and re-attaching it is refused in one line."""
+    import copy
+
+    import llmopt.techniques.weight_only_quant  # noqa: F401  (registers the technique)
+    from llmopt.core import apply_
+    from llmopt.inference.cpu_linear import cpu_linear_kernels
+    from llmopt.techniques.weight_only_quant import WeightOnlyQuantConfig
+
+    target, prompt, rows, head, _ = memorized
+    q = copy.deepcopy(head).attach(target)
+    apply_(q, WeightOnlyQuantConfig(bits=8))
+    assert type(q.head).__name__ == "IntWeightOnlyLinear" and q.dtype == torch.float32
+    with cpu_linear_kernels(q) as routed:
+        assert "forward_cached" in q.__dict__ or not routed
+    got = speculative_generate(target, prompt, 40, proposer=FeatureDraftProposer(q), k=3, adaptive=False)
+    assert torch.equal(got.tokens, rows) and got.acceptance_rate > 0.5
+    with pytest.raises(ValueError, match="attach the head to its target before quantizing"):
+        q.attach(target)
+
+
 def test_an_unattached_head_is_linked_before_the_kernels_copy_it():
     target = _model(0, vocab_size=64, tie_embeddings=False, init_std=0.3)
     torch.manual_seed(3)

@@ -243,7 +243,7 @@ def _fast_feature_draft(model: nn.Module, plan, threads: int):
     consecutive positions, at most MAX_ROWS rows x tokens; arithmetic in fp32 as in the target's step); anything
     else takes the module path."""
     stock = type(model).forward_cached
-    dtype = model.fc.weight.dtype
+    dtype = model.dtype
 
     def forward_cached(features: torch.Tensor, next_tokens: torch.Tensor, *, prev_tokens: torch.Tensor | None = None,
                        input_pos: torch.Tensor, cache):

@@ -129,7 +129,8 @@ class FeatureDraftProposer:
             raise ValueError("a feature draft reads the target's hidden states, which needs the plain model "
                              "contract (model(x) == lm_head(hidden_states(x)), no forward hooks); use a "
                              "standalone draft (DraftModelProposer) with this target")
-        self.draft.attach(target)  # checks that the head was trained for this target
+        if not self.draft.attached_to(target):  # (a head attached to this target, maybe quantized since, is kept)
+            self.draft.attach(target)  # checks that the head was trained for this target
 
     def start(self, target, batch_size: int, max_len: int, padding: torch.Tensor | None) -> None:
         if not self.draft.attached_to(target):
@@ -138,7 +139,7 @@ class FeatureDraftProposer:
         if self.cache is None or self.cache.batch_size != batch_size or self.cache.max_len < max_len:
             self.cache = make_cache(self.draft, batch_size, max_len)
             self.features = torch.zeros(batch_size, max_len, self.draft.config.dim, device=self.cache.device,
-                                        dtype=self.draft.fc.weight.dtype)
+                                        dtype=self.draft.dtype)
         self.cache.reset()
         self.cache.set_key_padding(padding)
         self.known = self.true_len = 0

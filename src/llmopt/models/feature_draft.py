@@ -91,11 +91,20 @@ class FeatureDraft(nn.Module):
                              f"does not fit a target of width {target.config.dim} / vocabulary "
                              f"{target.config.vocab_size}")
         weight = target.lm_head.weight
+        if type(self.head) is not nn.Linear:
+            raise ValueError(f"the feature draft's output layer is a {type(self.head).__name__} (quantized after "
+                             "attach): attach the head to its target before quantizing it")
         with torch.no_grad():
-            self.head.weight.data = weight[self.vocab_ids.to(weight.device)].detach().to(self.fc.weight.dtype).clone()
+            self.head.weight.data = weight[self.vocab_ids.to(weight.device)].detach().to(self.dtype).clone()
         self.__dict__["_embed"] = target.embed_tokens
         self.__dict__["_target_fingerprint"] = got
         return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The head's float dtype (its activations): the norm's, which weight-only quantization of the linears leaves
+        as it is."""
+        return self.norm.weight.dtype
 
     @property
     def attached(self) -> bool:
@@ -113,7 +122,7 @@ class FeatureDraft(nn.Module):
             prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """The blocks' input (B, T, dim): `fc` over the target's features h_p, the embeddings of the tokens at
         p + 1 and (a `prev_token` head) of the tokens at p, in the head's dtype."""
-        dtype = self.fc.weight.dtype
+        dtype = self.dtype
         parts = [features.to(dtype), self.embed(next_tokens).to(dtype)]
         if self.prev_token:
             if prev_tokens is None or prev_tokens.shape != next_tokens.shape:

@@ -438,7 +438,7 @@ def bench_spec(args):
             return hf.generate(x, attention_mask=torch.ones_like(x), assistant_model=hf_draft, do_sample=False,
                                max_new_tokens=n, min_new_tokens=n)[0, len(prompt):]
 
-    heads = {}  # config name -> EAGLE head: the first --feature-draft is "feature_draft", later ones "feature_draft_2", ...
+    heads = {}  # config name -> EAGLE head: the first --feature-draft is "feature_draft", the next "feature_draft_2"
     for i, path in enumerate(args.feature_draft or []):
         from llmopt.models.feature_draft import FeatureDraft
 
@@ -454,7 +454,7 @@ def bench_spec(args):
         heads[name] = head
         if args.feature_bf16:  # the same head drafting with bf16 weights (half the bytes a drafted token reads)
             heads[f"{name}_bf16"] = FeatureDraft.load(path, model, dtype=torch.bfloat16)
-        if args.feature_int8:  # int8 weight-only linears (weight_only_quant, the C decode kernels): a quarter
+        if args.feature_int8:  # int8 weight-only linears (weight_only_quant on the C decode kernels): 1/4 the bytes
             from llmopt.core import apply_
             from llmopt.techniques.weight_only_quant import WeightOnlyQuantConfig
 

@@ -187,19 +187,16 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
         prompts = continuation_prompts(train_text, continuations, prompt_len, tokenizer, seed=seed)
         conts.append(cached_continuations(target, prompts, new_tokens, data_dir / f"continuations_{tag}_seed{seed}",
                                           top_k=1, batch_size=32, on_batch=progress("continuations")).inputs)
-    if any(c.size(1) != seq_len for c in conts):
-        raise ValueError(f"continuation rows must be {seq_len} tokens (prompt {prompt_len} + {new_tokens - 1}); "
-                         f"got {sorted({c.size(1) for c in conts})}")
-    cont = torch.cat(conts) if conts else torch.empty(0, seq_len, dtype=torch.long)
     if val_continuations_from:
         val_inputs = parts(val_continuations_from).inputs
     else:
         prompts = continuation_prompts(heldout, val_continuations, prompt_len, tokenizer, seed=seed + 1)
         val_inputs = cached_continuations(target, prompts, new_tokens, data_dir / f"val_continuations_{tag}",
                                           top_k=1, batch_size=32).inputs
-    if cont.numel() and cont.size(1) != seq_len or val_inputs.size(1) != seq_len:
+    if any(c.size(1) != seq_len for c in conts + [val_inputs]):
         raise ValueError(f"continuation rows must be {seq_len} tokens (prompt {prompt_len} + {new_tokens - 1}); "
-                         f"got {cont.size(1) if cont.numel() else '-'} and {val_inputs.size(1)}")
+                         f"got {sorted({c.size(1) for c in conts + [val_inputs]})}")
+    cont = torch.cat(conts) if conts else torch.empty(0, seq_len, dtype=torch.long)
     text_rows = torch.empty(0, seq_len, dtype=torch.long)
     if windows:
         ids = torch.tensor(tokenizer.encode_large(train_text), dtype=torch.long)
@@ -320,7 +317,8 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
             history.append(record)
             log(record)
     train_seconds = time.perf_counter() - t1
-    summary = {"target": target_name, "n_layer": n_layer, "prev_token": draft.prev_token, "vocab": vocab_ids.numel(), "coverage": round(coverage, 4),
+    summary = {"target": target_name, "n_layer": n_layer, "prev_token": draft.prev_token, "vocab": vocab_ids.numel(),
+               "coverage": round(coverage, 4),
                "val_coverage": round(val_coverage, 4), "params": draft.num_parameters(trainable_only=True),
                "multiply_adds_per_token": draft.multiply_adds_per_token(),
                "target_multiply_adds_per_token": target.num_parameters(),

@@ -469,9 +469,14 @@ def bench_spec(args):
                                                                    proposer=DraftWithLookupProposer(draft)),
                # no draft: how much of the gain n-gram copies alone give (greedy continuations repeat themselves)
                "prompt_lookup": lambda p: speculative_generate(model, [p], n, proposer=PromptLookupProposer(), k=10)}
+    head_configs = []  # the configs drafting with an EAGLE head alone (per-prompt statistics below)
     for name, h in heads.items():  # the EAGLE heads: read SmolLM2's own hidden states (no transformers peer for it)
-        configs[name] = (lambda h: lambda p: speculative_generate(model, [p], n, proposer=FeatureDraftProposer(h),
-                                                                  k=args.k))(h)
+        # the head drafting the k adaptive k asks for; then the chain sized by the head's own confidence
+        for c in [None] + (args.feature_stop_below or []):
+            config = name if c is None else f"{name}_stop{c:g}"
+            configs[config] = (lambda h, c: lambda p: speculative_generate(
+                model, [p], n, proposer=FeatureDraftProposer(h, stop_below=c), k=args.k))(h, c)
+            head_configs.append(config)
     if head is not None:
         for c in args.feature_confidence or []:  # EAGLE-2 style: stop drafting below this head confidence
             configs[f"feature_draft_conf{c:g}"] = (lambda c: lambda p: speculative_generate(
@@ -509,7 +514,7 @@ def bench_spec(args):
                      for r in range(args.rounds)]
                 row.update(decode_ratio=statistics.median(d), decode_ratio_min=min(d), decode_ratio_max=max(d))
             emit(**row)
-        for hc in [c for c in heads if c in configs]:
+        for hc in [c for c in head_configs if c in configs]:
             fd = [outputs[hc, name] for name in names]
             ks = [k for s in fd for k in s.ks]
             emit(bench=f"spec/{label}/{hc}",
@@ -598,6 +603,9 @@ def main():
                    help="spec: also each EAGLE head with bf16 weights (configs feature_draft_bf16, ...)")
     p.add_argument("--feature-confidence", type=float, action="append",
                    help="spec: also the EAGLE head with min_confidence=C (repeatable)")
+    p.add_argument("--feature-stop-below", type=float, action="append",
+                   help="spec: also each EAGLE head with stop_below=C: chains sized by the head's confidence up to "
+                        "--k (configs feature_draft_stopC, ...; repeatable)")
     p.add_argument("--skip", action="append", help="spec: leave out a config (speculative, transformers_assisted, "
                                                    "draft_with_lookup, prompt_lookup, feature_draft, "
                                                    "feature_draft_with_lookup)")

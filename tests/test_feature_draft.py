@@ -42,6 +42,28 @@ def test_greedy_equals_reference(tiny_model, k, adaptive, n_layer, confidence, p
         assert 0 in got.ks and any(0 < k_ < k for k_ in got.ks), got.ks
 
 
+@pytest.mark.parametrize("stop_below", [0.0, 0.004, 0.5])
+def test_confidence_sized_chains(tiny_model, stop_below):
+    """stop_below: the loop asks the head for k_max tokens whenever adaptive k would draft, the head stops where
+    its chain probability falls below the bar, and greedy output stays the target's."""
+    head = _head(tiny_model, vocab_ids=torch.arange(0, 320, 2))
+    proposer = FeatureDraftProposer(head, stop_below=stop_below)
+    asked = []
+    propose = proposer.propose
+    proposer.propose = lambda seq, k, sampling: asked.append(k) or propose(seq, k, sampling)
+    prompt = _prompt(2, 9, seed=1)
+    ref = generate_reference(tiny_model, prompt, 24)
+    got = speculative_generate(tiny_model, prompt, 24, proposer=proposer, k=5, adaptive=True)
+    assert torch.equal(got.tokens, ref.tokens)
+    assert asked and sum(k == 5 for k in asked) >= len(asked) - 1  # k_max except maybe at the end (room left)
+    if stop_below == 0.0:  # never stops on confidence: every asked chain is drafted whole
+        assert [k for k in got.ks if k > 0] == [k for k in asked if k > 0]
+    elif stop_below == 0.004:  # an untrained head over 160 ids (p ~ 1/100): one token passes the bar, two do not
+        assert any(0 < k < 5 for k in got.ks), got.ks
+    else:  # never trusts itself: each empty chain counts as a rejected token, so adaptive k stops asking
+        assert max(got.ks) == 0 and len(asked) < len(got.ks) / 2, (asked, got.ks)
+
+
 def test_generate_dispatch_and_left_padding(tiny_model):
     head = _head(tiny_model)
     rows = [_prompt(1, n, seed=10 + n)[0].tolist() for n in (3, 9, 6)]

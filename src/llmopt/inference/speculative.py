@@ -92,6 +92,11 @@ class DraftModelProposer:
         self.cache.truncate(min(self.cache.seq_len, length))
 
 
+STOP_BELOW = 0.05
+"""`FeatureDraftProposer.stop_below` that `draft_proposer` (and so `llmopt generate --draft HEAD_DIR`) uses: chosen
+on the recipe's held-out continuations (docs/techniques/speculative_decoding.md, session 8)."""
+
+
 class FeatureDraftProposer:
     """An EAGLE head (`FeatureDraft`) proposes: it reads the target's final hidden state at each position.
 
@@ -105,14 +110,26 @@ class FeatureDraftProposer:
 
     wants_hidden = True
 
-    def __init__(self, draft, *, min_confidence: float | None = None) -> None:
-        if min_confidence is not None and not 0.0 <= min_confidence < 1.0:
-            raise ValueError(f"min_confidence must be in [0, 1) or None, got {min_confidence}")
+    @property
+    def sizes_itself(self) -> bool:
+        """The loop asks for up to k_max tokens whenever its adaptive k would draft at all."""
+        return self.stop_below is not None
+
+    def __init__(self, draft, *, min_confidence: float | None = None, stop_below: float | None = None) -> None:
+        for name, value in (("min_confidence", min_confidence), ("stop_below", stop_below)):
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1) or None, got {value}")
         self.draft = draft
         self.min_confidence = min_confidence
         """Stop drafting (EAGLE-2's use of the head's confidence, on a chain) once the head's probability of its
         own token falls below this in some row; the first token too (then the round is a plain decode step).
         None: always draft the k tokens asked for."""
+        self.stop_below = stop_below
+        """Size the chain by the head's confidence: keep drafting while the product of the head's probabilities
+        of its tokens so far (its estimate that the whole chain is right) stays at or above this in every row,
+        up to the loop's k_max (`sizes_itself`): long chains where the text is predictable (a repeated line),
+        none where it is not. None: draft the k the loop's adaptive k asks for."""
+        self.stopped_early = False  # the last proposal ended on the head's confidence before k
         self.cache: KVCache | None = None
         self.features: torch.Tensor | None = None
         self.known = 0  # positions < known have the target's features
@@ -165,6 +182,8 @@ class FeatureDraftProposer:
         self.true_len = S - 1
         greedy = sampling["temperature"] == 0
         tokens, probs = [], []
+        chain = torch.ones(B, device=device)  # the head's probability that every token so far is right, per row
+        self.stopped_early = False
         for j in range(k):
             if j > 0:  # position S - 2 + j: its token is seq[:, -1] (j = 1) or the draft's token j - 2
                 at = (seq[:, -1] if j == 1 else tokens[-2])[:, None] if prev else None
@@ -172,21 +191,24 @@ class FeatureDraftProposer:
                                          input_pos=torch.tensor([S - 2 + j], device=device), cache=cache)[:, -1]
             if greedy:
                 small = draft.logits(f)
-                if self.min_confidence is not None:
-                    top, index = small.softmax(-1).max(-1)
-                    if float(top.min()) < self.min_confidence:
-                        break
+                if self.min_confidence is not None or self.stop_below is not None:
+                    top, index = small.float().softmax(-1).max(-1)
                 else:
-                    index = small.argmax(-1)
-                tokens.append(draft.vocab_ids[index])
+                    top, index = None, small.argmax(-1)
+                token = draft.vocab_ids[index]
             else:
                 logits = draft.full_logits(f)
                 token = sample(logits, **sampling)
                 q = logits_to_probs(logits, sampling["temperature"], sampling["top_k"], sampling["top_p"])
-                if self.min_confidence is not None and \
-                        float(q.gather(-1, token[:, None]).min()) < self.min_confidence:
+                top = q.gather(-1, token[:, None])[:, 0]
+            if top is not None:
+                chain = chain * top.float()
+                if (self.min_confidence is not None and float(top.min()) < self.min_confidence) or \
+                        (self.stop_below is not None and float(chain.min()) < self.stop_below):
+                    self.stopped_early = True
                     break
-                tokens.append(token)
+            tokens.append(token)
+            if not greedy:
                 probs.append(q)
         if not tokens:
             return Proposal(seq.new_zeros(B, 0))
@@ -201,7 +223,9 @@ def draft_proposer(draft):
     model."""
     from llmopt.models.feature_draft import FeatureDraft
 
-    return FeatureDraftProposer(draft) if isinstance(draft, FeatureDraft) else DraftModelProposer(draft)
+    if isinstance(draft, FeatureDraft):
+        return FeatureDraftProposer(draft, stop_below=STOP_BELOW)
+    return DraftModelProposer(draft)
 
 
 class DraftWithLookupProposer:
@@ -455,10 +479,16 @@ def _speculative_generate(model, prompt_ids, max_new_tokens: int, *, proposer, k
     start = time.perf_counter()
     while seq.size(1) < needed and not stopper.done():
         S = seq.size(1)
-        k_round = min(controller.next_k(), needed - S - 1)
+        k_round = controller.next_k()
+        if k_round > 0 and getattr(proposer, "sizes_itself", False):  # the proposer's confidence sizes the chain
+            k_round = controller.k_max
+        k_round = min(k_round, needed - S - 1)
         t0 = time.perf_counter()
         proposal = proposer.propose(seq, k_round, sampling) if k_round > 0 else Proposal(seq.new_zeros(B, 0))
         t1 = time.perf_counter()
+        # a chain the proposer stopped on its confidence before its first token counts for adaptive k as one
+        # rejected token (the draft step was paid for nothing), so a draft that never trusts itself is switched off
+        unsure = k_round > 0 and proposal.tokens.size(1) == 0 and getattr(proposer, "stopped_early", False)
         k_round = proposal.tokens.size(1)
         x = torch.cat([seq[:, -1:], proposal.tokens], dim=1)  # (B, k + 1)
         input_pos = torch.arange(S - 1, S + k_round, device=device)
@@ -475,7 +505,7 @@ def _speculative_generate(model, prompt_ids, max_new_tokens: int, *, proposer, k
                 n_rows = torch.where(stopper.finished, k_round, n_rows)
             n = int(n_rows.min())  # the one host sync per round
         _sync(device)
-        controller.observe(k_round, n, k_round + 1, time.perf_counter() - t1, t1 - t0)
+        controller.observe(max(k_round, int(unsure)), n, k_round + 1, time.perf_counter() - t1, t1 - t0)
         cache.truncate(S + n)  # keeps seq[-1] and the n accepted drafts; the emitted token n + 1 is fed next round
         proposer.rollback(S + n)
         if wants_hidden:

@@ -226,16 +226,31 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
     previous = None
     if init_head is not None:  # continue a previous run (its kept vocabulary and weights)
         draft = FeatureDraft.load(init_head, target)
-        if draft.config.n_layer != n_layer:
-            raise ValueError(f"--init-head {init_head} has {draft.config.n_layer} blocks, not --layers {n_layer}")
+        old_layers = draft.config.n_layer
+        if old_layers > n_layer:
+            raise ValueError(f"--init-head {init_head} has {old_layers} blocks, more than --layers {n_layer}")
         if draft.prev_token and not prev_token:
             raise ValueError(f"--init-head {init_head} reads the previous token; add --prev-token")
         vocab_ids, previous = draft.vocab_ids, draft.info
-        if prev_token and not draft.prev_token:  # grow fc: the new token's columns start at zero (same function)
-            grown = FeatureDraft(target.config, vocab_ids, n_layer=n_layer, prev_token=True)
-            state = draft.state_dict()
-            fc = state["fc.weight"]
-            state["fc.weight"] = torch.cat([fc, torch.zeros_like(fc[:, :target.config.dim])], dim=1)
+        if (prev_token and not draft.prev_token) or old_layers < n_layer:
+            # grow to the same function: fc's new token columns start at zero, and each new block (appended
+            # after the old ones) starts with zero output projections, so it adds nothing to the residual
+            grown = FeatureDraft(target.config, vocab_ids, n_layer=n_layer, prev_token=prev_token)
+            state = grown.state_dict()
+            with torch.no_grad():
+                for name, p in state.items():
+                    if name.startswith("layers.") and int(name.split(".")[1]) >= old_layers:
+                        if name.endswith(("o_proj.weight", "down_proj.weight")):
+                            p.zero_()
+                        elif p.dim() == 2:
+                            p.normal_(0.0, target.config.init_std)
+                        else:
+                            p.fill_(1.0)
+            old = draft.state_dict()
+            fc = old["fc.weight"]
+            if fc.size(1) < state["fc.weight"].size(1):
+                old["fc.weight"] = torch.cat([fc, torch.zeros_like(fc[:, :target.config.dim])], dim=1)
+            state.update(old)
             grown.load_state_dict(state)
             draft = grown.attach(target)
     else:

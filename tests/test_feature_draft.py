@@ -234,23 +234,35 @@ def test_an_unattached_head_is_linked_before_the_kernels_copy_it():
     assert torch.equal(got.tokens, generate_reference(target, _prompt(1, 4, seed=2, vocab=64), 12).tokens)
 
 
-@pytest.mark.parametrize("top_k,confidence", [(None, None), (4, None), (None, 0.3)])
-def test_sampling_keeps_the_target_distribution(top_k, confidence):
+@pytest.mark.parametrize("top_k,gate", [(None, None), (4, None), (None, "min_confidence"), (None, "stop_below"),
+                                        (4, "stop_below")])
+def test_sampling_keeps_the_target_distribution(top_k, gate):
+    """The accept/reject rule keeps the target's distribution; with a confidence bar, set between the head's top
+    probabilities after different first tokens, so that some rows draft and some do not (a bar that read the
+    drawn token's probability instead of the distribution's top one would skew the output)."""
+    from llmopt.inference.sampling import logits_to_probs
+
     target = _model(2, vocab_size=8, dim=16, n_head=2, n_kv_head=1)
     head = _head(target, seed=3, vocab_ids=torch.tensor([0, 2, 3, 5, 7]))  # ids 1, 4, 6 never proposed
     prompt = torch.tensor([[1, 2, 3, 1, 2]])
     V = 8
     with torch.no_grad():
-        from llmopt.inference.sampling import logits_to_probs
         p1 = logits_to_probs(target(prompt)[0, -1], 1.3, top_k)
         seqs = torch.cat([prompt.expand(V, -1), torch.arange(V)[:, None]], dim=1)
         exact = p1[:, None] * logits_to_probs(target(seqs)[:, -1], 1.3, top_k)
+        # the head's distribution for the second new token, after each first token
+        f = head(target.hidden_states(prompt).expand(V, -1, -1), seqs[:, 1:])[:, -1]
+        top = logits_to_probs(head.full_logits(f), 1.3, top_k).max(-1).values
+    bars = {}
+    if gate is not None:
+        bar = float(top.sort().values[V // 2])  # about half the first tokens leave the head above the bar
+        assert (top >= bar).any() and (top < bar).any()
+        bars = {gate: bar}
     rows = 20_000
     # 3 new tokens: the first comes from the prefill, the second through the accept/reject rule
-    got = speculative_generate(target, prompt.expand(rows, -1), 3, k=2,
-                               proposer=FeatureDraftProposer(head, min_confidence=confidence),
+    got = speculative_generate(target, prompt.expand(rows, -1), 3, k=2, proposer=FeatureDraftProposer(head, **bars),
                                adaptive=False, temperature=1.3, top_k=top_k, seed=0)
-    assert got.proposed > 0 or confidence is not None  # every row draws column 0 by the accept/reject rule (the batch keeps the min run)
+    assert got.proposed > 0  # every row draws column 0 by the accept/reject rule (the batch keeps the min run)
     pairs = got.new_tokens[:, 0] * V + got.new_tokens[:, 1]
     freq = torch.bincount(pairs, minlength=V * V).float().view(V, V) / rows
     tv = 0.5 * (freq - exact).abs().sum().item()

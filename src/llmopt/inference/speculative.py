@@ -122,13 +122,16 @@ class FeatureDraftProposer:
         self.draft = draft
         self.min_confidence = min_confidence
         """Stop drafting (EAGLE-2's use of the head's confidence, on a chain) once the head's probability of its
-        own token falls below this in some row; the first token too (then the round is a plain decode step).
-        None: always draft the k tokens asked for."""
+        top token falls below this in every row (the first token too: then the round is a plain decode step);
+        when sampling, a row below it proposes nothing more (its later columns are invalid). None: always draft
+        the k tokens asked for."""
         self.stop_below = stop_below
-        """Size the chain by the head's confidence: keep drafting while the product of the head's probabilities
-        of its tokens so far (its estimate that the whole chain is right) stays at or above this in every row,
-        up to the loop's k_max (`sizes_itself`): long chains where the text is predictable (a repeated line),
-        none where it is not. None: draft the k the loop's adaptive k asks for."""
+        """Size the chain by the head's confidence: keep drafting while the head's probability that the chain is
+        right (the product of its probabilities of its tokens so far, times its top probability for the next)
+        stays at or above this in some row, up to the loop's k_max (`sizes_itself`): long chains where the text
+        is predictable (a repeated line), none where it is not. None: draft the k the loop's adaptive k asks
+        for. When sampling, the bar reads the next distribution's top probability before the draw, so the
+        drafted tokens stay draws from the head's distribution and the output the target's."""
         self.stopped_early = False  # the last proposal ended on the head's confidence before k
         self.cache: KVCache | None = None
         self.features: torch.Tensor | None = None
@@ -181,8 +184,10 @@ class FeatureDraftProposer:
                                  cache=cache)[:, -1]  # predicts the target's state at S - 1, hence the token at S
         self.true_len = S - 1
         greedy = sampling["temperature"] == 0
-        tokens, probs = [], []
+        gated = self.min_confidence is not None or self.stop_below is not None
+        tokens, probs, valid = [], [], []
         chain = torch.ones(B, device=device)  # the head's probability that every token so far is right, per row
+        alive = torch.ones(B, dtype=torch.bool, device=device)  # rows still above the bars
         self.stopped_early = False
         for j in range(k):
             if j > 0:  # position S - 2 + j: its token is seq[:, -1] (j = 1) or the draft's token j - 2
@@ -191,28 +196,35 @@ class FeatureDraftProposer:
                                          input_pos=torch.tensor([S - 2 + j], device=device), cache=cache)[:, -1]
             if greedy:
                 small = draft.logits(f)
-                if self.min_confidence is not None or self.stop_below is not None:
-                    top, index = small.float().softmax(-1).max(-1)
-                else:
-                    top, index = None, small.argmax(-1)
+                top, index = small.float().softmax(-1).max(-1) if gated else (None, small.argmax(-1))
                 token = draft.vocab_ids[index]
             else:
                 logits = draft.full_logits(f)
-                token = sample(logits, **sampling)
                 q = logits_to_probs(logits, sampling["temperature"], sampling["top_k"], sampling["top_p"])
-                top = q.gather(-1, token[:, None])[:, 0]
-            if top is not None:
-                chain = chain * top.float()
-                if (self.min_confidence is not None and float(top.min()) < self.min_confidence) or \
-                        (self.stop_below is not None and float(chain.min()) < self.stop_below):
+                # the bars read the distribution's own top probability, never the drawn token's: a stop that
+                # depended on the draw would skew the drafted tokens away from q and the output from the target's
+                top = q.max(-1).values.float() if gated else None
+                token = sample(logits, **sampling)
+            if gated:
+                if self.min_confidence is not None:
+                    alive &= top >= self.min_confidence
+                if self.stop_below is not None:
+                    alive &= chain * top >= self.stop_below
+                if not bool(alive.any()):  # every row is below a bar: stop (k = 0: the round is a plain step)
                     self.stopped_early = True
                     break
             tokens.append(token)
-            if not greedy:
+            if greedy:  # a row below the bar keeps its guess (its column is verified for the others anyway)
+                if gated:
+                    chain = chain * top
+            else:  # a row below the bar proposes nothing more: it takes the target's own draw from here
                 probs.append(q)
+                valid.append(alive.clone())
+                chain = chain * q.gather(-1, token[:, None])[:, 0].float()
         if not tokens:
             return Proposal(seq.new_zeros(B, 0))
-        return Proposal(torch.stack(tokens, 1), torch.stack(probs, 1) if probs else None)
+        return Proposal(torch.stack(tokens, 1), torch.stack(probs, 1) if probs else None,
+                        torch.stack(valid, 1) if gated and valid else None)
 
     def rollback(self, length: int) -> None:
         self.cache.truncate(min(self.cache.seq_len, self.true_len, length))

@@ -343,8 +343,9 @@ def test_recipe_end_to_end_on_a_tiny_target(tmp_path):
     assert head.vocab_ids.numel() == 64 and head.info["steps"] == 3
     again = train_feature_draft(tmp_path / "head", **kw, init_head=tmp_path / "head")
     assert again["feature_seconds"] < summary["feature_seconds"] + 1 and again["init_head"]
-    (feature_file,) = (tmp_path / "head" / "data").glob("features_*.pt")
-    feature_file.write_bytes(b"garbage")  # a stopped write
+    parts = sorted((tmp_path / "head" / "data").glob("features_*.pt"))
+    assert len(parts) == 3  # cached per part: the generated continuations, the windows, the held-out rows
+    parts[0].write_bytes(b"garbage")  # a stopped write
     with pytest.raises(ValueError, match="cannot read the cached features .*delete it"):
         train_feature_draft(tmp_path / "head", **kw)
     # reused continuations (two folders) plus newly generated ones: all of them are training rows
@@ -352,6 +353,12 @@ def test_recipe_end_to_end_on_a_tiny_target(tmp_path):
     more = train_feature_draft(tmp_path / "more", **{**kw, "continuations": 2, "steps": 1},
                                continuations_from=[generated, str(generated)], generate_too=True)
     assert more["continuation_rows"] == 4 + 4 + 2 and more["rows"] == 10 + 4
+    cached = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "more" / "data").glob("features_*.pt")}
+    assert len(cached) == 4  # the reused folder once (both copies are the same rows), the new rows, windows, held-out
+    fewer = train_feature_draft(tmp_path / "more", **{**kw, "continuations": 2, "steps": 1},
+                                continuations_from=[generated], generate_too=True)
+    assert fewer["rows"] == 10 and {p.name: p.stat().st_mtime_ns  # every part's features reused, none rewritten
+                                    for p in (tmp_path / "more" / "data").glob("features_*.pt")} == cached
     reused = train_feature_draft(tmp_path / "reused", **{**kw, "steps": 1}, continuations_from=generated)
     assert reused["continuation_rows"] == 4  # without generate_too, --continuations is not generated
     # a head that also reads the previous token, grown from the trained one: fc starts as the same function
@@ -363,6 +370,14 @@ def test_recipe_end_to_end_on_a_tiny_target(tmp_path):
     assert new.prev_token and torch.allclose(new.fc.weight[:, :2 * old.config.dim], old.fc.weight, atol=1e-6)
     with pytest.raises(ValueError, match="add --prev-token"):
         train_feature_draft(tmp_path / "x", **kw, init_head=tmp_path / "grown")
+    # a second block appended to the trained head: zero output projections, so it starts as the same function
+    deeper = train_feature_draft(tmp_path / "deeper", **{**kw, "steps": 1, "lr": 1e-9}, init_head=tmp_path / "head",
+                                 n_layer=2)
+    assert deeper["n_layer"] == 2 and deeper["history"][0]["val_top1_pass0"] == again["final"]["val_top1_pass0"]
+    two = FeatureDraft.load(tmp_path / "deeper", target)
+    assert torch.allclose(two.layers[0].self_attn.q_proj.weight, old.layers[0].self_attn.q_proj.weight, atol=1e-6)
+    with pytest.raises(ValueError, match="more than --layers 1"):
+        train_feature_draft(tmp_path / "x", **kw, init_head=tmp_path / "deeper")
     with pytest.raises(SystemExit, match="error: .*--vocab"):
         main(["--out", str(tmp_path / "bad"), "--target", str(tmp_path / "target"), "--vocab", "0",
               "--continuations", "2", "--val-continuations", "2", "--windows", "2", "--seq-len", "24",

@@ -26,6 +26,7 @@ the times of each step.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -52,6 +53,14 @@ def target_features(target, inputs: torch.Tensor, *, batch_size: int = 16,
         if on_batch is not None:
             on_batch(min(i + batch_size, inputs.size(0)), inputs.size(0))
     return torch.cat(feats), torch.cat(top1)
+
+
+def _load_features(path: Path) -> tuple:
+    try:
+        return torch.load(path)
+    except Exception as e:  # a stopped write or a foreign file: say which, and how to rebuild it
+        raise ValueError(f"cannot read the cached features {path} ({type(e).__name__}); delete it and rerun to "
+                         "rebuild it") from None
 
 
 def kept_vocabulary(top1: torch.Tensor, inputs: torch.Tensor, size: int, vocab_size: int) -> torch.Tensor:
@@ -206,19 +215,31 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
         raise ValueError("no training rows: set --continuations, --continuations-from or --windows")
     sequence_seconds = time.perf_counter() - t0
 
-    # 2. target features
+    # 2. target features: cached per part (each continuation source, the windows, the held-out rows), so a run
+    # that adds rows computes only theirs
     t0 = time.perf_counter()
     cache_file = data_dir / f"features_{tname}_{inputs.size(0)}x{seq_len}_{int(inputs.sum())}.pt"
-    if cache_file.is_file():
-        try:
-            feats, top1, val_feats, val_top1 = torch.load(cache_file)
-        except Exception as e:  # a stopped write or a foreign file: say which, and how to rebuild it
-            raise ValueError(f"cannot read the cached features {cache_file} ({type(e).__name__}); delete it and "
-                             "rerun to rebuild it") from None
+    if cache_file.is_file():  # the whole-run cache of earlier versions
+        feats, top1, val_feats, val_top1 = _load_features(cache_file)
     else:
-        feats, top1 = target_features(target, inputs, on_batch=progress("feature_rows"))
-        val_feats, val_top1 = target_features(target, val_inputs)
-        torch.save((feats, top1, val_feats, val_top1), cache_file)
+        done = [0]
+
+        def part_features(rows: torch.Tensor, report: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+            key = hashlib.sha1(rows.numpy().tobytes()).hexdigest()[:16]
+            path = data_dir / f"features_{tname}_{rows.size(0)}x{rows.size(1)}_{key}.pt"
+            if path.is_file():
+                got = _load_features(path)
+            else:
+                step = progress("feature_rows") if report else None
+                got = target_features(target, rows, on_batch=None if step is None else
+                                      (lambda d, n: step(done[0] + d, inputs.size(0))))
+                torch.save(got, path)
+            done[0] += rows.size(0) if report else 0
+            return got
+
+        pieces = [part_features(rows) for rows in conts + [text_rows] if rows.size(0)]
+        feats, top1 = torch.cat([f for f, _ in pieces]), torch.cat([t for _, t in pieces])
+        val_feats, val_top1 = part_features(val_inputs, report=False)
     feature_seconds = time.perf_counter() - t0
 
     # 3. the head, and the ids it can propose
@@ -316,12 +337,13 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(float(loss.detach())):
-            raise FloatingPointError(f"feature-draft loss became {float(loss)} at step {step}; lower --lr")
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"feature-draft loss became {value} at step {step}; lower --lr")
         record: dict[str, Any] = {}
         if step % 10 == 0 or step == steps:
-            record = {"step": step, "loss": round(float(loss), 4), "reg0": round(float(regs[0]), 4),
-                      "cls0": round(float(clss[0]), 4),
+            record = {"step": step, "loss": round(value, 4), "reg0": round(float(regs[0].detach()), 4),
+                      "cls0": round(float(clss[0].detach()), 4),
                       "train_top1": [round(float(h.float().mean()), 3) for h in hits], "lr": round(lr_now, 6),
                       "grad_norm": round(grad_norm, 3), "elapsed_s": round(time.perf_counter() - t1, 1)}
         if step % eval_every == 0 or step == steps:

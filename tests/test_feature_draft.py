@@ -324,7 +324,7 @@ def test_with_prompt_lookup_stays_exact(tiny_model):
     assert proposer.lookup_rounds > 0 and proposer.lookup_rounds < len(got.ks)
 
 
-def test_recipe_end_to_end_on_a_tiny_target(tmp_path):
+def test_recipe_end_to_end_on_a_tiny_target(tmp_path, monkeypatch):
     """The recipe on a tiny trained target: data, features, training, files; a rerun reuses the cached
     features and continues from the saved head."""
     from llmopt.cli import main as cli
@@ -359,6 +359,16 @@ def test_recipe_end_to_end_on_a_tiny_target(tmp_path):
                                 continuations_from=[generated], generate_too=True)
     assert fewer["rows"] == 10 and {p.name: p.stat().st_mtime_ns  # every part's features reused, none rewritten
                                     for p in (tmp_path / "more" / "data").glob("features_*.pt")} == cached
+    # features in blocks: a grown continuation folder (the same seed's first prompts) keeps its first block
+    import llmopt.recipes.feature_draft as recipe
+
+    monkeypatch.setattr(recipe, "FEATURE_BLOCK", 2)
+    train_feature_draft(tmp_path / "blocks", **{**kw, "continuations": 2, "steps": 1, "windows": 0})
+    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "blocks" / "data").glob("features_*.pt")}
+    train_feature_draft(tmp_path / "blocks", **{**kw, "continuations": 4, "steps": 1, "windows": 0})
+    now = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "blocks" / "data").glob("features_*.pt")}
+    assert len(first) == 1 + 1 and len(now) == 2 + 1 and all(now[name] == t for name, t in first.items())
+    monkeypatch.undo()
     reused = train_feature_draft(tmp_path / "reused", **{**kw, "steps": 1}, continuations_from=generated)
     assert reused["continuation_rows"] == 4  # without generate_too, --continuations is not generated
     # a head that also reads the previous token, grown from the trained one: fc starts as the same function

@@ -99,16 +99,19 @@ def continuation_prompts(text: str, n: int, prompt_len: int, tokenizer, *, seed:
 def cached_continuations(teacher, prompts: torch.Tensor, new_tokens: int, folder: Path, *, top_k: int,
                          batch_size: int, on_batch: Callable[[int, int], None] | None = None) -> "TeacherTargets":
     """`teacher_continuations` of `prompts` in batches, each saved as `folder/partNNNN.safetensors` as it is
-    done and reused by a rerun (a stopped run loses at most one batch)."""
+    done and reused by a rerun (a stopped run loses at most one batch; the prompts of a seed are drawn in order,
+    so a rerun that asks for more keeps the earlier batches and redoes only a short last one)."""
     from llmopt.data.distill import TeacherTargets, concat_targets
 
     parts = []
     for i, start in enumerate(range(0, prompts.size(0), batch_size)):
         path = folder / f"part{i:04d}.safetensors"
-        if path.is_file():
-            parts.append(TeacherTargets.load(path))
-        else:
-            part = teacher_continuations(teacher, prompts[start:start + batch_size], new_tokens, top_k=top_k)
+        batch = prompts[start:start + batch_size]
+        cached = TeacherTargets.load(path) if path.is_file() else None
+        if cached is not None and cached.inputs.size(0) == batch.size(0):
+            parts.append(cached)
+        else:  # not there, or the last, short batch of a run that asked for fewer: (re)generate it
+            part = teacher_continuations(teacher, batch, new_tokens, top_k=top_k)
             part.save(path)
             parts.append(TeacherTargets.load(path))  # as stored (fp16 log-probs), the same as a rerun sees
         if on_batch is not None:

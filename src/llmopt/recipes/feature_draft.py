@@ -55,6 +55,10 @@ def target_features(target, inputs: torch.Tensor, *, batch_size: int = 16,
     return torch.cat(feats), torch.cat(top1)
 
 
+FEATURE_BLOCK = 512
+"""Rows per cached feature file (the first rows of a grown continuation folder keep their files)."""
+
+
 def _load_features(path: Path) -> tuple:
     try:
         return torch.load(path)
@@ -225,6 +229,9 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
         done = [0]
 
         def part_features(rows: torch.Tensor, report: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+            if rows.size(0) > FEATURE_BLOCK:  # blocks: a part that grew (more continuations) reuses its old ones
+                got = [part_features(rows[i:i + FEATURE_BLOCK], report) for i in range(0, rows.size(0), FEATURE_BLOCK)]
+                return torch.cat([f for f, _ in got]), torch.cat([t for _, t in got])
             key = hashlib.sha1(rows.numpy().tobytes()).hexdigest()[:16]
             path = data_dir / f"features_{tname}_{rows.size(0)}x{rows.size(1)}_{key}.pt"
             if path.is_file():

@@ -29,7 +29,8 @@ def _prompt(batch, length, seed=0, vocab=320):
 
 @pytest.mark.parametrize("k,adaptive,n_layer,confidence,prev", [(1, False, 1, None, False), (4, False, 1, None, False),
                                                                  (5, True, 2, None, False), (4, False, 1, 0.004, False),
-                                                                 (1, False, 1, None, True), (4, False, 2, None, True)])
+                                                                 (1, False, 1, None, True), (4, False, 2, None, True),
+                                                                 (4, False, 1, None, 2), (5, True, 2, None, 2)])
 def test_greedy_equals_reference(tiny_model, k, adaptive, n_layer, confidence, prev):
     head = _head(tiny_model, vocab_ids=torch.arange(0, 320, 2), n_layer=n_layer, prev_token=prev)  # half the ids
     prompt = _prompt(2, 9, seed=1)
@@ -74,7 +75,7 @@ def test_generate_dispatch_and_left_padding(tiny_model):
         assert torch.equal(batched.new_tokens[b], singles[b])
 
 
-@pytest.mark.parametrize("prev", [False, True])
+@pytest.mark.parametrize("prev", [False, True, 2])
 def test_unrolled_passes_see_what_decoding_feeds(prev):
     """Pass s of the training forward at position p equals the head run through its cache the way a round
     drafts: true features up to p - s, then its own predictions (and, for a prev_token head, the token at
@@ -82,7 +83,7 @@ def test_unrolled_passes_see_what_decoding_feeds(prev):
     target = _model(0)
     head = _head(target, n_layer=2, prev_token=prev)
     tokens = _prompt(2, 12, seed=3)
-    at = (lambda a, b: tokens[:, a:b]) if prev else (lambda a, b: None)
+    at = lambda a, b: head.context_tokens(tokens, a, b % tokens.size(1))  # noqa: E731 (the tokens at p, p - 1)
     with torch.no_grad():
         feats = target.hidden_states(tokens)
         outs = unrolled_forward(head, feats, tokens, 3)
@@ -156,14 +157,16 @@ def test_fused_cpu_step_matches_the_module_path(memorized):
         assert fused
 
 
-def test_prev_token_head_fused_step_matches_the_module_path(tiny_model):
+@pytest.mark.parametrize("n_prev", [1, 2])
+def test_prev_token_head_fused_step_matches_the_module_path(tiny_model, n_prev):
     """A prev_token head's fused C step computes what its modules compute, previous tokens included (different
     previous tokens give different features), and speculative decoding with it stays the target's output."""
     from llmopt.inference.cpu_linear import cpu_linear_kernels
 
-    head = _head(tiny_model, prev_token=True, n_layer=2)
+    head = _head(tiny_model, prev_token=n_prev, n_layer=2)
     feats = torch.randn(2, 5, tiny_model.config.dim)
-    nxt, prev = _prompt(2, 5, seed=5), _prompt(2, 5, seed=6)
+    nxt = _prompt(2, 5, seed=5)
+    prev = _prompt(2, 5, seed=6) if n_prev == 1 else torch.stack([_prompt(2, 5, seed=6), _prompt(2, 5, seed=7)], -1)
     outs = {}
     with torch.no_grad():
         for fused in (False, True):
@@ -287,6 +290,17 @@ def test_save_load_and_errors(tiny_model, tmp_path):
         assert torch.equal(back(f, t, prev_tokens=t), prev(f, t, prev_tokens=t))
     with pytest.raises(ValueError, match="prev_tokens"):
         back(f, t)
+    two = _head(tiny_model, vocab_ids=torch.arange(10, 200), prev_token=2)  # reads the tokens at p and p - 1
+    two.save(tmp_path / "p2")
+    back = FeatureDraft.load(tmp_path / "p2", tiny_model)
+    assert back.n_prev == 2 and back.fc.in_features == 4 * tiny_model.config.dim
+    both = two.context_tokens(t, 0, 3)
+    assert both.shape == (1, 3, 2) and torch.equal(both[0, :, 0], t[0]) and both[0, 0, 1] == 0
+    assert torch.equal(both[0, 1:, 1], t[0, :2])
+    with torch.no_grad():
+        assert torch.equal(back(f, t, prev_tokens=both), two(f, t, prev_tokens=both))
+    with pytest.raises(ValueError, match=r"prev_tokens of shape \(1, 3, 2\)"):
+        back(f, t, prev_tokens=t)
     other = _model(5)  # same shapes, other weights
     with pytest.raises(ValueError, match="trained for another target"):
         FeatureDraft.load(tmp_path / "h", other)
@@ -380,6 +394,11 @@ def test_recipe_end_to_end_on_a_tiny_target(tmp_path, monkeypatch):
     assert new.prev_token and torch.allclose(new.fc.weight[:, :2 * old.config.dim], old.fc.weight, atol=1e-6)
     with pytest.raises(ValueError, match="add --prev-token"):
         train_feature_draft(tmp_path / "x", **kw, init_head=tmp_path / "grown")
+    # then to the tokens at p and p - 1 (a bigram to match before copying): the same function to start
+    bigram = train_feature_draft(tmp_path / "bigram", **{**kw, "steps": 1, "lr": 1e-9}, init_head=tmp_path / "grown",
+                                 prev_token=2)
+    assert bigram["prev_token"] == 2
+    assert bigram["history"][0]["val_top1_pass0"] == grown["final"]["val_top1_pass0"]
     # a second block appended to the trained head: zero output projections, so it starts as the same function
     deeper = train_feature_draft(tmp_path / "deeper", **{**kw, "steps": 1, "lr": 1e-9}, init_head=tmp_path / "head",
                                  n_layer=2)

@@ -177,9 +177,8 @@ class FeatureDraftProposer:
             raise RuntimeError(f"the feature draft has the target's states for {self.known} positions, needs "
                                f"{S - 1}: call observe after every target forward")
         start = cache.seq_len
-        prev = draft.prev_token  # the head also reads the token at each position p
         f = draft.forward_cached(self.features[:, start:S - 1], seq[:, start + 1:S],
-                                 prev_tokens=seq[:, start:S - 1] if prev else None,
+                                 prev_tokens=draft.context_tokens(seq, start, S - 1),  # the tokens at p, p - 1, ...
                                  input_pos=torch.arange(start, S - 1, device=device),
                                  cache=cache)[:, -1]  # predicts the target's state at S - 1, hence the token at S
         self.true_len = S - 1
@@ -191,7 +190,13 @@ class FeatureDraftProposer:
         self.stopped_early = False
         for j in range(k):
             if j > 0:  # position S - 2 + j: its token is seq[:, -1] (j = 1) or the draft's token j - 2
-                at = (seq[:, -1] if j == 1 else tokens[-2])[:, None] if prev else None
+                at = None
+                if draft.n_prev:
+                    tail = seq[:, -draft.n_prev - 1:]  # (id 0 before position 0, as in training)
+                    tail = torch.cat([tail.new_zeros(B, draft.n_prev + 1 - tail.size(1)), tail], dim=1)
+                    ext = torch.cat([tail, torch.stack(tokens, 1)], dim=1)
+                    p = ext.size(1) - 2  # position S - 2 + j in ext
+                    at = draft.context_tokens(ext, p, p + 1)
                 f = draft.forward_cached(f[:, None], tokens[-1][:, None], prev_tokens=at,
                                          input_pos=torch.tensor([S - 2 + j], device=device), cache=cache)[:, -1]
             if greedy:

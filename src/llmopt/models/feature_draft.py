@@ -40,11 +40,13 @@ class FeatureDraft(nn.Module):
     `n_layer`: decoder blocks of the target's width (1 in EAGLE); `prev_token`: also read the embedding of the
     token at p itself (so a key at j carries t_j and the head's one attention layer can copy: a query for the
     token after t_{p+1} matches the key where t_j == t_{p+1} and reads h_j, the target's guess for t_{j+1}: an
-    induction head in one layer, which text that repeats itself needs).
+    induction head in one layer, which text that repeats itself needs). An int n reads the n tokens at p, p - 1,
+    ...: with 2, a key at j carries (t_{j-1}, t_j) and its value t_{j+1}, so the query at p, carrying
+    (t_p, t_{p+1}), can match the bigram and copy the token that followed it (a single token matches too often).
     """
 
     def __init__(self, target_config: ModelConfig, vocab_ids: torch.Tensor, *, n_layer: int = 1,
-                 prev_token: bool = False) -> None:
+                 prev_token: bool | int = False) -> None:
         super().__init__()
         if target_config.family != "llama":
             raise ValueError(f"a feature draft needs a llama-family target, got {target_config.family!r}")
@@ -55,8 +57,12 @@ class FeatureDraft(nn.Module):
             raise ValueError(f"vocab_ids must be non-empty ids in [0, {target_config.vocab_size})")
         self.config = dataclasses.replace(target_config, n_layer=n_layer, name="feature-draft")
         dim = self.config.dim
-        self.prev_token = bool(prev_token)
-        self.fc = nn.Linear((3 if prev_token else 2) * dim, dim, bias=False)
+        self.n_prev = int(prev_token)
+        """How many tokens the head reads beside the features: at p, p - 1, ... (0: EAGLE's head)."""
+        if not 0 <= self.n_prev <= 4:
+            raise ValueError(f"prev_token must be a bool or 0..4 tokens, got {prev_token}")
+        self.prev_token = self.n_prev > 0
+        self.fc = nn.Linear((2 + self.n_prev) * dim, dim, bias=False)
         self.layers = nn.ModuleList(Block(self.config, i) for i in range(n_layer))
         self.norm = RMSNorm(dim, self.config.norm_eps)
         self.register_buffer("vocab_ids", vocab_ids.clone())
@@ -121,15 +127,35 @@ class FeatureDraft(nn.Module):
     def mix(self, features: torch.Tensor, next_tokens: torch.Tensor,
             prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """The blocks' input (B, T, dim): `fc` over the target's features h_p, the embeddings of the tokens at
-        p + 1 and (a `prev_token` head) of the tokens at p, in the head's dtype."""
+        p + 1 and (a `prev_token` head) of the tokens at p (B, T), or at p, p - 1, ... (B, T, n_prev) for a head
+        that reads more than one (`context_tokens` builds them), in the head's dtype."""
         dtype = self.dtype
         parts = [features.to(dtype), self.embed(next_tokens).to(dtype)]
-        if self.prev_token:
-            if prev_tokens is None or prev_tokens.shape != next_tokens.shape:
-                raise ValueError("this feature draft reads the token at each position p too (prev_token=True): pass "
-                                 f"prev_tokens of shape {tuple(next_tokens.shape)}")
-            parts.append(self.embed(prev_tokens).to(dtype))
+        if self.n_prev:
+            if prev_tokens is not None and prev_tokens.dim() == next_tokens.dim():
+                prev_tokens = prev_tokens[..., None]
+            if prev_tokens is None or prev_tokens.shape != (*next_tokens.shape, self.n_prev):
+                raise ValueError(f"this feature draft reads the {self.n_prev} token(s) at p, p - 1, ... too "
+                                 f"(prev_token={self.n_prev}): pass prev_tokens of shape "
+                                 f"{tuple(next_tokens.shape) + ((self.n_prev,) if self.n_prev > 1 else ())} "
+                                 "(draft.context_tokens(seq, start, stop) builds them)")
+            parts += [self.embed(prev_tokens[..., i]).to(dtype) for i in range(self.n_prev)]
         return self.fc(torch.cat(parts, dim=-1))
+
+    def context_tokens(self, seq: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
+        """The tokens this head reads beside the features at positions start..stop-1, from token rows `seq`
+        (B, L) with seq[:, p] the token at p: (B, T) (the tokens at p) for a one-token head, (B, T, n_prev) (at p,
+        p - 1, ...; id 0 before position 0) for more, None for a head that reads none."""
+        if not self.n_prev:
+            return None
+        cols = []
+        for i in range(self.n_prev):
+            a, b = start - i, stop - i
+            col = seq[:, max(a, 0):max(b, 0)]
+            if a < 0:
+                col = torch.cat([seq.new_zeros(seq.size(0), min(-a, b - a)), col], dim=1)
+            cols.append(col)
+        return cols[0] if self.n_prev == 1 else torch.stack(cols, dim=-1)
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, features: torch.Tensor, next_tokens: torch.Tensor, *, prev_tokens: torch.Tensor | None = None,
@@ -182,7 +208,7 @@ class FeatureDraft(nn.Module):
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("head.")}
         save_file(tensors, str(out / WEIGHTS_FILE))
         meta = {"kind": "feature_draft", "n_layer": self.config.n_layer, "vocab_kept": int(self.vocab_ids.numel()),
-                "prev_token": self.prev_token,
+                "prev_token": self.n_prev,
                 "target": self.__dict__["_target_fingerprint"], "target_config": dataclasses.asdict(self.config), "info": self.info}
         (out / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         return out
@@ -208,7 +234,7 @@ class FeatureDraft(nn.Module):
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
             raise ValueError(f"cannot read the feature draft in {path} ({type(e).__name__}: {e}); "
                              "re-run the recipe that wrote it") from None
-        draft = cls(config, tensors["vocab_ids"], n_layer=int(meta["n_layer"]), prev_token=bool(meta.get("prev_token")))
+        draft = cls(config, tensors["vocab_ids"], n_layer=int(meta["n_layer"]), prev_token=int(meta.get("prev_token") or 0))
         missing, unexpected = draft.load_state_dict(tensors, strict=False)
         missing = [k for k in missing if not k.startswith("head.")]
         if missing or unexpected:

@@ -93,7 +93,7 @@ def unrolled_forward(draft: FeatureDraft, feats: torch.Tensor, tokens: torch.Ten
     x_feats, x_tokens, start = feats[:, :-1], tokens[:, 1:], 0
     for s in range(passes):
         pos = torch.arange(start, T - 1, device=feats.device)  # positions p of this pass
-        x = draft.mix(x_feats, x_tokens, tokens[:, start:T - 1] if draft.prev_token else None)
+        x = draft.mix(x_feats, x_tokens, draft.context_tokens(tokens, start, T - 1))
         cos, sin = draft.rope_cos[pos], draft.rope_sin[pos]
         for li, block in enumerate(draft.layers):
             attn = block.self_attn
@@ -149,7 +149,7 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
                         steps: int = 700, batch_size: int = 16, lr: float = 1e-3, warmup: int = 40,
                         unroll: int = 3, reg_weight: float = 1.0, noise: float = 0.0, eval_every: int = 50,
                         seed: int = 1337, threads: int | None = None, init_head: str | Path | None = None,
-                        generate_too: bool = False, prev_token: bool = False,
+                        generate_too: bool = False, prev_token: bool | int = False,
                         on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Build the data, train the head and save it to `out_dir`; returns the summary (see the module docstring)."""
     from llmopt.data.corpus import default_corpus_text
@@ -257,10 +257,11 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
         old_layers = draft.config.n_layer
         if old_layers > n_layer:
             raise ValueError(f"--init-head {init_head} has {old_layers} blocks, more than --layers {n_layer}")
-        if draft.prev_token and not prev_token:
-            raise ValueError(f"--init-head {init_head} reads the previous token; add --prev-token")
+        if draft.n_prev > int(prev_token):
+            raise ValueError(f"--init-head {init_head} reads {draft.n_prev} previous token(s); add --prev-tokens "
+                             f"{draft.n_prev} (or more)")
         vocab_ids, previous = draft.vocab_ids, draft.info
-        if (prev_token and not draft.prev_token) or old_layers < n_layer:
+        if int(prev_token) > draft.n_prev or old_layers < n_layer:
             # grow to the same function: fc's new token columns start at zero, and each new block (appended
             # after the old ones) starts with zero output projections, so it adds nothing to the residual
             grown = FeatureDraft(target.config, vocab_ids, n_layer=n_layer, prev_token=prev_token)
@@ -275,9 +276,9 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
                         else:
                             p.fill_(1.0)
             old = draft.state_dict()
-            fc = old["fc.weight"]
-            if fc.size(1) < state["fc.weight"].size(1):
-                old["fc.weight"] = torch.cat([fc, torch.zeros_like(fc[:, :target.config.dim])], dim=1)
+            fc, width = old["fc.weight"], state["fc.weight"].size(1)
+            if fc.size(1) < width:
+                old["fc.weight"] = torch.cat([fc, fc.new_zeros(fc.size(0), width - fc.size(1))], dim=1)
             state.update(old)
             grown.load_state_dict(state)
             draft = grown.attach(target)
@@ -361,7 +362,7 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
             history.append(record)
             log(record)
     train_seconds = time.perf_counter() - t1
-    summary = {"target": target_name, "n_layer": n_layer, "prev_token": draft.prev_token, "vocab": vocab_ids.numel(),
+    summary = {"target": target_name, "n_layer": n_layer, "prev_token": draft.n_prev, "vocab": vocab_ids.numel(),
                "coverage": round(coverage, 4),
                "val_coverage": round(val_coverage, 4), "params": draft.num_parameters(trainable_only=True),
                "multiply_adds_per_token": draft.multiply_adds_per_token(),
@@ -398,6 +399,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prev-token", action="store_true",
                    help="the head also reads the token at each position (a one-layer induction head: copies); with "
                         "--init-head of a head without it, its fc grows zero columns (the same function to start)")
+    p.add_argument("--prev-tokens", type=int, default=0,
+                   help="the head reads the N tokens at p, p - 1, ... (2: it can match a bigram before copying); "
+                        "--prev-token is 1; grows an --init-head that reads fewer the same way")
     p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -415,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
             windows=a.windows, seq_len=a.seq_len, prompt_len=a.prompt_len, vocab=a.vocab, n_layer=a.layers,
             steps=a.steps, batch_size=a.batch_size, lr=a.lr, unroll=a.unroll, reg_weight=a.reg_weight,
             noise=a.noise, eval_every=a.eval_every, threads=a.threads, init_head=a.init_head,
-            generate_too=a.generate_too, prev_token=a.prev_token,
+            generate_too=a.generate_too, prev_token=max(a.prev_tokens, int(a.prev_token)),
             on_log=lambda r: print(json.dumps(r), flush=True))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None

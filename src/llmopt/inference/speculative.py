@@ -92,11 +92,6 @@ class DraftModelProposer:
         self.cache.truncate(min(self.cache.seq_len, length))
 
 
-STOP_BELOW = 0.05
-"""`FeatureDraftProposer.stop_below` that `draft_proposer` (and so `llmopt generate --draft HEAD_DIR`) uses: chosen
-on the recipe's held-out continuations (docs/techniques/speculative_decoding.md, session 8)."""
-
-
 class FeatureDraftProposer:
     """An EAGLE head (`FeatureDraft`) proposes: it reads the target's final hidden state at each position.
 
@@ -240,9 +235,8 @@ def draft_proposer(draft):
     model."""
     from llmopt.models.feature_draft import FeatureDraft
 
-    if isinstance(draft, FeatureDraft):
-        return FeatureDraftProposer(draft, stop_below=STOP_BELOW)
-    return DraftModelProposer(draft)
+    # (adaptive k sizes a head's chains: stop_below measured level or worse on the bench, docs/inference.md)
+    return FeatureDraftProposer(draft) if isinstance(draft, FeatureDraft) else DraftModelProposer(draft)
 
 
 class DraftWithLookupProposer:

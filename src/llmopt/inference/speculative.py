@@ -185,13 +185,8 @@ class FeatureDraftProposer:
         self.stopped_early = False
         for j in range(k):
             if j > 0:  # position S - 2 + j: its token is seq[:, -1] (j = 1) or the draft's token j - 2
-                at = None
-                if draft.n_prev:
-                    tail = seq[:, -draft.n_prev - 1:]  # (id 0 before position 0, as in training)
-                    tail = torch.cat([tail.new_zeros(B, draft.n_prev + 1 - tail.size(1)), tail], dim=1)
-                    ext = torch.cat([tail, torch.stack(tokens, 1)], dim=1)
-                    p = ext.size(1) - 2  # position S - 2 + j in ext
-                    at = draft.context_tokens(ext, p, p + 1)
+                at = (draft.context_tokens(torch.cat([seq, torch.stack(tokens, 1)], dim=1), S - 2 + j, S - 1 + j)
+                      if draft.n_prev else None)  # the tokens at S - 2 + j, S - 3 + j, ... drafts included
                 f = draft.forward_cached(f[:, None], tokens[-1][:, None], prev_tokens=at,
                                          input_pos=torch.tensor([S - 2 + j], device=device), cache=cache)[:, -1]
             if greedy:

@@ -67,6 +67,21 @@ def _load_features(path: Path) -> tuple:
                          "rebuild it") from None
 
 
+@torch.no_grad()
+def _init_params(named, std: float, *, output_scale: float) -> None:
+    """Weights N(0, std), the blocks' output projections scaled by `output_scale` (0: a new block adds nothing
+    to the residual, so a grown head starts as the same function); norms (the 1-d weights) ones."""
+    for name, p in named:
+        if p.dim() != 2:
+            p.fill_(1.0)
+        elif not name.endswith(("o_proj.weight", "down_proj.weight")):
+            p.normal_(0.0, std)
+        elif output_scale:
+            p.normal_(0.0, std * output_scale)
+        else:
+            p.zero_()
+
+
 def kept_vocabulary(top1: torch.Tensor, inputs: torch.Tensor, size: int, vocab_size: int) -> torch.Tensor:
     """The `size` ids the target emits most as its greedy token (ties and the rest of the room: the most
     frequent input tokens), sorted."""
@@ -219,8 +234,8 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
         raise ValueError("no training rows: set --continuations, --continuations-from or --windows")
     sequence_seconds = time.perf_counter() - t0
 
-    # 2. target features: cached per part (each continuation source, the windows, the held-out rows), so a run
-    # that adds rows computes only theirs
+    # 2. target features: cached per block of FEATURE_BLOCK rows of each part (each continuation source, the
+    # windows, the held-out rows), so a run that adds rows computes only theirs
     t0 = time.perf_counter()
     cache_file = data_dir / f"features_{tname}_{inputs.size(0)}x{seq_len}_{int(inputs.sum())}.pt"
     if cache_file.is_file():  # the whole-run cache of earlier versions
@@ -266,15 +281,9 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
             # after the old ones) starts with zero output projections, so it adds nothing to the residual
             grown = FeatureDraft(target.config, vocab_ids, n_layer=n_layer, prev_token=prev_token)
             state = grown.state_dict()
-            with torch.no_grad():
-                for name, p in state.items():
-                    if name.startswith("layers.") and int(name.split(".")[1]) >= old_layers:
-                        if name.endswith(("o_proj.weight", "down_proj.weight")):
-                            p.zero_()
-                        elif p.dim() == 2:
-                            p.normal_(0.0, target.config.init_std)
-                        else:
-                            p.fill_(1.0)
+            _init_params(((name, p) for name, p in state.items()
+                          if name.startswith("layers.") and int(name.split(".")[1]) >= old_layers),
+                         target.config.init_std, output_scale=0.0)
             old = draft.state_dict()
             fc, width = old["fc.weight"], state["fc.weight"].size(1)
             if fc.size(1) < width:
@@ -285,16 +294,9 @@ def train_feature_draft(out_dir: str | Path, *, target_name: str = "smollm2-135m
     else:
         vocab_ids = kept_vocabulary(top1, inputs, vocab, target.config.vocab_size)
         draft = FeatureDraft(target.config, vocab_ids, n_layer=n_layer, prev_token=prev_token).attach(target)
+        _init_params(((name, p) for name, p in draft.named_parameters() if p.requires_grad),
+                     target.config.init_std, output_scale=1 / math.sqrt(2 * n_layer))
         with torch.no_grad():
-            std = target.config.init_std
-            for name, p in draft.named_parameters():
-                if not p.requires_grad:
-                    continue
-                if p.dim() == 2:
-                    scaled = name.endswith(("o_proj.weight", "down_proj.weight"))
-                    p.normal_(0.0, std / (math.sqrt(2 * n_layer) if scaled else 1.0))
-                else:
-                    p.fill_(1.0)
             draft.norm.weight.copy_(target.norm.weight)  # the features are the target's normalized states
     kept_index = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
     kept_index[vocab_ids] = torch.arange(vocab_ids.numel())
